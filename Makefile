@@ -1,0 +1,38 @@
+# The two commands: `make demo` and `make test`. Each installs what is missing into .venv/ first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+
+# torch==2.13.0 (CPU) comes from a local wheel dir where one exists, else from the PyTorch CPU index.
+# An unpinned torch would pull gigabytes of CUDA packages, so it is installed first and pinned.
+TORCH_WHEELS ?= /opt/wheels
+TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
+UV_INSTALL   := $(BIN)/uv pip install --python $(BIN)/python $(TORCH_SOURCE)
+
+.PHONY: demo test install lock clean
+
+demo: $(STAMP)
+	$(BIN)/lmforge up
+	$(BIN)/lmforge run --source builtin
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/pip install -q uv
+	$(UV_INSTALL) torch==2.13.0
+	$(UV_INSTALL) -r requirements.lock
+	$(UV_INSTALL) --no-deps -e .
+	rm -f $(VENV)/.installed-* && touch $@
+
+# Re-resolve the lock (only when changing dependencies in pyproject.toml).
+lock:
+	$(BIN)/uv pip compile pyproject.toml --extra test $(TORCH_SOURCE) --python $(BIN)/python -o requirements.lock
+
+clean:
+	$(BIN)/lmforge down || true
+	rm -rf artifacts .lmforge

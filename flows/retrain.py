@@ -1,0 +1,70 @@
+"""The retraining flow: thin Prefect wiring around the stages in pipeline/.
+
+ingest -> (dvc repro: validate -> preprocess) -> push. DVC owns the DAG and its caching; the flow
+adds new data, retries on the network-bound steps, and logs to the Prefect UI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+
+from pipeline.config import Params, Workspace, load_params
+from pipeline.storage import StorageError
+from pipeline.versioning import CommandError, data_md5, dvc, remote_object_url
+
+DVC_STAGES = ["validate", "preprocess"]
+
+
+def retry_on(*errors: type[BaseException]):
+    """A Prefect retry condition: retry only failures a retry can fix (network, remote), never bad data."""
+
+    def should_retry(task, task_run, state) -> bool:
+        return isinstance(state.result(raise_on_failure=False), errors)
+
+    return should_retry
+
+
+def _log_line(line: str) -> None:
+    if line.strip():
+        get_run_logger().info(line)
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on(StorageError, OSError))
+def ingest_task(source: str, ws: Workspace, params: Params) -> str:
+    from pipeline.ingest import ingest
+
+    md5 = ingest(source, ws, params, on_line=_log_line)
+    get_run_logger().info(f"dataset md5 {md5}")
+    return md5
+
+
+@task(name="dvc-repro")
+def repro_task(stages: list[str], ws: Workspace) -> None:
+    dvc(["repro", *stages], ws.root, on_line=_log_line)
+
+
+@task(name="push", retries=3, retry_delay_seconds=[2, 8, 30], retry_condition_fn=retry_on(CommandError))
+def push_task(ws: Workspace, params: Params) -> None:
+    from pipeline.storage import configure_dvc_remote
+
+    configure_dvc_remote(ws.root, params.storage, ws.state)
+    dvc(["push"], ws.root, on_line=_log_line)
+
+
+@flow(name="lmforge-retrain", log_prints=True)
+def retrain(source: str | None = None, root: str | None = None) -> dict:
+    ws = Workspace(Path(root)) if root else Workspace.find()
+    params = load_params(ws.root)
+    md5 = ingest_task(source or params.ingest.source, ws, params)
+    repro_task(DVC_STAGES, ws)
+    push_task(ws, params)
+    manifest = json.loads((ws.shards_dir / "manifest.json").read_text())
+    return {
+        "data_md5": md5,
+        "data_url": remote_object_url(params.storage.dvc_remote_url, md5),
+        "tokens": {split: info["tokens"] for split, info in manifest["splits"].items()},
+        "vocab_size": manifest["vocab_size"],
+    }

@@ -1,0 +1,1 @@
+"""lmforge: train, gate and ship small language models (DVC + Prefect + torchrun + BentoML)."""

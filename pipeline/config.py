@@ -1,0 +1,279 @@
+"""Typed config: params.yaml -> profile overlay -> CLI overrides -> validated pydantic models.
+
+Every error names the key path (for example `preprocess.vocab_size`), so a typo in params.yaml or in
+`-p key=value` fails at load, before any stage starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A bad params.yaml, profile or override; the message names the key path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageConfig(Section):
+    bucket: str = Field("lmforge", pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+    dvc_prefix: str = Field("dvc", min_length=1)
+    registry_prefix: str = Field("registry", min_length=1)
+    endpoint_url: str | None = "http://127.0.0.1:8333"
+    region: str = "us-east-1"
+    embedded: bool = True
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+(:\d+)?/?$", value):
+            raise ValueError(f"must be an http(s)://host:port URL or null for AWS, got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _embedded_needs_endpoint(self) -> StorageConfig:
+        if self.embedded and not self.endpoint_url:
+            raise ValueError("embedded: true needs an endpoint_url on 127.0.0.1 (set embedded: false for AWS)")
+        return self
+
+    @property
+    def dvc_remote_url(self) -> str:
+        return f"s3://{self.bucket}/{self.dvc_prefix.strip('/')}"
+
+
+class IngestConfig(Section):
+    source: str = Field("builtin", min_length=1)
+    doc_chars: int = Field(4000, ge=100)
+    max_file_bytes: int = Field(256 * 2**20, ge=1)
+
+
+class ValidationConfig(Section):
+    min_documents: int = Field(20, ge=1)
+    min_total_chars: int = Field(100_000, ge=1)
+    min_doc_chars: int = Field(1, ge=1)
+    max_doc_chars: int = Field(1_000_000, ge=1)
+    max_nonprintable_ratio: float = Field(0.01, ge=0, le=1)
+    max_duplicate_ratio: float = Field(0.3, ge=0, le=1)
+    secret_patterns: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("secret_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: dict[str, str]) -> dict[str, str]:
+        for name, pattern in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{name}: not a valid regex ({exc})") from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _length_bounds(self) -> ValidationConfig:
+        if self.min_doc_chars > self.max_doc_chars:
+            raise ValueError(f"min_doc_chars ({self.min_doc_chars}) exceeds max_doc_chars ({self.max_doc_chars})")
+        return self
+
+
+class PreprocessConfig(Section):
+    vocab_size: int = Field(8192, ge=300, le=2**31)
+    min_frequency: int = Field(2, ge=1)
+    val_fraction: float = Field(0.05, gt=0, lt=0.5)
+    test_fraction: float = Field(0.05, gt=0, lt=0.5)
+    shard_tokens: int = Field(2**24, ge=1024)
+    encode_batch_docs: int = Field(256, ge=1)
+
+
+class ModelConfig(Section):
+    base: str | None = None
+
+
+class Params(Section):
+    profile: str = "demo"
+    storage: StorageConfig = StorageConfig()
+    ingest: IngestConfig = IngestConfig()
+    validation: ValidationConfig = ValidationConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    model: ModelConfig = ModelConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.max_steps=50` -> (["train", "max_steps"], 50); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
+    return key.strip().split("."), value
+
+
+def _set_path(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def _deep_merge(base: dict, overlay: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+        if err["type"] == "extra_forbidden":
+            got = " (unknown key)"
+        lines.append(f"  {path}: {err['msg']}{got}")
+    return f"{origin}: invalid config\n" + "\n".join(lines)
+
+
+def resolve_params(raw: dict, overrides: list[str] = (), profile: str | None = None, origin: str = PARAMS_FILE) -> Params:
+    """Apply the profile overlay, then the overrides, then validate."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: must be a YAML mapping of sections")
+    tree = {k: v for k, v in raw.items() if k != "profiles"}
+    profiles = raw.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{origin}: profiles: must be a mapping of name -> overlay")
+    parsed = [parse_override(o) for o in overrides]
+    for path, value in parsed:  # a `-p profile=gpu` override picks the profile too
+        if path == ["profile"]:
+            profile = value
+    name = profile or tree.get("profile") or "demo"
+    if name not in profiles and name != "demo":
+        raise ConfigError(f"profile: unknown profile {name!r}; params.yaml defines {sorted(profiles)}")
+    overlay = profiles.get(name) or {}
+    if not isinstance(overlay, dict):
+        raise ConfigError(f"profiles.{name}: must be a mapping")
+    tree = _deep_merge(tree, overlay)
+    tree["profile"] = name
+    for path, value in parsed:
+        _set_path(tree, path, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin)) from None
+
+
+def read_params_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (run lmforge inside its workspace, or set LMFORGE_ROOT)")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+
+
+def load_params(root: Path | None = None, overrides: list[str] = (), profile: str | None = None) -> Params:
+    path = (root or find_root()) / PARAMS_FILE
+    return resolve_params(read_params_file(path), overrides, profile, origin=str(path))
+
+
+def write_overrides(root: Path, overrides: list[str], profile: str | None = None) -> list[str]:
+    """Persist overrides into params.yaml (comments kept), as `dvc exp run -S` does.
+
+    The result is validated before anything is written, so a bad override leaves the file untouched.
+    Returns one line per change, for the log.
+    """
+    from ruamel.yaml import YAML
+
+    path = root / PARAMS_FILE
+    all_overrides = list(overrides) + ([f"profile={profile}"] if profile else [])
+    resolve_params(read_params_file(path), all_overrides, origin=str(path))
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(path.read_text())
+    changes = []
+    for text in all_overrides:
+        keys, value = parse_override(text)
+        node = doc
+        for part in keys[:-1]:
+            if part not in node or node[part] is None:
+                node[part] = {}
+            node = node[part]
+        old = node.get(keys[-1], "<unset>")
+        if old != value:
+            node[keys[-1]] = value
+            changes.append(f"{'.'.join(keys)}: {old!r} -> {value!r}")
+    if changes:
+        tmp = path.with_suffix(".yaml.tmp")
+        with tmp.open("w") as fh:
+            rt.dump(doc, fh)
+        os.replace(tmp, path)
+    return changes
+
+
+# ---------------------------------------------------------------------------------------------
+# the workspace: where params.yaml, data/ and the generated artifacts live
+
+
+def find_root(start: Path | None = None) -> Path:
+    """LMFORGE_ROOT, else the nearest directory upwards holding params.yaml and dvc.yaml."""
+    if env := os.environ.get("LMFORGE_ROOT"):
+        return Path(env).resolve()
+    here = (start or Path.cwd()).resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / PARAMS_FILE).is_file() and (candidate / "dvc.yaml").is_file():
+            return candidate
+    raise ConfigError(f"no lmforge workspace (params.yaml + dvc.yaml) in {here} or above; cd into one or set LMFORGE_ROOT")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def find(cls, start: Path | None = None) -> Workspace:
+        return cls(find_root(start))
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def validation_dir(self) -> Path:
+        return self.artifacts / "validation"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.artifacts / "tokenizer"
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.artifacts / "shards"
+
+    @property
+    def state(self) -> Path:
+        """Servers' data, pids, logs and generated credentials; git-ignored."""
+        return Path(os.environ.get("LMFORGE_STATE_DIR") or self.root / ".lmforge").resolve()

@@ -1,0 +1,209 @@
+"""Preprocess: corpus -> tokenizer + flat token shards for train / val / test.
+
+Three streaming passes over data/, so memory stays flat however large the corpus is:
+  1. hash every document and assign its split (by hash, so duplicates never straddle train and val);
+  2. train a byte-level BPE on the train split (or load the base model's tokenizer);
+  3. encode with the batch API, append EOS after each document, append to uint16/uint32 shards.
+The shards are raw little-endian arrays that `np.memmap` opens without a copy; manifest.json says
+their dtype and token counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.config import ConfigError, Params, Workspace, load_params
+from pipeline.ingest import CorpusError, Document, read_documents
+
+SPLITS = ("train", "val", "test")
+EOS_TOKEN = "<|endoftext|>"
+MANIFEST = "manifest.json"
+
+
+def split_by_hash(digests: list[bytes], val_fraction: float, test_fraction: float) -> list[str]:
+    """A split per document from its content hash; every split gets at least one document."""
+    if len(digests) < len(SPLITS):
+        raise CorpusError(f"{len(digests)} documents cannot fill train, val and test; the corpus needs at least 3")
+    position = [int.from_bytes(d[:8], "big") / 2**64 for d in digests]
+    splits = ["test" if p < test_fraction else "val" if p < test_fraction + val_fraction else "train" for p in position]
+    # A small corpus can leave a split empty: give it the nearest document of the largest split.
+    for name, target in (("test", 0.0), ("val", test_fraction), ("train", 1.0)):
+        if name not in splits:
+            donor = max(SPLITS, key=splits.count)
+            candidates = [i for i, s in enumerate(splits) if s == donor]
+            splits[min(candidates, key=lambda i: abs(position[i] - target))] = name
+    return splits
+
+
+def _digest(doc: Document) -> bytes:
+    return hashlib.sha256(doc.text.encode("utf-8", errors="replace")).digest()
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int, length: int | None = None):
+    """A GPT-2 style byte-level BPE, so any input byte can be encoded and nothing is ever <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=sys.stderr.isatty(),
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=EOS_TOKEN
+    )
+
+
+def load_base_tokenizer(base_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"model.base: no usable tokenizer in {base_dir} ({exc})") from None
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"model.base: the tokenizer in {base_dir} has no EOS token, which packing needs")
+    return tokenizer
+
+
+class ShardWriter:
+    """Appends token arrays to <split>_NNN.bin files of at most shard_tokens each."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self._fh = None
+        self.tokens = 0
+
+    def write(self, ids: np.ndarray) -> None:
+        while len(ids):
+            if self._fh is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._open_next()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            chunk, ids = ids[:room], ids[room:]
+            chunk.astype(self.dtype, copy=False).tofile(self._fh)
+            self.shards[-1]["tokens"] += len(chunk)
+            self.tokens += len(chunk)
+
+    def _open_next(self) -> None:
+        self.close()
+        name = f"{self.split}_{len(self.shards):03d}.bin"
+        self._fh = (self.out_dir / name).open("wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _batches(docs: Iterator[tuple[str, Document]], size: int) -> Iterator[list[tuple[str, Document]]]:
+    batch = []
+    for item in docs:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def preprocess(corpus: Path, tokenizer_dir: Path, shards_dir: Path, params: Params, base_dir: Path | None = None) -> dict:
+    """Run the three passes; write tokenizer_dir and shards_dir (replacing them whole); return the manifest."""
+    cfg = params.preprocess
+    docs = lambda: read_documents(corpus, params.ingest)  # noqa: E731 - each pass re-reads the corpus
+
+    splits = split_by_hash([_digest(d) for d in docs()], cfg.val_fraction, cfg.test_fraction)
+    n_train = splits.count("train")
+
+    if base_dir is not None:
+        tokenizer = load_base_tokenizer(base_dir)
+    else:
+        train_texts = (d.text for d, s in zip(docs(), splits, strict=True) if s == "train")
+        tokenizer = train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency, length=n_train)
+    vocab_size = len(tokenizer)
+    dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+    eos = tokenizer.eos_token_id
+    backend = tokenizer.backend_tokenizer  # the raw Rust tokenizer: batch encoding without Python per token
+
+    # Write beside the outputs, then rename: an interrupted run never leaves half a shard set behind.
+    tmp_tok, tmp_shards = (Path(f"{p}.tmp") for p in (tokenizer_dir, shards_dir))
+    for p in (tmp_tok, tmp_shards):
+        shutil.rmtree(p, ignore_errors=True)
+        p.mkdir(parents=True)
+    writers = {s: ShardWriter(tmp_shards, s, dtype, cfg.shard_tokens) for s in SPLITS}
+    doc_counts = {s: splits.count(s) for s in SPLITS}
+
+    start = time.perf_counter()
+    with tqdm(total=len(splits), unit="doc", desc="tokenize", disable=None) as bar:
+        for batch in _batches(zip(splits, docs(), strict=True), cfg.encode_batch_docs):
+            encodings = backend.encode_batch([d.text for _, d in batch], add_special_tokens=False)
+            for (split, _), enc in zip(batch, encodings, strict=True):
+                writers[split].write(np.array(enc.ids + [eos], dtype=np.int64))
+            bar.update(len(batch))
+    seconds = time.perf_counter() - start
+    for w in writers.values():
+        w.close()
+
+    tokenizer.save_pretrained(tmp_tok)
+    manifest = {
+        "dtype": dtype.name,
+        "vocab_size": vocab_size,
+        "eos_token_id": eos,
+        "tokenizer": "base" if base_dir else "trained",
+        "splits": {s: {"documents": doc_counts[s], "tokens": writers[s].tokens, "shards": writers[s].shards} for s in SPLITS},
+        "total_tokens": sum(w.tokens for w in writers.values()),
+        "encode_seconds": round(seconds, 3),
+        "tokens_per_second": round(sum(w.tokens for w in writers.values()) / max(seconds, 1e-9)),
+    }
+    (tmp_shards / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    for tmp, final in ((tmp_tok, tokenizer_dir), (tmp_shards, shards_dir)):
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    return manifest
+
+
+def load_shard(shards_dir: Path, split: str) -> list[np.memmap]:
+    """The split's shards as read-only memmaps (no copy into memory)."""
+    manifest = json.loads((shards_dir / MANIFEST).read_text())
+    dtype = np.dtype(manifest["dtype"])
+    return [np.memmap(shards_dir / s["file"], dtype=dtype, mode="r") for s in manifest["splits"][split]["shards"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The DVC stage: data/ -> artifacts/tokenizer + artifacts/shards."""
+    try:
+        ws = Workspace.find()
+        params = load_params(ws.root)
+        base_dir = None
+        if params.model.base:
+            from pipeline.model import resolve_base
+
+            base_dir = resolve_base(params.model.base, ws, params)
+        manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, base_dir)
+    except (ConfigError, CorpusError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{s} {manifest['splits'][s]['tokens']:,}" for s in SPLITS)
+    print(f"preprocess: vocab {manifest['vocab_size']:,}, tokens: {counts} ({manifest['tokens_per_second']:,} tok/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
