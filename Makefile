@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(BIN)/lmforge run --source builtin
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 install: $(STAMP)

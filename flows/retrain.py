@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger, task
 
 from pipeline.config import Params, Workspace, load_params
 from pipeline.storage import StorageError
-from pipeline.versioning import CommandError, data_md5, dvc, remote_object_url
+from pipeline.versioning import CommandError, dvc, remote_object_url
 
 DVC_STAGES = ["validate", "preprocess"]
 
@@ -32,7 +32,9 @@ def _log_line(line: str) -> None:
         get_run_logger().info(line)
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on(StorageError, OSError))
+@task(
+    name="ingest", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on(StorageError, OSError)
+)
 def ingest_task(source: str, ws: Workspace, params: Params) -> str:
     from pipeline.ingest import ingest
 

@@ -28,7 +28,9 @@ Typical session:
 
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
-Overrides = Annotated[list[str] | None, typer.Option("-p", "--param", help="Override a param: section.key=value")]
+Overrides = Annotated[
+    list[str] | None, typer.Option("-p", "--param", help="Override a param: section.key=value")
+]
 Profile = Annotated[str | None, typer.Option("--profile", help="Params profile: demo (this CPU) or gpu")]
 
 
@@ -61,7 +63,9 @@ def up() -> None:
     ws, params = _workspace_and_params()
     if not params.storage.embedded:
         configure_dvc_remote(ws.root, params.storage, ws.state)
-        typer.echo(f"storage.embedded is false: using {params.storage.endpoint_url or 'AWS S3'}; nothing to start")
+        typer.echo(
+            f"storage.embedded is false: using {params.storage.endpoint_url or 'AWS S3'}; nothing to start"
+        )
         return
     try:
         typer.echo(EmbeddedS3(params.storage, ws.state).start())
@@ -121,7 +125,9 @@ def validate(
 
 @app.command()
 def ingest(
-    source: Annotated[str | None, typer.Option(help="builtin | a local file or dir | s3://bucket/prefix")] = None,
+    source: Annotated[
+        str | None, typer.Option(help="builtin | a local file or dir | s3://bucket/prefix")
+    ] = None,
     overrides: Overrides = None,
     push: Annotated[bool, typer.Option(help="dvc push the new dataset version")] = True,
 ) -> None:

@@ -45,7 +45,9 @@ class StorageConfig(Section):
     @model_validator(mode="after")
     def _embedded_needs_endpoint(self) -> StorageConfig:
         if self.embedded and not self.endpoint_url:
-            raise ValueError("embedded: true needs an endpoint_url on 127.0.0.1 (set embedded: false for AWS)")
+            raise ValueError(
+                "embedded: true needs an endpoint_url on 127.0.0.1 (set embedded: false for AWS)"
+            )
         return self
 
     @property
@@ -66,7 +68,12 @@ class ValidationConfig(Section):
     max_doc_chars: int = Field(1_000_000, ge=1)
     max_nonprintable_ratio: float = Field(0.01, ge=0, le=1)
     max_duplicate_ratio: float = Field(0.3, ge=0, le=1)
-    secret_patterns: dict[str, str] = Field(default_factory=dict)
+    secret_patterns: dict[str, str] = Field(
+        default_factory=lambda: {
+            "aws_access_key_id": "(?:AKIA|ASIA)[0-9A-Z]{16}",
+            "private_key_block": "-----BEGIN (?:RSA |EC |DSA |OPENSSH |PGP )?PRIVATE KEY-----",
+        }
+    )
 
     @field_validator("secret_patterns")
     @classmethod
@@ -81,7 +88,9 @@ class ValidationConfig(Section):
     @model_validator(mode="after")
     def _length_bounds(self) -> ValidationConfig:
         if self.min_doc_chars > self.max_doc_chars:
-            raise ValueError(f"min_doc_chars ({self.min_doc_chars}) exceeds max_doc_chars ({self.max_doc_chars})")
+            raise ValueError(
+                f"min_doc_chars ({self.min_doc_chars}) exceeds max_doc_chars ({self.max_doc_chars})"
+            )
         return self
 
 
@@ -154,7 +163,9 @@ def _format_errors(exc: ValidationError, origin: str) -> str:
     return f"{origin}: invalid config\n" + "\n".join(lines)
 
 
-def resolve_params(raw: dict, overrides: list[str] = (), profile: str | None = None, origin: str = PARAMS_FILE) -> Params:
+def resolve_params(
+    raw: dict, overrides: list[str] = (), profile: str | None = None, origin: str = PARAMS_FILE
+) -> Params:
     """Apply the profile overlay, then the overrides, then validate."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: must be a YAML mapping of sections")
@@ -242,7 +253,9 @@ def find_root(start: Path | None = None) -> Path:
     for candidate in (here, *here.parents):
         if (candidate / PARAMS_FILE).is_file() and (candidate / "dvc.yaml").is_file():
             return candidate
-    raise ConfigError(f"no lmforge workspace (params.yaml + dvc.yaml) in {here} or above; cd into one or set LMFORGE_ROOT")
+    raise ConfigError(
+        f"no lmforge workspace (params.yaml + dvc.yaml) in {here} or above; cd into one or set LMFORGE_ROOT"
+    )
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ replaces a good corpus.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,7 +44,9 @@ def corpus_files(root: Path) -> list[Path]:
         raise CorpusError(f"{root}: no such file or directory")
     if root.is_file():
         if root.suffix not in CORPUS_SUFFIXES:
-            raise CorpusError(f"{root}: unsupported file type {root.suffix!r}; use one of {', '.join(CORPUS_SUFFIXES)}")
+            raise CorpusError(
+                f"{root}: unsupported file type {root.suffix!r}; use one of {', '.join(CORPUS_SUFFIXES)}"
+            )
         return [root]
     files, seen_dirs = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=_raise_walk_error):
@@ -52,7 +55,11 @@ def corpus_files(root: Path) -> list[Path]:
             raise CorpusError(f"{dirpath}: symlink loop (it points back to {real})")
         seen_dirs.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [Path(dirpath, f) for f in sorted(filenames) if f.endswith(CORPUS_SUFFIXES) and not f.startswith(".")]
+        files += [
+            Path(dirpath, f)
+            for f in sorted(filenames)
+            if f.endswith(CORPUS_SUFFIXES) and not f.startswith(".")
+        ]
     if not files:
         raise CorpusError(f"{root}: no {', '.join(CORPUS_SUFFIXES)} files in this directory")
     return files
@@ -99,11 +106,15 @@ def _jsonl_documents(path: Path, text: str) -> Iterator[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise CorpusError(f"{path}:{lineno}: not valid JSON ({exc.msg}); the file may be truncated") from None
+            raise CorpusError(
+                f"{path}:{lineno}: not valid JSON ({exc.msg}); the file may be truncated"
+            ) from None
         if not isinstance(record, dict) or "text" not in record:
             raise CorpusError(f"{path}:{lineno}: JSONL record has no 'text' field")
         if not isinstance(record["text"], str):
-            raise CorpusError(f"{path}:{lineno}: 'text' must be a string, got {type(record['text']).__name__}")
+            raise CorpusError(
+                f"{path}:{lineno}: 'text' must be a string, got {type(record['text']).__name__}"
+            )
         yield record["text"]
 
 
@@ -113,7 +124,9 @@ def read_documents(root: Path, cfg: IngestConfig) -> Iterator[Document]:
     for path in corpus_files(root):
         text, utf8_ok = _read_text(path, cfg.max_file_bytes)
         rel = path.relative_to(base).as_posix()
-        texts = _jsonl_documents(path, text) if path.suffix == ".jsonl" else split_paragraphs(text, cfg.doc_chars)
+        texts = (
+            _jsonl_documents(path, text) if path.suffix == ".jsonl" else split_paragraphs(text, cfg.doc_chars)
+        )
         for i, doc in enumerate(texts):
             yield Document(source=f"{rel}#{i}", text=doc, utf8_ok=utf8_ok)
 
@@ -121,78 +134,16 @@ def read_documents(root: Path, cfg: IngestConfig) -> Iterator[Document]:
 # ---------------------------------------------------------------------------------------------
 # the builtin corpus: Python's own documentation, always present, built the same way every time
 
-# Not documentation, or a source of side effects when imported.
-_SKIP_DIRS = {"test", "tests", "site-packages", "__pycache__", "idle_test"}
-_SKIP_EXTENSIONS = ("_test", "_xx", "xx", "_tkinter", "_ctypes_test")
-
-
-def _stdlib_source_docs(stdlib: Path) -> Iterator[dict]:
-    """One document per stdlib module: its docstrings, read with ast so that nothing is imported."""
-    import ast
-
-    for dirpath, dirnames, filenames in os.walk(stdlib):
-        dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith((".", "config-")))
-        for name in sorted(f for f in filenames if f.endswith(".py")):
-            path = Path(dirpath, name)
-            try:
-                tree = ast.parse(path.read_bytes())
-            except (SyntaxError, ValueError):
-                continue
-            module = path.relative_to(stdlib).with_suffix("").as_posix().replace("/", ".")
-            parts = []
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-                    if doc := ast.get_docstring(node):
-                        parts.append(f"{module}.{node.name}\n\n{doc}" if hasattr(node, "name") else f"{module}\n\n{doc}")
-            if parts:
-                yield {"source": f"stdlib/{module}", "text": "\n\n".join(parts)}
-
-
-def _extension_docs(stdlib: Path) -> Iterator[dict]:
-    """Docstrings of the C modules (builtins, sys, math, ...), which have no .py source to parse."""
-    import importlib
-    import sys
-
-    dynload = stdlib / "lib-dynload"
-    names = set(sys.builtin_module_names) | {p.name.split(".")[0] for p in dynload.glob("*.so")}
-    for name in sorted(names):
-        if name.startswith(_SKIP_EXTENSIONS):
-            continue
-        try:
-            module = importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - an optional extension that is not built here
-            continue
-        parts = [module.__doc__] if isinstance(module.__doc__, str) else []
-        for attr, obj in sorted(vars(module).items()):
-            doc = getattr(obj, "__doc__", None)
-            if attr.startswith("_") or not isinstance(doc, str) or getattr(obj, "__module__", name) not in (name, None):
-                continue
-            parts.append(f"{name}.{attr}\n\n{doc}")
-        if parts:
-            yield {"source": f"extension/{name}", "text": "\n\n".join(p.strip() for p in parts)}
-
 
 def write_builtin_corpus(dest: Path) -> None:
-    """Write about 4 MB of English from Python's bundled docs: deterministic for a given Python version."""
-    import sysconfig
-
-    from pydoc_data.topics import topics
-
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    sources = {
-        "topics.jsonl": ({"source": f"topics/{k}", "text": topics[k]} for k in sorted(topics)),
-        "stdlib.jsonl": _stdlib_source_docs(stdlib),
-        "extensions.jsonl": _extension_docs(stdlib),
-    }
-    dest.mkdir(parents=True, exist_ok=True)
-    seen: set[str] = set()  # the same inherited docstring shows up in many places; keep the first
-    for filename, records in sources.items():
-        with (dest / filename).open("w", encoding="utf-8") as fh:
-            for record in records:
-                digest = hashlib.sha256(record["text"].encode()).hexdigest()
-                if record["text"].strip() and digest not in seen:
-                    seen.add(digest)
-                    fh.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+    """Build it in a fresh, isolated interpreter: docstrings of C modules depend on what else a process
+    has imported or patched (Prefect does), and the dataset md5 must not."""
+    script = Path(__file__).with_name("builtin_corpus.py")
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", str(script), str(dest)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        raise CorpusError(f"building the builtin corpus failed:\n{result.stderr[-2000:]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +206,9 @@ def ingest(source: str, ws, params, on_line=print) -> str:
     try:
         report = validate_corpus(staging, params)
         if not report.success:
-            raise CorpusError(f"source {source} failed validation; data/ is unchanged\n{format_failure(report)}")
+            raise CorpusError(
+                f"source {source} failed validation; data/ is unchanged\n{format_failure(report)}"
+            )
         swap_in(staging, ws.data)
     finally:
         discard(staging)

@@ -19,5 +19,7 @@ def resolve_base(base: str, ws: Workspace, params: Params) -> Path:
         return dest
     path = Path(base).expanduser()
     if not path.is_dir():
-        raise ConfigError(f"model.base: {base} is not a directory (give a local Hugging Face model dir or s3://bucket/prefix)")
+        raise ConfigError(
+            f"model.base: {base} is not a directory (give a local Hugging Face model dir or s3://bucket/prefix)"
+        )
     return path.resolve()

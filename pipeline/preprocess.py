@@ -33,9 +33,14 @@ MANIFEST = "manifest.json"
 def split_by_hash(digests: list[bytes], val_fraction: float, test_fraction: float) -> list[str]:
     """A split per document from its content hash; every split gets at least one document."""
     if len(digests) < len(SPLITS):
-        raise CorpusError(f"{len(digests)} documents cannot fill train, val and test; the corpus needs at least 3")
+        raise CorpusError(
+            f"{len(digests)} documents cannot fill train, val and test; the corpus needs at least 3"
+        )
     position = [int.from_bytes(d[:8], "big") / 2**64 for d in digests]
-    splits = ["test" if p < test_fraction else "val" if p < test_fraction + val_fraction else "train" for p in position]
+    splits = [
+        "test" if p < test_fraction else "val" if p < test_fraction + val_fraction else "train"
+        for p in position
+    ]
     # A small corpus can leave a split empty: give it the nearest document of the largest split.
     for name, target in (("test", 0.0), ("val", test_fraction), ("train", 1.0)):
         if name not in splits:
@@ -66,7 +71,11 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int, l
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=EOS_TOKEN
+        tokenizer_object=tokenizer,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
     )
 
 
@@ -124,7 +133,9 @@ def _batches(docs: Iterator[tuple[str, Document]], size: int) -> Iterator[list[t
         yield batch
 
 
-def preprocess(corpus: Path, tokenizer_dir: Path, shards_dir: Path, params: Params, base_dir: Path | None = None) -> dict:
+def preprocess(
+    corpus: Path, tokenizer_dir: Path, shards_dir: Path, params: Params, base_dir: Path | None = None
+) -> dict:
     """Run the three passes; write tokenizer_dir and shards_dir (replacing them whole); return the manifest."""
     cfg = params.preprocess
     docs = lambda: read_documents(corpus, params.ingest)  # noqa: E731 - each pass re-reads the corpus
@@ -167,7 +178,10 @@ def preprocess(corpus: Path, tokenizer_dir: Path, shards_dir: Path, params: Para
         "vocab_size": vocab_size,
         "eos_token_id": eos,
         "tokenizer": "base" if base_dir else "trained",
-        "splits": {s: {"documents": doc_counts[s], "tokens": writers[s].tokens, "shards": writers[s].shards} for s in SPLITS},
+        "splits": {
+            s: {"documents": doc_counts[s], "tokens": writers[s].tokens, "shards": writers[s].shards}
+            for s in SPLITS
+        },
         "total_tokens": sum(w.tokens for w in writers.values()),
         "encode_seconds": round(seconds, 3),
         "tokens_per_second": round(sum(w.tokens for w in writers.values()) / max(seconds, 1e-9)),
@@ -183,7 +197,9 @@ def load_shard(shards_dir: Path, split: str) -> list[np.memmap]:
     """The split's shards as read-only memmaps (no copy into memory)."""
     manifest = json.loads((shards_dir / MANIFEST).read_text())
     dtype = np.dtype(manifest["dtype"])
-    return [np.memmap(shards_dir / s["file"], dtype=dtype, mode="r") for s in manifest["splits"][split]["shards"]]
+    return [
+        np.memmap(shards_dir / s["file"], dtype=dtype, mode="r") for s in manifest["splits"][split]["shards"]
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     counts = ", ".join(f"{s} {manifest['splits'][s]['tokens']:,}" for s in SPLITS)
-    print(f"preprocess: vocab {manifest['vocab_size']:,}, tokens: {counts} ({manifest['tokens_per_second']:,} tok/s)")
+    print(
+        f"preprocess: vocab {manifest['vocab_size']:,}, tokens: {counts} ({manifest['tokens_per_second']:,} tok/s)"
+    )
     return 0
 
 

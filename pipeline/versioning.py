@@ -32,7 +32,9 @@ def venv_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def stream_command(cmd: list[str], cwd: Path, on_line: LineSink = print, env: dict | None = None) -> list[str]:
+def stream_command(
+    cmd: list[str], cwd: Path, on_line: LineSink = print, env: dict | None = None
+) -> list[str]:
     """Run cmd in its own process group, forward each output line, raise CommandError on failure.
 
     Its own process group lets an interrupt (Ctrl-C, a cancelled flow) take down the whole tree.

@@ -20,7 +20,9 @@ def test_repo_params_load_with_every_profile():
 
 
 def test_override_parses_yaml_values():
-    params = resolve_params({}, ["preprocess.vocab_size=4096", "storage.endpoint_url=null", "storage.embedded=false"])
+    params = resolve_params(
+        {}, ["preprocess.vocab_size=4096", "storage.endpoint_url=null", "storage.embedded=false"]
+    )
     assert params.preprocess.vocab_size == 4096
     assert params.storage.endpoint_url is None and params.storage.embedded is False
 
@@ -34,10 +36,22 @@ def test_profile_override_via_param():
     ("overrides", "expected"),
     [
         (["preprocess.vocab_size=10"], "preprocess.vocab_size: Input should be greater than or equal to 300"),
-        (["preprocess.vocab_sise=9000"], "preprocess.vocab_sise: Extra inputs are not permitted (unknown key)"),
-        (["validation.max_duplicate_ratio=lots"], "validation.max_duplicate_ratio: Input should be a valid number"),
-        (["validation.min_doc_chars=10", "validation.max_doc_chars=5"], "min_doc_chars (10) exceeds max_doc_chars (5)"),
-        (["validation.secret_patterns={bad: '(['}"], "validation.secret_patterns: Value error, bad: not a valid regex"),
+        (
+            ["preprocess.vocab_sise=9000"],
+            "preprocess.vocab_sise: Extra inputs are not permitted (unknown key)",
+        ),
+        (
+            ["validation.max_duplicate_ratio=lots"],
+            "validation.max_duplicate_ratio: Input should be a valid number",
+        ),
+        (
+            ["validation.min_doc_chars=10", "validation.max_doc_chars=5"],
+            "min_doc_chars (10) exceeds max_doc_chars (5)",
+        ),
+        (
+            ["validation.secret_patterns={bad: '(['}"],
+            "validation.secret_patterns: Value error, bad: not a valid regex",
+        ),
         (["storage.bucket=A_B"], "storage.bucket: String should match pattern"),
         (["storage.endpoint_url=null"], "embedded: true needs an endpoint_url"),
         (["preprocess.vocab_size.deep=1"], "preprocess.vocab_size: Input should be a valid integer"),

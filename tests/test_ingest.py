@@ -31,7 +31,9 @@ def test_reads_txt_md_and_jsonl_in_sorted_order(tmp_path):
     (tmp_path / "b.txt").write_text("beta one " * 10 + "\n\n" + "beta two " * 10)
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "a.md").write_text("# alpha")
-    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "gamma", "id": 1}) + "\n\n" + json.dumps({"text": "delta"}) + "\n")
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"text": "gamma", "id": 1}) + "\n\n" + json.dumps({"text": "delta"}) + "\n"
+    )
     (tmp_path / "ignored.csv").write_text("x,y")
     docs = list(read_documents(tmp_path, IngestConfig(doc_chars=100)))
     assert [(d.source, d.text) for d in docs] == [

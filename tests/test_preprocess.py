@@ -23,7 +23,9 @@ def corpus(tmp_path):
     return path
 
 
-PARAMS = resolve_params({}, ["preprocess.vocab_size=300", "preprocess.shard_tokens=2048", "preprocess.encode_batch_docs=7"])
+PARAMS = resolve_params(
+    {}, ["preprocess.vocab_size=300", "preprocess.shard_tokens=2048", "preprocess.encode_batch_docs=7"]
+)
 
 
 def test_split_is_by_hash_and_fills_every_split():
@@ -43,7 +45,9 @@ def test_preprocess_packs_every_document_with_eos(tmp_path, corpus):
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
     assert manifest["vocab_size"] == len(tokenizer) == 300
-    assert manifest["dtype"] == "uint16" and manifest["eos_token_id"] == tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    assert manifest["dtype"] == "uint16" and manifest["eos_token_id"] == tokenizer.convert_tokens_to_ids(
+        EOS_TOKEN
+    )
     assert sum(manifest["splits"][s]["documents"] for s in SPLITS) == 120
     assert all(manifest["splits"][s]["documents"] >= 1 for s in SPLITS)
 
@@ -55,7 +59,9 @@ def test_preprocess_packs_every_document_with_eos(tmp_path, corpus):
         assert [len(s) for s in shards] == [s["tokens"] for s in info["shards"]]
         assert all(len(s) <= 2048 for s in shards)  # shard_tokens is respected
         ids = np.concatenate(shards)
-        assert len(ids) == info["tokens"] and int((ids == manifest["eos_token_id"]).sum()) == info["documents"]
+        assert (
+            len(ids) == info["tokens"] and int((ids == manifest["eos_token_id"]).sum()) == info["documents"]
+        )
         decoded += tokenizer.decode(ids.tolist()).split(EOS_TOKEN)[:-1]
     # byte-level BPE is lossless: every document comes back exactly, in some split
     assert sorted(decoded) == sorted(docs)
@@ -67,7 +73,9 @@ def test_preprocess_is_deterministic(tmp_path, corpus):
     assert first["splits"] == second["splits"]
     assert (tmp_path / "t1/tokenizer.json").read_bytes() == (tmp_path / "t2/tokenizer.json").read_bytes()
     for shard in first["splits"]["train"]["shards"]:
-        assert (tmp_path / "s1" / shard["file"]).read_bytes() == (tmp_path / "s2" / shard["file"]).read_bytes()
+        assert (tmp_path / "s1" / shard["file"]).read_bytes() == (
+            tmp_path / "s2" / shard["file"]
+        ).read_bytes()
 
 
 def test_base_model_tokenizer_is_reused(tmp_path, corpus):

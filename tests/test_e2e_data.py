@@ -1,0 +1,263 @@
+"""End to end, for real: SeaweedFS, the dvc CLI, Prefect (ephemeral and a real server), the lmforge CLI.
+
+Each test works in a fresh git workspace copied from this repo, with its own bucket on the session's
+SeaweedFS, so that "nothing was pushed" can be checked by counting objects.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import write_overrides
+from pipeline.storage import s3_client
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHAKESPEARE = REPO.parent / "shared" / "corpora" / "tinyshakespeare.txt"
+needs_shakespeare = pytest.mark.skipif(
+    not SHAKESPEARE.is_file(), reason=f"{SHAKESPEARE} is absent (only on dev machines)"
+)
+
+
+def run(
+    cmd: list, cwd: Path, env: dict, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{cmd} exited {result.returncode}\nstdout:\n{result.stdout[-4000:]}\nstderr:\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def git(ws: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def workspace(tmp_path, s3_server, request):
+    """A git workspace holding this repo's files, pointed at its own bucket on the test S3 server."""
+    ws = tmp_path / "ws"
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file() and rel not in ("data.dvc", "dvc.lock"):
+            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, ws / rel)
+    bucket = f"ws-{abs(hash(request.node.name)) % 10**8}-{random.Random().randint(0, 10**6)}"
+    write_overrides(ws, [f"storage.endpoint_url={s3_server.cfg.endpoint_url}", f"storage.bucket={bucket}"])
+    git(ws, "init", "-q")
+    git(ws, "add", "-A")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "workspace")
+    env = dict(
+        os.environ, LMFORGE_STATE_DIR=str(s3_server.state), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"
+    )
+    env.pop("PREFECT_API_URL", None)
+    run([BIN / "lmforge", "up"], ws, env)
+    return ws, env, bucket
+
+
+def object_count(s3_server, bucket: str) -> int:
+    pages = s3_client(s3_server.cfg, s3_server.state).get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    return sum(page.get("KeyCount", 0) for page in pages)
+
+
+def words_corpus(path: Path, docs: int = 60, seed: int = 0) -> Path:
+    """A valid synthetic corpus: enough distinct documents and characters for the default bounds."""
+    rng = random.Random(seed)
+    vocab = [
+        ("".join(rng.choice("etaoinshrdlucmfwyp") for _ in range(rng.randint(2, 9)))) for _ in range(800)
+    ]
+    path.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": " ".join(rng.choice(vocab) for _ in range(400)) + "."}) for _ in range(docs)]
+    (path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def summary_value(stdout: str, label: str) -> str:
+    line = next(line for line in stdout.splitlines() if line.strip().startswith(label))
+    return line.split(label, 1)[1].strip()
+
+
+@needs_shakespeare
+def test_two_dataset_versions_round_trip_through_s3(workspace, s3_server, tmp_path):
+    ws, env, bucket = workspace
+    lmforge = BIN / "lmforge"
+
+    first = run([lmforge, "run", "--source", SHAKESPEARE], ws, env)
+    md5_first = summary_value(first.stdout, "dataset md5")
+    assert md5_first.endswith(".dir") and "tokens        train" in first.stdout
+    assert (ws / "data" / "tinyshakespeare.txt").read_bytes() == SHAKESPEARE.read_bytes()
+    git(ws, "add", "data.dvc", "dvc.lock")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "shakespeare")
+
+    second = run([lmforge, "run", "--source", "builtin"], ws, env)
+    md5_second = summary_value(second.stdout, "dataset md5")
+    url = summary_value(second.stdout, "data in S3")
+    assert md5_second != md5_first and url == f"s3://{bucket}/dvc/files/md5/{md5_second[:2]}/{md5_second[2:]}"
+    # the printed location is a real object in S3: the .dir listing of the dataset
+    listing = s3_client(s3_server.cfg, s3_server.state).get_object(
+        Bucket=bucket, Key=url.split(f"{bucket}/", 1)[1]
+    )
+    assert {entry["relpath"] for entry in json.loads(listing["Body"].read())} == {
+        "builtin/extensions.jsonl", "builtin/stdlib.jsonl", "builtin/topics.jsonl"
+    }  # fmt: skip
+    git(ws, "add", "data.dvc", "dvc.lock")
+    git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "builtin")
+
+    # nothing changed: DVC skips every stage
+    again = run([BIN / "dvc", "repro"], ws, env)
+    assert "Data and pipelines are up to date" in again.stdout
+    assert "Running stage" not in again.stdout
+
+    # a clean clone has no cache: it gets both versions back from S3, byte for byte
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ws), str(clone)], check=True)
+    assert not (clone / ".dvc" / "cache").exists()
+    run([lmforge, "up"], clone, env)
+    run([BIN / "dvc", "pull"], clone, env)
+    for sub in ("data", "artifacts/shards", "artifacts/tokenizer"):
+        cmp = filecmp.dircmp(ws / sub, clone / sub)
+        assert not (cmp.diff_files or cmp.left_only or cmp.right_only), sub
+        assert all(filecmp.cmp(ws / sub / f, clone / sub / f, shallow=False) for f in cmp.common_files)
+    git(clone, "checkout", "-q", "HEAD~1")
+    run([BIN / "dvc", "pull"], clone, env)
+    assert [p.name for p in (clone / "data").iterdir()] == ["tinyshakespeare.txt"]
+    assert (clone / "data" / "tinyshakespeare.txt").read_bytes() == SHAKESPEARE.read_bytes()
+
+
+BAD_CORPORA = {
+    "empty": (lambda p: p.write_text(""), "min_documents"),
+    "binary": (lambda p: p.write_bytes(random.Random(1).randbytes(300_000)), "utf8"),
+    "duplicates": (
+        lambda p: p.write_text(("the same paragraph again and again. " * 20 + "\n\n") * 400),
+        "duplicate_ratio",
+    ),
+    "aws_key": (
+        lambda p: p.write_text(
+            words_corpus(p.parent / "w").joinpath("docs.jsonl").read_text()
+            + json.dumps({"text": "key AKIAIOSFODNN7EXAMPL3 here"})
+            + "\n"
+        ),
+        "secret:aws_access_key_id",
+    ),
+}
+
+
+def test_bad_corpora_are_rejected_and_nothing_is_pushed(workspace, s3_server, tmp_path):
+    ws, env, bucket = workspace
+    good = words_corpus(tmp_path / "good")
+    run([BIN / "lmforge", "ingest", "--source", good], ws, env)
+    data_dvc, pushed = (ws / "data.dvc").read_text(), object_count(s3_server, bucket)
+    assert pushed > 0
+    for name, (write, check) in BAD_CORPORA.items():
+        bad = tmp_path / f"bad-{name}" / ("docs.jsonl" if name == "aws_key" else "corpus.txt")
+        bad.parent.mkdir()
+        write(bad)
+        result = run([BIN / "lmforge", "ingest", "--source", bad], ws, env, check=False)
+        assert result.returncode == 1, (name, result.stderr)
+        assert "failed validation; data/ is unchanged" in result.stderr and check in result.stderr, (
+            name,
+            result.stderr,
+        )
+        assert "AKIAIOSFODNN7EXAMPL3" not in result.stderr  # the secret is named, never echoed
+        assert (ws / "data.dvc").read_text() == data_dvc, name
+        assert [p.name for p in (ws / "data").iterdir()] == ["docs.jsonl"], name
+        assert (ws / "data" / "docs.jsonl").read_bytes() == (good / "docs.jsonl").read_bytes(), name
+        assert object_count(s3_server, bucket) == pushed, name
+    # the flow fails the same way, before any stage runs
+    result = run([BIN / "lmforge", "run", "--source", tmp_path / "bad-binary"], ws, env, check=False)
+    assert result.returncode == 1 and "utf8" in result.stdout + result.stderr
+    assert (ws / "data.dvc").read_text() == data_dvc and object_count(s3_server, bucket) == pushed
+    assert not (ws / "artifacts" / "shards").exists()
+
+
+def test_lmforge_validate_checks_a_corpus_without_touching_data(workspace, tmp_path):
+    ws, env, _ = workspace
+    good = words_corpus(tmp_path / "good")
+    ok = run([BIN / "lmforge", "validate", good, "--report-dir", tmp_path / "report"], ws, env, check=False)
+    assert ok.returncode == 0 and "60 documents" in ok.stdout
+    assert json.loads((tmp_path / "report" / "report.json").read_text())["success"] is True
+    dup = tmp_path / "dup.txt"
+    BAD_CORPORA["duplicates"][0](dup)
+    bad = run([BIN / "lmforge", "validate", dup], ws, env, check=False)
+    assert bad.returncode == 1 and "duplicate_ratio" in bad.stderr
+    missing = run([BIN / "lmforge", "validate", tmp_path / "nope"], ws, env, check=False)
+    assert (
+        missing.returncode == 1
+        and "no such file or directory" in missing.stderr
+        and "Traceback" not in missing.stderr
+    )
+    assert not (ws / "data").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def api(url: str, body: dict | None = None):
+    request = urllib.request.Request(
+        url, data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_flow_reports_to_a_real_prefect_server(workspace, tmp_path):
+    ws, env, _ = workspace
+    port = free_port()
+    server_env = dict(env, PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    server = subprocess.Popen(
+        [BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env, stdout=open(tmp_path / "prefect.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{api_url}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, (
+                    tmp_path / "prefect.log"
+                ).read_text()[-3000:]
+                time.sleep(0.5)
+        run(
+            [BIN / "lmforge", "run", "--source", words_corpus(tmp_path / "good")],
+            ws,
+            dict(env, PREFECT_API_URL=api_url),
+        )
+        [flow_run] = api(f"{api_url}/flow_runs/filter")
+        assert flow_run["state_type"] == "COMPLETED"
+        tasks = api(f"{api_url}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+        names = {t["name"].rsplit("-", 1)[0] for t in tasks}
+        assert {"ingest", "dvc-repro", "push"} <= names
+        assert all(t["state_type"] == "COMPLETED" for t in tasks)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
