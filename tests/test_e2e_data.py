@@ -194,6 +194,34 @@ def test_bad_corpora_are_rejected_and_nothing_is_pushed(workspace, s3_server, tm
     assert not (ws / "artifacts" / "shards").exists()
 
 
+def test_ingest_from_s3_prefix_and_its_failures(workspace, s3_server, tmp_path):
+    ws, env, bucket = workspace
+    good = words_corpus(tmp_path / "good", seed=3)
+    client = s3_client(s3_server.cfg, s3_server.state)
+    client.upload_file(str(good / "docs.jsonl"), bucket, "incoming/v1/docs.jsonl")
+    result = run([BIN / "lmforge", "ingest", "--source", f"s3://{bucket}/incoming/v1"], ws, env)
+    assert "dataset md5" in result.stdout
+    assert (ws / "data" / "docs.jsonl").read_bytes() == (good / "docs.jsonl").read_bytes()
+    data_dvc = (ws / "data.dvc").read_text()
+    failures = {
+        f"s3://{bucket}/incoming/missing": "no objects under that prefix",
+        "s3://no-such-bucket-here/x": "no such bucket",
+    }
+    for source, message in failures.items():
+        result = run([BIN / "lmforge", "ingest", "--source", source], ws, env, check=False)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert (ws / "data.dvc").read_text() == data_dvc
+    bad_keys = dict(env, AWS_ACCESS_KEY_ID="WRONG", AWS_SECRET_ACCESS_KEY="wrong")
+    result = run(
+        [BIN / "lmforge", "ingest", "--source", f"s3://{bucket}/incoming/v1", "--no-push"],
+        ws,
+        bad_keys,
+        check=False,
+    )
+    assert result.returncode == 1 and "refused the credentials" in result.stderr
+    assert (ws / "data.dvc").read_text() == data_dvc
+
+
 def test_lmforge_validate_checks_a_corpus_without_touching_data(workspace, tmp_path):
     ws, env, _ = workspace
     good = words_corpus(tmp_path / "good")
