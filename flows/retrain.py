@@ -1,7 +1,8 @@
 """The retraining flow: thin Prefect wiring around the stages in pipeline/.
 
-ingest -> (dvc repro: validate -> preprocess) -> push. DVC owns the DAG and its caching; the flow
-adds new data, retries on the network-bound steps, and logs to the Prefect UI.
+ingest -> dvc repro (validate -> preprocess -> train -> evaluate -> gate) -> push -> promote.
+DVC owns the DAG and its caching; the flow adds new data, retries on the network-bound steps, logs to
+the Prefect UI, and promotes only after the model it names is safely in the remote.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from prefect import flow, get_run_logger, task
 
 from pipeline.config import Params, Workspace, load_params
 from pipeline.storage import StorageError
-from pipeline.versioning import CommandError, dvc, remote_object_url
+from pipeline.versioning import CommandError, dvc, remote_object_url, stage_out_md5
 
-DVC_STAGES = ["validate", "preprocess"]
+DVC_STAGES = ["validate", "preprocess", "train", "evaluate", "gate"]
 
 
 def retry_on(*errors: type[BaseException]):
@@ -56,6 +57,25 @@ def push_task(ws: Workspace, params: Params) -> None:
     dvc(["push"], ws.root, on_line=_log_line)
 
 
+@task(name="promote", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on(StorageError))
+def promote_task(ws: Workspace, params: Params, data_md5: str) -> dict:
+    from pipeline.registry import champion_record, promote
+
+    decision = json.loads(ws.gate_file.read_text())
+    logger = get_run_logger()
+    for reason in decision["reasons"]:
+        logger.info(reason)
+    if not decision["promote"]:
+        logger.info("gate rejected the challenger: the champion stays as it is")
+        return decision
+    record = champion_record(
+        ws, params, decision["challenger"], stage_out_md5(ws.root, "train", "artifacts/model"), data_md5
+    )
+    decision["record"] = promote(record, params.storage, ws.state)
+    logger.info(f"promoted: {record['model_url']}")
+    return decision
+
+
 @flow(name="lmforge-retrain", log_prints=True)
 def retrain(source: str | None = None, root: str | None = None) -> dict:
     ws = Workspace(Path(root)) if root else Workspace.find()
@@ -63,10 +83,15 @@ def retrain(source: str | None = None, root: str | None = None) -> dict:
     md5 = ingest_task(source or params.ingest.source, ws, params)
     repro_task(DVC_STAGES, ws)
     push_task(ws, params)
+    decision = promote_task(ws, params, md5)
     manifest = json.loads((ws.shards_dir / "manifest.json").read_text())
     return {
         "data_md5": md5,
         "data_url": remote_object_url(params.storage.dvc_remote_url, md5),
         "tokens": {split: info["tokens"] for split, info in manifest["splits"].items()},
         "vocab_size": manifest["vocab_size"],
+        "metrics": decision["challenger"],
+        "promoted": decision["promote"],
+        "reasons": decision["reasons"],
+        "model_url": decision.get("record", {}).get("model_url"),
     }

@@ -22,7 +22,8 @@ Typical session:
   lmforge up                     start the embedded S3 server (SeaweedFS, 127.0.0.1)
   lmforge validate PATH          check a corpus before ingesting it (exit 0/1)
   lmforge ingest --source SRC    builtin | file or dir (.txt .md .jsonl) | s3://b/prefix
-  lmforge run                    the whole flow: ingest, dvc repro, dvc push
+  lmforge run                    the whole flow: ingest, dvc repro (validate, preprocess,
+                                 train, evaluate, gate), dvc push, promote
   lmforge status | down          what runs | stop it
 """
 
@@ -185,10 +186,21 @@ def run(
     except Exception as exc:  # noqa: BLE001 - the flow already logged the traceback; end with the cause
         _fail(f"the flow failed: {exc}")
     tokens = ", ".join(f"{k} {v:,}" for k, v in summary["tokens"].items())
+    m = summary["metrics"]
     typer.secho("\nlmforge run finished", bold=True)
     typer.echo(f"  dataset md5   {summary['data_md5']}")
     typer.echo(f"  tokens        {tokens} (vocab {summary['vocab_size']:,})")
     typer.echo(f"  data in S3    {summary['data_url']}")
+    typer.echo(
+        f"  val ppl       {m['val_perplexity']:.2f}  (bigram {m['bigram_val_perplexity']:.2f}, unigram {m['unigram_val_perplexity']:.2f})"
+    )
+    typer.echo(f"  test ppl      {m['test_perplexity']:.2f}")
+    typer.echo(f"  training      {m['train_tokens_per_s']:,} tokens/s on {m['train_world_size']} processes")
+    typer.echo(f"  gate          {'PROMOTED' if summary['promoted'] else 'REJECTED'}")
+    for reason in summary["reasons"]:
+        typer.echo(f"                {reason}")
+    if summary["model_url"]:
+        typer.echo(f"  model in S3   {summary['model_url']}")
 
 
 def main() -> None:

@@ -105,6 +105,67 @@ class PreprocessConfig(Section):
 
 class ModelConfig(Section):
     base: str | None = None
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(128, ge=8)
+    block_size: int = Field(128, ge=8)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class TrainConfig(Section):
+    nproc_per_node: int = Field(2, ge=1)
+    nnodes: int = Field(1, ge=1)
+    rdzv_endpoint: str = Field("localhost:0", pattern=r"^[\w.\-\[\]:]+:\d+$")
+    rdzv_id: str = Field("lmforge", min_length=1)
+    max_restarts: int = Field(2, ge=0)
+    threads_per_rank: int = Field(1, ge=1)
+    seed: int = 1337
+    max_steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0, le=1)
+    min_lr: float = Field(3e-4, ge=0)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, gt=0, lt=1)
+    beta2: float = Field(0.95, gt=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)
+    eval_every: int = Field(50, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    compile: bool = False
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) exceeds lr ({self.lr})")
+        if self.nnodes > 1 and self.rdzv_endpoint.endswith(":0"):
+            raise ValueError("multi-node needs a fixed rdzv_endpoint host:port that every node can reach")
+        return self
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(16, ge=1)
+    max_windows: int | None = Field(2000, ge=1)
+    smoothing_k: float = Field(0.1, gt=0)
+    prompts: list[str] = Field(default_factory=lambda: ["The "], min_length=1)
+    max_new_tokens: int = Field(40, ge=1)
+    temperature: float = Field(0.8, gt=0)
+    top_k: int = Field(50, ge=0)
+    seed: int = 0
+
+
+class GateConfig(Section):
+    max_val_perplexity: float = Field(400.0, gt=1)
+    min_gain_over_bigram: float = Field(0.10, ge=0, lt=1)
+    champion_tolerance: float = Field(0.02, ge=0)
 
 
 class Params(Section):
@@ -114,6 +175,9 @@ class Params(Section):
     validation: ValidationConfig = ValidationConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +349,26 @@ class Workspace:
     @property
     def shards_dir(self) -> Path:
         return self.artifacts / "shards"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.artifacts / "checkpoints"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.artifacts / "model"
+
+    @property
+    def train_log(self) -> Path:
+        return self.artifacts / "train_log.jsonl"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.artifacts / "eval"
+
+    @property
+    def gate_file(self) -> Path:
+        return self.artifacts / "gate.json"
 
     @property
     def state(self) -> Path:

@@ -88,3 +88,12 @@ def data_md5(root: Path) -> str | None:
 def remote_object_url(remote_url: str, md5: str) -> str:
     """Where DVC 3 stores an object in an S3 remote: <remote>/files/md5/<2 chars>/<rest>."""
     return f"{remote_url.rstrip('/')}/files/md5/{md5[:2]}/{md5[2:]}"
+
+
+def stage_out_md5(root: Path, stage: str, path: str) -> str:
+    """The md5 that dvc.lock records for one of a stage's outs (a directory's ends in .dir)."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    for out in lock["stages"][stage]["outs"]:
+        if out["path"] == path:
+            return out["md5"]
+    raise KeyError(f"dvc.lock has no out {path} for stage {stage}")

@@ -1,0 +1,190 @@
+"""Evaluate: perplexity on val and test, against unigram and bigram baselines on the same tokens.
+
+The baselines are fitted on the train shards and scored on exactly the positions the model predicts
+(each window's tokens after its first), so the three perplexities are directly comparable. Also
+writes sample continuations, the loss curve (PNG, and JSON for `dvc plots`) and metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import ConfigError, EvaluateConfig, Params, Workspace, load_params
+from pipeline.preprocess import MANIFEST, load_shard
+from pipeline.train import fixed_windows, mean_loss
+
+# ---------------------------------------------------------------------------------------------
+# n-gram baselines
+
+
+class NGramBaseline:
+    """Add-k smoothed unigram and bigram models over token ids."""
+
+    def __init__(self, train_shards: list[np.ndarray], vocab_size: int, k: float):
+        self.vocab, self.k = vocab_size, k
+        self.unigram = np.zeros(vocab_size, dtype=np.int64)
+        self.prev_counts = np.zeros(vocab_size, dtype=np.int64)
+        pair_codes = []
+        for shard in train_shards:
+            ids = np.asarray(shard, dtype=np.int64)
+            self.unigram += np.bincount(ids, minlength=vocab_size)
+            self.prev_counts += np.bincount(ids[:-1], minlength=vocab_size)
+            pair_codes.append(ids[:-1] * vocab_size + ids[1:])
+        # Sparse bigram counts: a dense V x V table would be 8k x 8k (or 32k x 32k) integers.
+        self.pairs, self.pair_counts = np.unique(
+            np.concatenate(pair_codes) if pair_codes else np.array([], np.int64), return_counts=True
+        )
+        self.total = int(self.unigram.sum())
+
+    def unigram_nll(self, targets: np.ndarray) -> np.ndarray:
+        return -np.log((self.unigram[targets] + self.k) / (self.total + self.k * self.vocab))
+
+    def bigram_nll(self, prev: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        codes = prev.astype(np.int64) * self.vocab + targets
+        idx = np.clip(np.searchsorted(self.pairs, codes), 0, max(len(self.pairs) - 1, 0))
+        found = (self.pairs[idx] == codes) if len(self.pairs) else np.zeros(len(codes), bool)
+        counts = np.where(found, self.pair_counts[idx] if len(self.pairs) else 0, 0)
+        return -np.log((counts + self.k) / (self.prev_counts[prev] + self.k * self.vocab))
+
+    def perplexities(self, windows: torch.Tensor) -> dict[str, float]:
+        ids = windows.numpy()
+        prev, targets = ids[:, :-1].ravel(), ids[:, 1:].ravel()
+        return {
+            "unigram": math.exp(self.unigram_nll(targets).mean()),
+            "bigram": math.exp(self.bigram_nll(prev, targets).mean()),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# samples and plots
+
+
+def generate_samples(model, tokenizer, cfg: EvaluateConfig, device: torch.device) -> list[dict]:
+    samples = []
+    for prompt in cfg.prompts:
+        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        out = {"prompt": prompt}
+        for mode, kwargs in (
+            ("greedy", {"do_sample": False}),
+            ("sampled", {"do_sample": True, "temperature": cfg.temperature, "top_k": cfg.top_k}),
+        ):
+            torch.manual_seed(cfg.seed)
+            ids = model.generate(
+                **inputs, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs
+            )
+            out[mode] = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        samples.append(out)
+    return samples
+
+
+def plot_loss_curve(log_path: Path, png: Path, points_json: Path) -> None:
+    """The train and val loss against step: a PNG for people, a JSON list for `dvc plots`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+    points = [
+        {
+            "step": r["step"],
+            "train_loss": r["train_loss"],
+            **({"val_loss": r["val_loss"]} if "val_loss" in r else {}),
+        }
+        for r in records
+    ]
+    points_json.write_text(json.dumps(points) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(
+        [p["step"] for p in points],
+        [p["train_loss"] for p in points],
+        label="train loss",
+        linewidth=1,
+        alpha=0.8,
+    )
+    val = [p for p in points if "val_loss" in p]
+    ax.plot([p["step"] for p in val], [p["val_loss"] for p in val], "o-", label="val loss", linewidth=2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("lmforge training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+def evaluate(params: Params, ws: Workspace) -> dict:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from pipeline.model import load_model
+
+    hf_logging.set_verbosity_error()  # generate() warns about pad == eos, which is how GPT-2 is set up
+
+    cfg, block = params.evaluate, params.model.block_size
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    manifest = json.loads((ws.shards_dir / MANIFEST).read_text())
+    model = load_model(ws.model_dir).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(ws.model_dir)
+    baseline = NGramBaseline(load_shard(ws.shards_dir, "train"), manifest["vocab_size"], cfg.smoothing_k)
+
+    metrics: dict = {}
+    eval_tokens, eval_seconds = 0, 0.0
+    for split in ("val", "test"):
+        windows = fixed_windows(load_shard(ws.shards_dir, split), block, cfg.max_windows)
+        start = time.perf_counter()
+        loss, tokens = mean_loss(model, windows, cfg.batch_size, device)
+        eval_seconds += time.perf_counter() - start
+        eval_tokens += windows.numel()
+        base = baseline.perplexities(windows)
+        metrics |= {
+            f"{split}_loss": round(loss, 5),
+            f"{split}_perplexity": round(math.exp(loss), 3),
+            f"{split}_tokens": tokens,
+            f"unigram_{split}_perplexity": round(base["unigram"], 3),
+            f"bigram_{split}_perplexity": round(base["bigram"], 3),
+        }
+    metrics["eval_tokens_per_s"] = round(eval_tokens / eval_seconds)
+    train_summary = json.loads((ws.model_dir / "train_summary.json").read_text())
+    metrics |= {"train_" + k: v for k, v in train_summary.items()}
+
+    ws.eval_dir.mkdir(parents=True, exist_ok=True)
+    samples = generate_samples(model, tokenizer, cfg, device)
+    (ws.eval_dir / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
+    plot_loss_curve(ws.train_log, ws.eval_dir / "loss_curve.png", ws.eval_dir / "loss_curve.json")
+    tmp = ws.eval_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, ws.eval_dir / "metrics.json")
+    return metrics
+
+
+def main() -> int:
+    try:
+        ws = Workspace.find()
+        metrics = evaluate(load_params(ws.root), ws)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"evaluate: val ppl {metrics['val_perplexity']:.2f} (bigram {metrics['bigram_val_perplexity']:.2f}, "
+        f"unigram {metrics['unigram_val_perplexity']:.2f}), test ppl {metrics['test_perplexity']:.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

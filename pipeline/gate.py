@@ -1,0 +1,81 @@
+"""Gate: promote the challenger only if it meets the thresholds and is not worse than the champion.
+
+The decision and every reason go to artifacts/gate.json. The gate only decides; the flow promotes
+(after the model is pushed), so a rejected model never touches the champion record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+from pipeline.config import ConfigError, GateConfig, Workspace, load_params
+
+
+@dataclass
+class Decision:
+    promote: bool
+    reasons: list[str]
+    challenger: dict
+    champion: dict | None
+
+
+def decide(metrics: dict, champion: dict | None, cfg: GateConfig) -> Decision:
+    ppl, bigram = metrics["val_perplexity"], metrics["bigram_val_perplexity"]
+    checks = []
+    checks.append(
+        (
+            ppl <= cfg.max_val_perplexity,
+            f"val perplexity {ppl:.3f} {'<=' if ppl <= cfg.max_val_perplexity else '>'} threshold {cfg.max_val_perplexity:.3f}",
+        )
+    )
+    needed = bigram * (1 - cfg.min_gain_over_bigram)
+    checks.append(
+        (
+            ppl <= needed,
+            f"val perplexity {ppl:.3f} {'<=' if ppl <= needed else '>'} {needed:.3f} (bigram {bigram:.3f} less {cfg.min_gain_over_bigram:.0%})",
+        )
+    )
+    if champion is None:
+        checks.append((True, "no champion yet: judged on the thresholds only"))
+    else:
+        best = champion["metrics"]["val_perplexity"]
+        allowed = best * (1 + cfg.champion_tolerance)
+        checks.append(
+            (
+                ppl <= allowed,
+                f"val perplexity {ppl:.3f} {'<=' if ppl <= allowed else '>'} {allowed:.3f} (champion {best:.3f} plus {cfg.champion_tolerance:.0%} tolerance)",
+            )
+        )
+    promote = all(ok for ok, _ in checks)
+    reasons = [("pass: " if ok else "FAIL: ") + text for ok, text in checks]
+    return Decision(promote, reasons, metrics, champion)
+
+
+def main() -> int:
+    """The DVC stage: metrics.json + the champion record in S3 -> artifacts/gate.json."""
+    from pipeline.registry import read_champion
+    from pipeline.storage import StorageError
+
+    try:
+        ws = Workspace.find()
+        params = load_params(ws.root)
+        metrics = json.loads((ws.eval_dir / "metrics.json").read_text())
+        champion = read_champion(params.storage, ws.state)
+    except (ConfigError, StorageError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    decision = decide(metrics, champion, params.gate)
+    tmp = ws.gate_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(decision), indent=2) + "\n")
+    os.replace(tmp, ws.gate_file)
+    print(f"gate: {'PROMOTE' if decision.promote else 'REJECT'}")
+    for reason in decision.reasons:
+        print(f"  {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
