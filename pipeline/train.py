@@ -376,7 +376,10 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
     bar.close()
 
     # DDP must leave every rank with the same weights; check it rather than trust it.
-    checksum = torch.tensor([float(sum(p.double().sum() for p in model.parameters()))], device=dist.device)
+    with torch.no_grad():
+        checksum = (
+            torch.stack([p.double().sum() for p in model.parameters()]).sum().reshape(1).to(dist.device)
+        )
     checksums = [torch.zeros_like(checksum) for _ in range(dist.world_size)]
     if dist.world_size > 1:
         torch.distributed.all_gather(checksums, checksum)

@@ -49,3 +49,80 @@ def s3_server(tmp_path_factory) -> S3Server:
     server.start()
     yield S3Server(cfg, state, server)
     server.stop()
+
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "preprocess.vocab_size=300",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "train.nproc_per_node=1",
+    "train.max_steps=10",
+    "train.batch_size=4",
+    "train.warmup_steps=2",
+    "train.eval_every=5",
+    "train.eval_batches=2",
+    "train.checkpoint_every=5",
+    "evaluate.max_windows=64",
+    "evaluate.max_new_tokens=5",
+    "evaluate.prompts=['the ', 'a model']",
+    "gate.max_val_perplexity=1000",
+]
+
+
+def synthetic_corpus(path: Path, docs: int = 200, seed: int = 0) -> Path:
+    """Pseudo-English with a small vocabulary and some structure, enough for a tiny model to learn."""
+    import json
+
+    rng = random.Random(seed)
+    words = "the a model data shard token train loss step value river stone light quick brown fox jumps over lazy dog".split()
+    path.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for _ in range(docs):
+        sentence = []
+        for _ in range(rng.randint(8, 16)):
+            sentence += ["the", rng.choice(words), rng.choice(words), "."]
+        lines.append(json.dumps({"text": " ".join(sentence)}))
+    (path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def lag2_corpus(path: Path, docs: int = 600, seed: int = 0) -> Path:
+    """Each word is (mostly) a fixed function of the word two back: a bigram cannot see that, a model can."""
+    import json
+
+    rng = random.Random(seed)
+    words = [w * 3 for w in "abcdefghijklmnopqrstuvwxyz"]  # distinct, one BPE token each after training
+    follow = {w: words[(i * 7 + 3) % len(words)] for i, w in enumerate(words)}
+    path.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for _ in range(docs):
+        seq = [rng.choice(words), rng.choice(words)]
+        while len(seq) < 60:
+            seq.append(follow[seq[-2]] if rng.random() < 0.9 else rng.choice(words))
+        lines.append(json.dumps({"text": " ".join(seq)}))
+    (path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def tiny_workspace(tmp_path, monkeypatch):
+    """A workspace with tiny params and preprocessed shards: what train/evaluate/gate start from."""
+    import shutil
+
+    from pipeline.config import Workspace, load_params, write_overrides
+    from pipeline.preprocess import preprocess
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    write_overrides(root, TINY)
+    monkeypatch.setenv("LMFORGE_ROOT", str(root))
+    ws = Workspace(root)
+    synthetic_corpus(ws.data)
+    params = load_params(root)
+    preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params)
+    return ws, params

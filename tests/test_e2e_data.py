@@ -22,7 +22,10 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import write_overrides
+from pipeline.registry import read_champion
 from pipeline.storage import s3_client
+
+from .conftest import TINY, lag2_corpus
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +70,14 @@ def workspace(tmp_path, s3_server, request):
             (ws / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, ws / rel)
     bucket = f"ws-{abs(hash(request.node.name)) % 10**8}-{random.Random().randint(0, 10**6)}"
-    write_overrides(ws, [f"storage.endpoint_url={s3_server.cfg.endpoint_url}", f"storage.bucket={bucket}"])
+    # tiny model and run, but real torchrun DDP with 2 processes; the preprocess vocab stays large enough
+    tiny = [o for o in TINY if not o.startswith("preprocess.vocab_size")] + [
+        "train.nproc_per_node=2",
+        "preprocess.vocab_size=1024",
+    ]
+    write_overrides(
+        ws, [f"storage.endpoint_url={s3_server.cfg.endpoint_url}", f"storage.bucket={bucket}", *tiny]
+    )
     git(ws, "init", "-q")
     git(ws, "add", "-A")
     git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "workspace")
@@ -127,10 +137,11 @@ def test_two_dataset_versions_round_trip_through_s3(workspace, s3_server, tmp_pa
     git(ws, "add", "data.dvc", "dvc.lock")
     git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "builtin")
 
-    # nothing changed: DVC skips every stage
+    # nothing changed: DVC skips every stage but the gate, whose champion lives outside DVC
     again = run([BIN / "dvc", "repro"], ws, env)
-    assert "Data and pipelines are up to date" in again.stdout
-    assert "Running stage" not in again.stdout
+    for stage in ("validate", "preprocess", "train", "evaluate"):
+        assert f"Stage '{stage}' didn't change, skipping" in again.stdout
+    assert "Running stage 'gate'" in again.stdout and "Running stage 'train'" not in again.stdout
 
     # a clean clone has no cache: it gets both versions back from S3, byte for byte
     clone = tmp_path / "clone"
@@ -138,7 +149,13 @@ def test_two_dataset_versions_round_trip_through_s3(workspace, s3_server, tmp_pa
     assert not (clone / ".dvc" / "cache").exists()
     run([lmforge, "up"], clone, env)
     run([BIN / "dvc", "pull"], clone, env)
-    for sub in ("data", "artifacts/shards", "artifacts/tokenizer"):
+    for sub in (
+        "data",
+        "artifacts/shards",
+        "artifacts/tokenizer",
+        "artifacts/model",
+        "artifacts/checkpoints",
+    ):
         cmp = filecmp.dircmp(ws / sub, clone / sub)
         assert not (cmp.diff_files or cmp.left_only or cmp.right_only), sub
         assert all(filecmp.cmp(ws / sub / f, clone / sub / f, shallow=False) for f in cmp.common_files)
@@ -284,8 +301,67 @@ def test_flow_reports_to_a_real_prefect_server(workspace, tmp_path):
         assert flow_run["state_type"] == "COMPLETED"
         tasks = api(f"{api_url}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
         names = {t["name"].rsplit("-", 1)[0] for t in tasks}
-        assert {"ingest", "dvc-repro", "push"} <= names
+        assert {"ingest", "dvc-repro", "push", "promote"} <= names
         assert all(t["state_type"] == "COMPLETED" for t in tasks)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_rejected_challenger_leaves_the_champion(workspace, s3_server, tmp_path):
+    ws, env, bucket = workspace
+    corpus = lag2_corpus(tmp_path / "good")
+    # enough steps for the tiny model to beat the bigram by the default margin on this text
+    write_overrides(
+        ws,
+        [
+            "train.max_steps=400",
+            "train.batch_size=16",
+            "train.lr=0.01",
+            "train.min_lr=0.001",
+            "model.n_embd=64",
+            "train.eval_every=100",
+            "train.checkpoint_every=100",
+        ],
+    )
+    first = run([BIN / "lmforge", "run", "--source", corpus], ws, env)
+    assert "gate          PROMOTED" in first.stdout
+    cfg = s3_server.cfg.model_copy(update={"bucket": bucket})
+    champion = read_champion(cfg, s3_server.state)
+    assert champion["model_url"] == summary_value(first.stdout, "model in S3") and champion[
+        "data_md5"
+    ].endswith(".dir")
+    # the same data and a gate that nothing can pass: trained again (params changed), rejected
+    second = run(
+        [
+            BIN / "lmforge",
+            "run",
+            "--source",
+            corpus,
+            "-p",
+            "gate.max_val_perplexity=1.01",
+            "-p",
+            "train.seed=7",
+        ],
+        ws,
+        env,
+    )
+    assert "gate          REJECTED" in second.stdout and "FAIL: val perplexity" in second.stdout
+    assert read_champion(cfg, s3_server.state) == champion
+    gate = json.loads((ws / "artifacts" / "gate.json").read_text())
+    assert gate["promote"] is False and gate["champion"] == champion
+
+
+@needs_shakespeare
+@pytest.mark.slow
+def test_demo_profile_on_tinyshakespeare_beats_the_bigram(workspace, s3_server):
+    """The real demo sizes (about 3 minutes of 2-process training) on a corpus nobody here wrote."""
+    ws, env, bucket = workspace
+    (ws / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    write_overrides(ws, [f"storage.endpoint_url={s3_server.cfg.endpoint_url}", f"storage.bucket={bucket}"])
+    result = run([BIN / "lmforge", "run", "--source", SHAKESPEARE], ws, env, timeout=1200)
+    metrics = json.loads((ws / "artifacts" / "eval" / "metrics.json").read_text())
+    assert metrics["val_perplexity"] < 0.8 * metrics["bigram_val_perplexity"], metrics
+    assert "gate          PROMOTED" in result.stdout
+    assert (ws / "artifacts" / "eval" / "loss_curve.png").is_file()
+    print(json.dumps(metrics, indent=2))

@@ -1,0 +1,91 @@
+"""Evaluation (baseline math by hand, the real stage on a tiny model), the gate, and the champion registry."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import GateConfig
+from pipeline.evaluate import NGramBaseline, evaluate
+from pipeline.gate import decide
+from pipeline.registry import champion_record, promote, read_champion
+from pipeline.train import train
+
+
+def test_ngram_baselines_match_hand_computation():
+    # train: 0 1 0 1 0 2 ; vocab 3 ; k = 1
+    baseline = NGramBaseline([np.array([0, 1, 0, 1, 0, 2])], vocab_size=3, k=1.0)
+    # unigram counts 3,2,1 of 6 -> p = (c+1)/(6+3)
+    assert baseline.unigram_nll(np.array([0, 1, 2])) == pytest.approx(-np.log([4 / 9, 3 / 9, 2 / 9]))
+    # bigram pairs: (0,1) x2, (1,0) x2, (0,2) x1; as predecessor 0 occurs 3 times, 1 twice, 2 never
+    got = baseline.bigram_nll(np.array([0, 0, 1, 2]), np.array([1, 0, 0, 1]))
+    assert got == pytest.approx(-np.log([(2 + 1) / (3 + 3), (0 + 1) / (3 + 3), (2 + 1) / (2 + 3), 1 / 3]))
+    # window [0 1 0 2]: predicted targets 1, 0, 2 after 0, 1, 0
+    ppl = baseline.perplexities(torch.tensor([[0, 1, 0, 2]]))
+    assert ppl["unigram"] == pytest.approx(math.exp(-np.log([3 / 9, 4 / 9, 2 / 9]).mean()))
+    assert ppl["bigram"] == pytest.approx(math.exp(-np.log([3 / 6, 3 / 5, 2 / 6]).mean()))
+
+
+def test_evaluate_stage_on_a_tiny_model(tiny_workspace):
+    ws, params = tiny_workspace
+    train(params, ws)
+    metrics = evaluate(params, ws)
+    for split in ("val", "test"):
+        assert metrics[f"{split}_perplexity"] == pytest.approx(math.exp(metrics[f"{split}_loss"]), rel=1e-3)
+        assert 1 < metrics[f"{split}_perplexity"] < 300  # better than uniform over 300 tokens
+        assert metrics[f"bigram_{split}_perplexity"] < metrics[f"unigram_{split}_perplexity"]
+    assert metrics["eval_tokens_per_s"] > 0 and metrics["train_steps"] == 10
+    assert json.loads((ws.eval_dir / "metrics.json").read_text()) == metrics
+    samples = json.loads((ws.eval_dir / "samples.json").read_text())
+    assert [s["prompt"] for s in samples] == ["the ", "a model"] and all(
+        s["greedy"] and s["sampled"] for s in samples
+    )
+    assert (ws.eval_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = json.loads((ws.eval_dir / "loss_curve.json").read_text())
+    assert [p["step"] for p in points] == list(range(1, 11)) and "val_loss" in points[4]
+
+
+METRICS = {"val_perplexity": 20.0, "bigram_val_perplexity": 30.0}
+GATE = GateConfig(max_val_perplexity=100, min_gain_over_bigram=0.1, champion_tolerance=0.02)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "champion", "promote", "failing"),
+    [
+        (METRICS, None, True, None),
+        ({"val_perplexity": 120.0, "bigram_val_perplexity": 300.0}, None, False, "threshold 100.000"),
+        ({"val_perplexity": 28.0, "bigram_val_perplexity": 30.0}, None, False, "bigram 30.000 less 10%"),
+        (METRICS, {"metrics": {"val_perplexity": 19.8}}, True, None),  # worse, but within 2%
+        (METRICS, {"metrics": {"val_perplexity": 18.0}}, False, "champion 18.000 plus 2% tolerance"),
+        (METRICS, {"metrics": {"val_perplexity": 25.0}}, True, None),
+    ],
+)
+def test_gate_decisions(metrics, champion, promote, failing):
+    decision = decide(metrics, champion, GATE)
+    assert decision.promote is promote
+    assert len(decision.reasons) == 3
+    failed = [r for r in decision.reasons if r.startswith("FAIL")]
+    assert (failed == []) if failing is None else (len(failed) == 1 and failing in failed[0])
+    if champion is None:
+        assert "no champion yet" in decision.reasons[-1]
+
+
+def test_champion_record_in_s3(s3_server, tiny_workspace):
+    ws, params = tiny_workspace
+    cfg = s3_server.cfg.model_copy(update={"registry_prefix": "registry-test"})
+    assert read_champion(cfg, s3_server.state) is None
+    params = params.model_copy(update={"storage": cfg})
+    record = champion_record(ws, params, METRICS, "ab" * 16 + ".dir", "cd" * 16 + ".dir")
+    written = promote(record, cfg, s3_server.state)
+    assert read_champion(cfg, s3_server.state) == written
+    assert (
+        written["model_url"] == f"s3://{cfg.bucket}/dvc/files/md5/ab/{'ab' * 15}.dir"
+        and written["promoted_at"]
+    )
+    # a rejected challenger is judged against it and leaves it alone
+    decision = decide(
+        {"val_perplexity": 50.0, "bigram_val_perplexity": 60.0}, read_champion(cfg, s3_server.state), GATE
+    )
+    assert not decision.promote and read_champion(cfg, s3_server.state) == written
