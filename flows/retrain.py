@@ -33,6 +33,13 @@ def _log_line(line: str) -> None:
         get_run_logger().info(line)
 
 
+@task(name="check-storage")
+def storage_check_task(params: Params, ws: Workspace) -> None:
+    from pipeline.storage import check_storage
+
+    check_storage(params.storage, ws.state)
+
+
 @task(
     name="ingest", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on(StorageError, OSError)
 )
@@ -80,6 +87,7 @@ def promote_task(ws: Workspace, params: Params, data_md5: str) -> dict:
 def retrain(source: str | None = None, root: str | None = None) -> dict:
     ws = Workspace(Path(root)) if root else Workspace.find()
     params = load_params(ws.root)
+    storage_check_task(params, ws)
     md5 = ingest_task(source or params.ingest.source, ws, params)
     repro_task(DVC_STAGES, ws)
     push_task(ws, params)

@@ -31,6 +31,7 @@ class StorageConfig(Section):
     bucket: str = Field("lmforge", pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
     dvc_prefix: str = Field("dvc", min_length=1)
     registry_prefix: str = Field("registry", min_length=1)
+    bentos_prefix: str = Field("bentos", min_length=1)
     endpoint_url: str | None = "http://127.0.0.1:8333"
     region: str = "us-east-1"
     embedded: bool = True
@@ -168,6 +169,25 @@ class GateConfig(Section):
     champion_tolerance: float = Field(0.02, ge=0)
 
 
+class ServeConfig(Section):
+    model_name: str = Field("lmforge-lm", pattern=r"^[a-z0-9][a-z0-9_.\-]{0,62}$")
+    host: str = "127.0.0.1"
+    port: int = Field(3000, ge=1, le=65535)
+    max_new_tokens_cap: int = Field(256, ge=1)
+    default_max_new_tokens: int = Field(64, ge=1)
+    max_batch_size: int = Field(16, ge=1, le=256)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> ServeConfig:
+        if self.default_max_new_tokens > self.max_new_tokens_cap:
+            raise ValueError(
+                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds max_new_tokens_cap "
+                f"({self.max_new_tokens_cap})"
+            )
+        return self
+
+
 class Params(Section):
     profile: str = "demo"
     storage: StorageConfig = StorageConfig()
@@ -178,6 +198,7 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +390,10 @@ class Workspace:
     @property
     def gate_file(self) -> Path:
         return self.artifacts / "gate.json"
+
+    @property
+    def package_dir(self) -> Path:
+        return self.artifacts / "package"
 
     @property
     def state(self) -> Path:

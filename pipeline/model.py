@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 from pipeline.config import ConfigError, ModelConfig, Params, Workspace
+from pipeline.generation import context_length
 
 
 def resolve_base(base: str, ws: Workspace, params: Params) -> Path:
@@ -46,11 +47,6 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int, base_dir: 
         bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
     )  # fmt: skip
     return GPT2LMHeadModel(config)  # transformers 5 picks SDPA attention by default
-
-
-def context_length(model) -> int:
-    config = model.config
-    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0) or 0)
 
 
 def load_model(model_dir: Path):

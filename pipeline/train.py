@@ -58,8 +58,31 @@ def setup_distributed(threads_per_rank: int) -> Dist:
         torch.set_num_threads(threads_per_rank)
         backend = "gloo"
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
+        torch.distributed.init_process_group(
+            backend=backend,
+            store=attempt_store(rank, world),
+            rank=rank,
+            world_size=world,
+            device_id=device if backend == "nccl" else None,
+        )
     return Dist(rank, local_rank, world, device)
+
+
+def attempt_store(rank: int, world_size: int):
+    """torchrun's agent store, with keys of its own for this restart attempt.
+
+    torchrun keeps one agent store across restarts, and gloo publishes each rank's address under a fixed
+    key: a restarted rank could read its peer's address from the dead attempt and wait on it forever
+    (seen here: both ranks stuck in gloo's connectFullMesh). A prefix per attempt keeps them apart.
+    """
+    from torch.distributed import PrefixStore, TCPStore
+
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    base = TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=rank == 0 and not agent_hosts_it, multi_tenant=not agent_hosts_it,
+    )  # fmt: skip
+    return PrefixStore(f"lmforge/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 
 def autocast_for(device: torch.device):

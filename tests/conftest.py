@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import StorageConfig
-from pipeline.storage import PORT_OFFSETS, EmbeddedS3, port_is_free
+from pipeline.storage import (
+    PORT_OFFSETS,
+    Credentials,
+    EmbeddedS3,
+    StorageError,
+    ensure_embedded_credentials,
+    port_is_free,
+)
 
 # Set before anything imports prefect, transformers or bentoml.
 os.environ.update(
@@ -22,10 +30,13 @@ os.environ.update(
     GX_ANALYTICS_ENABLED="false",
     TOKENIZERS_PARALLELISM="false",
 )
+# The developer's own AWS keys would win over the test server's (see resolve_credentials).
+for _var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+    os.environ.pop(_var, None)
 
 
 def free_port_block(size: int = len(PORT_OFFSETS)) -> int:
-    """The first port of `size` consecutive free loopback ports."""
+    """The first port of `size` consecutive free loopback ports, at a random place in 20000-60000."""
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(20000, 60000 - size)
@@ -36,19 +47,35 @@ def free_port_block(size: int = len(PORT_OFFSETS)) -> int:
 
 @dataclass
 class S3Server:
-    cfg: StorageConfig
-    state: Path
+    cfg: StorageConfig  # endpoint_url on its own free ports, bucket already created
+    state: Path  # pass as `state` to the pipeline.storage helpers, or as LMFORGE_STATE_DIR
+    creds: Credentials
     server: EmbeddedS3
 
 
+def start_embedded_s3(state: Path, bucket: str = "lmforge-test", attempts: int = 3) -> EmbeddedS3:
+    """A started server on a fresh port block (another block if a port was taken in between)."""
+    for attempt in range(attempts):
+        cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port_block()}", bucket=bucket)
+        server = EmbeddedS3(cfg, state)
+        try:
+            server.start()
+            return server
+        except StorageError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> S3Server:
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """One real SeaweedFS for the session, on loopback; stopped (no process left) at the end."""
     state = tmp_path_factory.mktemp("lmforge-state")
-    cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port_block()}", bucket="lmforge-test")
-    server = EmbeddedS3(cfg, state)
-    server.start()
-    yield S3Server(cfg, state, server)
-    server.stop()
+    server = start_embedded_s3(state)
+    try:
+        yield S3Server(server.cfg, state, ensure_embedded_credentials(state), server)
+    finally:
+        server.stop()
 
 
 REPO = Path(__file__).resolve().parents[1]

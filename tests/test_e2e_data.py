@@ -365,3 +365,26 @@ def test_demo_profile_on_tinyshakespeare_beats_the_bigram(workspace, s3_server):
     assert "gate          PROMOTED" in result.stdout
     assert (ws / "artifacts" / "eval" / "loss_curve.png").is_file()
     print(json.dumps(metrics, indent=2))
+
+
+def test_run_with_s3_down_fails_fast_and_changes_nothing(workspace, tmp_path):
+    ws, env, _ = workspace
+    dead = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    result = run(
+        [
+            BIN / "lmforge",
+            "run",
+            "--source",
+            words_corpus(tmp_path / "good"),
+            "-p",
+            f"storage.endpoint_url={dead}",
+        ],
+        ws,
+        env,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert f"S3 endpoint {dead} is not reachable" in result.stdout + result.stderr
+    assert time.monotonic() - start < 90
+    assert not (ws / "data").exists() and not (ws / "data.dvc").exists()

@@ -1,0 +1,263 @@
+"""Generation: batched decoding with a KV cache, shared by the service, `lmforge generate` and the bench.
+
+One engine thread owns the model. Requests queue up; the thread takes every waiting request (up to
+max_batch_size), left-pads their prompts into one batch, prefills once and decodes all rows together,
+one forward pass per token for the whole batch. On a CPU a forward pass over 16 rows costs little more
+than over one, so aggregate throughput grows with concurrency. Each row keeps its own sampling settings,
+seed, stop strings and token budget; text streams out per row as it is decoded.
+
+This module imports no lmforge config: it travels inside the Bento on its own.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+
+class GenerationError(ValueError):
+    """A request the model cannot serve as asked (too long, bad settings); the message says why."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+
+# A stream yields text deltas, then one Completion at the end.
+Event = str | Completion | BaseException
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class _Row:
+    """Decoding state of one request inside a batch."""
+
+    def __init__(self, request: _Request, tokenizer, budget: int):
+        self.request, self.tokenizer = request, tokenizer
+        self.params = request.params
+        self.budget = budget  # new tokens allowed: max_new_tokens, cut to what the context holds
+        self.ids: list[int] = []
+        self.sent = 0  # characters of text already emitted
+        self.text = ""
+        self.finish: str | None = None
+        self.generator = None
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+        # text that could still become a stop string is held back until it cannot
+        self.holdback = max((len(s) for s in self.params.stop), default=1) - 1
+
+    def push(self, token: int, eos_id: int | None) -> None:
+        if token == eos_id:
+            self.finish = "stop"
+            return
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for stop in self.params.stop:
+            cut = self.text.find(stop)
+            if cut != -1:
+                self.text, self.finish = self.text[:cut], "stop"
+                break
+        if self.finish is None and len(self.ids) >= self.budget:
+            self.finish = "length"
+
+    def flush(self) -> None:
+        """Emit the text that is final: all of it when done, else all but a possible stop string's
+        start and an unfinished multi-byte character."""
+        end = len(self.text) if self.finish else len(self.text) - self.holdback
+        if not self.finish:
+            while end > self.sent and self.text[end - 1] == "\ufffd":
+                end -= 1
+        if end > self.sent:
+            self.request.emit(self.text[self.sent : end])
+            self.sent = end
+        if self.finish:
+            self.request.emit(
+                Completion(self.text, len(self.request.prompt_ids), len(self.ids), self.finish)
+            )
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator) -> int:
+    """One token from one row's logits: greedy at temperature 0, else temperature, top-k, top-p."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Engine:
+    """Owns the model; `stream()` and `complete()` are safe to call from any thread."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 16, batch_wait_s: float = 0.005):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.context = context_length(model)
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.queue: queue.Queue[_Request] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
+        self.thread.start()
+
+    # -- the public side --------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise GenerationError("prompt: must not be empty")
+        if len(prompt_ids) >= self.context:
+            raise GenerationError(
+                f"prompt: {len(prompt_ids)} tokens, but the model's context is {self.context} tokens "
+                f"(the prompt must leave room for at least one new token)"
+            )
+        if params.max_new_tokens < 1:
+            raise GenerationError("max_new_tokens: must be at least 1")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Event], None]):
+        """Queue one request; emit() gets text deltas, then a Completion (or an exception)."""
+        self.check(prompt_ids, params)
+        request = _Request(list(prompt_ids), params, emit)
+        self.queue.put(request)
+        return request
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[Event]:
+        """Blocking iterator of text deltas then the Completion, for callers without an event loop."""
+        events: queue.Queue[Event] = queue.Queue()
+        request = self.submit(self.encode(prompt), params, events.put)
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, BaseException):
+                    raise event
+                yield event
+                if isinstance(event, Completion):
+                    return
+        finally:
+            request.cancelled.set()
+
+    def complete(self, prompt: str, params: SamplingParams) -> Completion:
+        for event in self.stream(prompt, params):
+            if isinstance(event, Completion):
+                return event
+        raise RuntimeError("the engine ended a request without a result")
+
+    # -- the engine thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            deadline = self.batch_wait_s
+            while len(batch) < self.max_batch_size:
+                try:  # a short wait lets requests that arrive together share a batch
+                    batch.append(self.queue.get(timeout=deadline))
+                    deadline = 0.0005
+                except queue.Empty:
+                    break
+            batch = [r for r in batch if not r.cancelled.is_set()]
+            if not batch:
+                continue
+            try:
+                self._run(batch)
+            except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the engine
+                for request in batch:
+                    request.emit(exc)
+
+    @torch.inference_mode()
+    def _run(self, batch: list[_Request]) -> None:
+        rows = [
+            _Row(r, self.tokenizer, min(r.params.max_new_tokens, self.context - len(r.prompt_ids)))
+            for r in batch
+        ]
+        width = max(len(r.prompt_ids) for r in batch)
+        # Left padding: every row's last prompt token sits in the last column, so one step decodes all.
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        next_pos = positions[:, -1:] + 1
+        while True:
+            tokens = []
+            for i, row in enumerate(rows):
+                if row.finish is None and row.request.cancelled.is_set():
+                    row.finish = "cancelled"
+                if row.finish is None:
+                    token = sample_next(logits[i], row.params, row.generator)
+                    row.push(token, self.eos_id)
+                    row.flush()
+                    tokens.append(token)
+                else:
+                    tokens.append(self.pad_id)  # a finished row rides along until the batch ends
+            if all(row.finish for row in rows):
+                return
+            step = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+            mask = torch.cat([mask, torch.ones_like(step)], dim=1)
+            out = self.model(
+                input_ids=step, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1, :]
+            # finished rows keep counting; clamp them so they never index past the position table
+            next_pos = (next_pos + 1).clamp(max=self.context - 1)
+
+
+def context_length(model) -> int:
+    """Tokens the model can attend over (GPT-2: n_positions; most others: max_position_embeddings)."""
+    config = model.config
+    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0) or 0)
+
+
+def load_engine(model_dir, max_batch_size: int = 16, threads: int | None = None) -> Engine:
+    """Model and tokenizer from a Hugging Face directory (safetensors only), on the GPU if there is one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return Engine(model, tokenizer, max_batch_size=max_batch_size)

@@ -1,0 +1,195 @@
+"""Package: a model that passed the gate -> the BentoML model store -> a Bento -> S3.
+
+The model goes into the store with its lineage as labels (data md5, git sha, params hash, metrics, the
+gate decision). `bentofile.yaml` then builds the Bento from a clean build context holding only the
+service code and the model card, with the serving limits from params as Bento arguments, so the Bento
+serves the same way anywhere. `publish` exports it to s3://<bucket>/<bentos_prefix>/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from contextlib import chdir
+from pathlib import Path
+
+from pipeline.config import Params, Workspace
+
+SERVICE_FILES = ["pipeline/__init__.py", "pipeline/service.py", "pipeline/generation.py"]
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+class PackageError(RuntimeError):
+    """Packaging refused or failed; the message says why."""
+
+
+def use_bentoml_home(state: Path) -> None:
+    """Keep BentoML's stores under the workspace state dir, and BentoML quiet. Call before importing it."""
+    os.environ.setdefault("BENTOML_HOME", str(state / "bentoml"))
+    os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+
+def params_hash(params: Params) -> str:
+    """What was trained and how: the params that shape the model (not where things are stored)."""
+    payload = params.model_dump(include={"profile", "preprocess", "model", "train", "evaluate", "gate"})
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def lineage(ws: Workspace, params: Params, decision: dict, data_md5: str | None) -> dict[str, str]:
+    """The labels a model and its Bento carry (BentoML labels are strings)."""
+    from pipeline.registry import git_sha
+
+    metrics = decision["challenger"]
+    return {
+        "data_md5": str(data_md5),
+        "git_sha": str(git_sha(ws.root)),
+        "params_hash": params_hash(params),
+        "profile": params.profile,
+        "val_perplexity": f"{metrics['val_perplexity']:.4f}",
+        "test_perplexity": f"{metrics['test_perplexity']:.4f}",
+        "bigram_val_perplexity": f"{metrics['bigram_val_perplexity']:.4f}",
+        "gate": "promote" if decision["promote"] else "reject",
+    }
+
+
+def model_card(params: Params, labels: dict[str, str], decision: dict) -> str:
+    m = decision["challenger"]
+    reasons = "\n".join(f"- {r}" for r in decision["reasons"])
+    mc, tc = params.model, params.train
+    return f"""# {params.serve.model_name}
+
+A small causal language model trained by lmforge.
+
+## Data
+- Dataset version (DVC md5 of `data/`): `{labels["data_md5"]}`
+- Code: git `{labels["git_sha"]}`; params hash `{labels["params_hash"]}` (profile `{params.profile}`)
+
+## Training
+- Architecture: {"fine-tuned from " + str(mc.base) if mc.base else f"GPT-2 style, {mc.n_layer} layers, {mc.n_head} heads, width {mc.n_embd}"}; context {mc.block_size} tokens
+- {m.get("train_parameters", "?"):,} parameters; {tc.max_steps} steps of AdamW (lr {tc.lr}, cosine to {tc.min_lr}),
+  batch {tc.batch_size} x {tc.grad_accum} accumulation x {m.get("train_world_size", tc.nproc_per_node)} processes
+
+## Metrics (lower is better)
+| | val perplexity | test perplexity |
+|---|---|---|
+| this model | {m["val_perplexity"]:.2f} | {m["test_perplexity"]:.2f} |
+| bigram baseline | {m["bigram_val_perplexity"]:.2f} | {m.get("bigram_test_perplexity", float("nan")):.2f} |
+| unigram baseline | {m["unigram_val_perplexity"]:.2f} | {m.get("unigram_test_perplexity", float("nan")):.2f} |
+
+## Gate
+{reasons}
+
+## Intended use and limits
+- For demonstrations, tests and as a template for a scheduled retraining pipeline.
+- It is small and trained on a narrow corpus: expect fluent-looking but often meaningless text. Do not use
+  its output for facts, advice or decisions. It has no safety tuning and may repeat its training data.
+- Context is {mc.block_size} tokens: prompts and completions beyond that are refused or cut.
+"""
+
+
+def _build_context(ws: Workspace, card: str) -> Path:
+    """A directory with bentofile.yaml, the service code and the model card: what the Bento contains."""
+    ctx = Path(tempfile.mkdtemp(prefix="lmforge-bento-"))
+    bentofile = ws.root / "bentofile.yaml"
+    shutil.copy(bentofile if bentofile.is_file() else SOURCE_ROOT / "bentofile.yaml", ctx / "bentofile.yaml")
+    for rel in SERVICE_FILES:
+        (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SOURCE_ROOT / rel, ctx / rel)
+    (ctx / "MODEL_CARD.md").write_text(card)
+    return ctx
+
+
+def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
+    """Store the gated model and build its Bento; refuses a model the gate rejected."""
+    if not ws.gate_file.is_file():
+        raise PackageError(f"{ws.gate_file} is missing: run the gate first")
+    decision = json.loads(ws.gate_file.read_text())
+    if not decision.get("promote"):
+        raise PackageError("the gate rejected this model: it is not packaged")
+    if not (ws.model_dir / "model.safetensors").is_file():
+        raise PackageError(f"{ws.model_dir} holds no model.safetensors: run the train stage first")
+    use_bentoml_home(ws.state)
+    import bentoml
+
+    labels = lineage(ws, params, decision, data_md5)
+    metadata = {"metrics": decision["challenger"], "gate_reasons": decision["reasons"]}
+    with bentoml.models.create(params.serve.model_name, labels=labels, metadata=metadata) as stored:
+        for item in ws.model_dir.iterdir():
+            if item.is_file():
+                shutil.copy(item, Path(stored.path) / item.name)
+    card = model_card(params, labels, decision)
+    ctx = _build_context(ws, card)
+    serve = params.serve
+    try:
+        with chdir(ctx):  # bentofile's "file: ./MODEL_CARD.md" is read relative to the cwd
+            bento = bentoml.bentos.build_bentofile(
+                str(ctx / "bentofile.yaml"),
+                build_ctx=str(ctx),
+                labels=labels | {"model_tag": str(stored.tag)},
+                args={
+                    "model_tag": str(stored.tag),
+                    "max_new_tokens_cap": serve.max_new_tokens_cap,
+                    "default_max_new_tokens": serve.default_max_new_tokens,
+                    "max_batch_size": serve.max_batch_size,
+                    "max_body_bytes": serve.max_body_bytes,
+                },
+            )
+    except Exception as exc:  # noqa: BLE001 - BentoML raises many kinds; the model entry is undone below
+        bentoml.models.delete(stored.tag)
+        raise PackageError(f"bentoml build failed: {exc}") from exc
+    finally:
+        shutil.rmtree(ctx, ignore_errors=True)
+    result = {
+        "bento_tag": str(bento.tag),
+        "model_tag": str(stored.tag),
+        "bento_path": str(bento.path),
+        "dockerfile": str(Path(bento.path) / "env" / "docker" / "Dockerfile"),
+        "labels": labels,
+    }
+    ws.package_dir.mkdir(parents=True, exist_ok=True)
+    (ws.package_dir / "bento.json").write_text(json.dumps(result, indent=2) + "\n")
+    (ws.package_dir / "MODEL_CARD.md").write_text(card)
+    return result
+
+
+def publish(ws: Workspace, params: Params, bento_tag: str) -> str:
+    """Export the Bento to s3://<bucket>/<bentos_prefix>/<name>-<version>.bento; returns that URI."""
+    use_bentoml_home(ws.state)
+    import bentoml
+
+    from pipeline.storage import upload_file
+
+    name = bento_tag.replace(":", "-") + ".bento"
+    with tempfile.TemporaryDirectory(prefix="lmforge-export-") as tmp:
+        path = bentoml.export_bento(bento_tag, str(Path(tmp) / name))
+        return upload_file(params.storage, ws.state, f"{params.storage.bentos_prefix.strip('/')}/{name}", Path(path))
+
+
+def ensure_local_bento(ws: Workspace, params: Params, bento_tag: str, bento_url: str | None) -> None:
+    """Import the Bento from S3 when this machine's store does not have it (a fresh clone, a rollback)."""
+    use_bentoml_home(ws.state)
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        bentoml.get(bento_tag)
+        return
+    except NotFound:
+        if not bento_url:
+            raise PackageError(f"Bento {bento_tag} is not in the local store and has no S3 copy") from None
+    from pipeline.storage import download_prefix
+
+    with tempfile.TemporaryDirectory(prefix="lmforge-import-") as tmp:
+        (path,) = download_prefix(bento_url, Path(tmp), params.storage, ws.state)
+        bentoml.import_bento(str(path))
+
+
+def docker_engine_available() -> bool:
+    if not shutil.which("docker"):
+        return False
+    probe = subprocess.run(["docker", "info"], capture_output=True, timeout=20)
+    return probe.returncode == 0

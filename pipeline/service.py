@@ -1,0 +1,357 @@
+"""The Bento service: `POST /generate`, OpenAI-compatible `POST /v1/completions` and `GET /v1/models`.
+
+BentoML 1.4 provides /readyz, /livez and Prometheus /metrics. Each worker loads the model once (from
+the BentoML model store, safetensors only) into a batching Engine (pipeline/generation.py), so
+concurrent requests share forward passes. Bad input gets a 4xx with a message; never a 5xx.
+
+The serving limits come from the Bento's build arguments (see pipeline/package.py), so a Bento carries
+its own settings: `bentoml serve lmforge:<version>` needs nothing else from the workspace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import bentoml
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.generation import Completion, Engine, GenerationError, SamplingParams, load_engine
+
+ARGS = bentoml.use_arguments()
+MODEL_TAG = str(getattr(ARGS, "model_tag", None) or os.environ.get("LMFORGE_MODEL_TAG", "lmforge-lm:latest"))
+MAX_NEW_TOKENS_CAP = int(getattr(ARGS, "max_new_tokens_cap", 256))
+DEFAULT_MAX_NEW_TOKENS = int(getattr(ARGS, "default_max_new_tokens", 64))
+MAX_BATCH_SIZE = int(getattr(ARGS, "max_batch_size", 16))
+MAX_BODY_BYTES = int(getattr(ARGS, "max_body_bytes", 1 << 20))
+MAX_STOP_STRINGS = 4
+
+Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+
+
+def _check_stop(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+    if any(not s for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return stops
+
+
+def _check_max_tokens(value: int) -> int:
+    if value > MAX_NEW_TOKENS_CAP:
+        raise ValueError(f"at most {MAX_NEW_TOKENS_CAP} new tokens per request (got {value})")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# request bodies
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
+    temperature: Temperature = 0.8
+    top_p: TopP = 1.0
+    top_k: int = Field(0, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] | str | None = None
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _cap(cls, value: int) -> int:
+        return _check_max_tokens(value)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        return _check_stop(value)
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI's /v1/completions body. Fields a client may send but this server cannot honour are
+    rejected by name rather than silently ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
+    n: int = Field(1, ge=1, le=16)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    presence_penalty: float = Field(0.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, allow_inf_nan=False)
+    user: str | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _cap(cls, value: int) -> int:
+        return _check_max_tokens(value)
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> list[str]:
+        return _check_stop(value)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompts_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        prompts = [value] if isinstance(value, str) else value
+        if not prompts or any(not p for p in prompts):
+            raise ValueError("prompt must not be empty")
+        if len(prompts) > 16:
+            raise ValueError("at most 16 prompts per request")
+        return value
+
+    def unsupported(self) -> str | None:
+        if self.logprobs:
+            return "logprobs is not supported"
+        if self.suffix:
+            return "suffix is not supported"
+        if self.best_of not in (None, self.n):
+            return "best_of is not supported"
+        if self.presence_penalty or self.frequency_penalty:
+            return "presence_penalty and frequency_penalty are not supported"
+        if self.n * (1 if isinstance(self.prompt, str) else len(self.prompt)) > MAX_BATCH_SIZE:
+            return f"n x prompts must be at most {MAX_BATCH_SIZE}"
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the body-size limit: a pure ASGI middleware, so it guards every route, mounted apps included
+
+
+class BodyLimit:
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._reject(send)
+        # Read the body now (at most max_bytes, so a chunked body cannot grow without bound), then
+        # replay it; later receive() calls still report a client disconnect.
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._reject(send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _reject(self, send) -> None:
+        payload = _error_body(f"request body larger than {self.max_bytes} bytes", "request_too_large")
+        await send(
+            {"type": "http.response.start", "status": 413,
+             "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]}
+        )  # fmt: skip
+        await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
+
+
+def _error_body(message: str, code: str = "invalid_request", param: str | None = None) -> dict:
+    """OpenAI's error shape, also used by /generate's own errors."""
+    return {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------------
+# the OpenAI-compatible app, mounted at /v1
+
+openai_app = FastAPI(title="lmforge OpenAI-compatible API")
+
+
+@openai_app.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse(_error_body("the request body is not valid JSON"), status_code=400)
+    first = errors[0] if errors else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors
+    )
+    return JSONResponse(_error_body(message or "invalid request", param=param), status_code=400)
+
+
+@openai_app.exception_handler(GenerationError)
+async def _cannot_generate(request: Request, exc: GenerationError) -> JSONResponse:
+    return JSONResponse(_error_body(str(exc)), status_code=400)
+
+
+async def _events(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Any]:
+    """The engine's events for one request, on this event loop; cancels the request if abandoned."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    request = engine.submit(prompt_ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+    try:
+        while True:
+            event = await events.get()
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+            if isinstance(event, Completion):
+                return
+    finally:
+        request.cancelled.set()
+
+
+@bentoml.asgi_app(openai_app, path="/v1")
+@bentoml.service(name="lmforge", traffic={"timeout": 300}, workers=1)
+class LMForge:
+    model_ref = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __init__(self) -> None:
+        stored = self.model_ref
+        self.tag = str(stored.tag)
+        self.labels = dict(stored.info.labels)
+        self.metadata = dict(stored.info.metadata)
+        self.engine = load_engine(stored.path, max_batch_size=MAX_BATCH_SIZE, threads=os.cpu_count())
+        self.created = int(time.time())
+
+    def _prepare(self, prompt: str, params: SamplingParams) -> list[int]:
+        ids = self.engine.encode(prompt)
+        self.engine.check(ids, params)
+        return ids
+
+    async def _complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        async for event in _events(self.engine, prompt_ids, params):
+            if isinstance(event, Completion):
+                return event
+        raise RuntimeError("the engine ended a request without a result")
+
+    @bentoml.api(route="/generate")
+    async def generate(self, request: GenerateRequest, /) -> dict:
+        """Generate a continuation of the prompt."""
+        params = SamplingParams(
+            max_new_tokens=request.max_new_tokens, temperature=request.temperature, top_p=request.top_p,
+            top_k=request.top_k, seed=request.seed, stop=request.stop,
+        )  # fmt: skip
+        try:
+            ids = self._prepare(request.prompt, params)
+        except GenerationError as exc:
+            raise bentoml.exceptions.InvalidArgument(str(exc)) from None
+        done = await self._complete(ids, params)
+        return {
+            "text": done.text,
+            "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "model": self.tag,
+        }
+
+    @openai_app.get("/models")
+    async def models(self) -> dict:
+        card = {"id": self.tag, "object": "model", "created": self.created, "owned_by": "lmforge"}
+        return {"object": "list", "data": [card | {"lineage": self.labels}]}
+
+    @openai_app.post("/completions")
+    async def completions(self, body: CompletionRequest):
+        if problem := body.unsupported():
+            return JSONResponse(_error_body(problem), status_code=400)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        jobs = []  # (choice index, prompt, prompt ids, params)
+        for p, prompt in enumerate(prompts):
+            for k in range(body.n):
+                params = SamplingParams(
+                    max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                    seed=None if body.seed is None else body.seed + k, stop=body.stop,
+                )  # fmt: skip
+                jobs.append((p * body.n + k, prompt, self._prepare(prompt, params), params))
+        completion_id = f"cmpl-{uuid.uuid4().hex}"
+        head = {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": self.tag}
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(
+                self._stream(jobs, head, body.echo, include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        results = await asyncio.gather(*(self._complete(ids, params) for _, _, ids, params in jobs))
+        choices = [
+            {"index": index, "text": (prompt if body.echo else "") + done.text, "logprobs": None,
+             "finish_reason": done.finish_reason}
+            for (index, prompt, _, _), done in zip(jobs, results, strict=True)
+        ]  # fmt: skip
+        return head | {"choices": choices, "usage": _usage(results)}
+
+    async def _stream(self, jobs, head: dict, echo: bool, include_usage: bool) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, every choice interleaved, then [DONE]."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, prompt: str, ids: list[int], params: SamplingParams) -> None:
+            try:
+                if echo:
+                    await merged.put((index, prompt))
+                async for event in _events(self.engine, ids, params):
+                    await merged.put((index, event))
+            except Exception as exc:  # noqa: BLE001 - reported in the stream, not as a dropped socket
+                await merged.put((index, exc))
+
+        tasks = [asyncio.create_task(pump(*job)) for job in jobs]
+        finished: list[Completion] = []
+        try:
+            while len(finished) < len(jobs):
+                index, event = await merged.get()
+                if isinstance(event, BaseException):
+                    yield _sse(_error_body(f"generation failed: {event}", "generation_error"))
+                    finished.append(Completion("", 0, 0, "error"))
+                    continue
+                if isinstance(event, Completion):
+                    finished.append(event)
+                    choice = {"index": index, "text": "", "logprobs": None, "finish_reason": event.finish_reason}
+                else:
+                    choice = {"index": index, "text": event, "logprobs": None, "finish_reason": None}
+                yield _sse(head | {"choices": [choice]})
+            if include_usage:
+                yield _sse(head | {"choices": [], "usage": _usage(finished)})
+            yield "data: [DONE]\n\n"
+        finally:
+            for task in tasks:
+                task.cancel()
+
+
+def _usage(results: list[Completion]) -> dict:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, allow_nan=False)}\n\n"
+
+
+LMForge.add_asgi_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
