@@ -1,6 +1,6 @@
 """The retraining flow: thin Prefect wiring around the stages in pipeline/.
 
-ingest -> dvc repro (validate -> preprocess -> train -> evaluate -> gate) -> push -> promote.
+ingest -> dvc repro (validate -> preprocess -> train -> evaluate -> gate) -> package -> push -> publish.
 DVC owns the DAG and its caching; the flow adds new data, retries on the network-bound steps, logs to
 the Prefect UI, and promotes only after the model it names is safely in the remote.
 """
@@ -64,22 +64,34 @@ def push_task(ws: Workspace, params: Params) -> None:
     dvc(["push"], ws.root, on_line=_log_line)
 
 
-@task(name="promote", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on(StorageError))
-def promote_task(ws: Workspace, params: Params, data_md5: str) -> dict:
+@task(name="package")
+def package_task(ws: Workspace, params: Params, data_md5: str) -> dict:
+    """The gated model into the BentoML store, and its Bento built."""
+    from pipeline.package import package
+
+    bento = package(ws, params, data_md5)
+    get_run_logger().info(f"built Bento {bento['bento_tag']} (Dockerfile: {bento['dockerfile']})")
+    return bento
+
+
+@task(name="publish", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on(StorageError))
+def publish_task(ws: Workspace, params: Params, data_md5: str, bento: dict | None) -> dict:
+    """Export the Bento to S3, then make it the champion; a rejected challenger changes nothing."""
+    from pipeline.package import publish
     from pipeline.registry import champion_record, promote
 
     decision = json.loads(ws.gate_file.read_text())
     logger = get_run_logger()
     for reason in decision["reasons"]:
         logger.info(reason)
-    if not decision["promote"]:
-        logger.info("gate rejected the challenger: the champion stays as it is")
+    if bento is None:
+        logger.info("gate rejected the challenger: nothing packaged, the champion stays as it is")
         return decision
-    record = champion_record(
-        ws, params, decision["challenger"], stage_out_md5(ws.root, "train", "artifacts/model"), data_md5
-    )
+    bento = bento | {"bento_url": publish(ws, params, bento["bento_tag"])}
+    model_md5 = stage_out_md5(ws.root, "train", "artifacts/model")
+    record = champion_record(ws, params, decision["challenger"], model_md5, data_md5, bento)
     decision["record"] = promote(record, params.storage, ws.state)
-    logger.info(f"promoted: {record['model_url']}")
+    logger.info(f"promoted: Bento {bento['bento_tag']} at {bento['bento_url']}")
     return decision
 
 
@@ -90,9 +102,12 @@ def retrain(source: str | None = None, root: str | None = None) -> dict:
     storage_check_task(params, ws)
     md5 = ingest_task(source or params.ingest.source, ws, params)
     repro_task(DVC_STAGES, ws)
-    push_task(ws, params)
-    decision = promote_task(ws, params, md5)
+    passed = json.loads(ws.gate_file.read_text())["promote"]
+    bento = package_task(ws, params, md5) if passed else None  # only a model that passed is packaged
+    push_task(ws, params)  # data, checkpoints and model reach the remote before anything points at them
+    decision = publish_task(ws, params, md5, bento)
     manifest = json.loads((ws.shards_dir / "manifest.json").read_text())
+    record = decision.get("record", {})
     return {
         "data_md5": md5,
         "data_url": remote_object_url(params.storage.dvc_remote_url, md5),
@@ -101,5 +116,7 @@ def retrain(source: str | None = None, root: str | None = None) -> dict:
         "metrics": decision["challenger"],
         "promoted": decision["promote"],
         "reasons": decision["reasons"],
-        "model_url": decision.get("record", {}).get("model_url"),
+        "model_url": record.get("model_url"),
+        "bento_tag": record.get("bento_tag"),
+        "bento_url": record.get("bento_url"),
     }

@@ -13,6 +13,7 @@ HELP = """\
 lmforge trains and ships small language models, retrained on schedule and shipped safely.
 
 The chain: ingest -> validate -> preprocess -> train -> evaluate -> gate -> package -> publish.
+The product is a BentoML Bento serving POST /generate and OpenAI-compatible /v1/completions.
 DVC versions the data (data.dvc) and stage outputs in S3; Prefect runs the chain as a flow;
 params.yaml holds every knob (`-p section.key=value` overrides, `--profile demo|gpu`).
 
@@ -23,7 +24,11 @@ Typical session:
   lmforge validate PATH          check a corpus before ingesting it (exit 0/1)
   lmforge ingest --source SRC    builtin | file or dir (.txt .md .jsonl) | s3://b/prefix
   lmforge run                    the whole flow: ingest, dvc repro (validate, preprocess,
-                                 train, evaluate, gate), dvc push, promote
+                                 train, evaluate, gate), package, dvc push, publish
+  lmforge serve [TAG]            serve the champion Bento (or TAG) on 127.0.0.1:3000
+  lmforge generate "PROMPT"      a quick local check of the trained model
+  lmforge rollback               make the previous champion current again
+  lmforge containerize [TAG]     the Bento as a container image (needs docker)
   lmforge status | down          what runs | stop it
 """
 
@@ -201,6 +206,136 @@ def run(
         typer.echo(f"                {reason}")
     if summary["model_url"]:
         typer.echo(f"  model in S3   {summary['model_url']}")
+    if summary["bento_tag"]:
+        typer.echo(f"  Bento         {summary['bento_tag']}  ({summary['bento_url']})")
+        typer.echo("  serve it      lmforge serve   (then POST /generate or /v1/completions)")
+
+
+@app.command()
+def package() -> None:
+    """Package the current model (artifacts/model) as a Bento, if the gate passed it."""
+    from pipeline.package import PackageError
+    from pipeline.package import package as build
+    from pipeline.versioning import data_md5
+
+    ws, params = _workspace_and_params()
+    try:
+        bento = build(ws, params, data_md5(ws.root))
+    except PackageError as exc:
+        _fail(str(exc))
+    typer.echo(f"Bento {bento['bento_tag']} (model {bento['model_tag']})")
+    typer.echo(f"Dockerfile {bento['dockerfile']}")
+
+
+def _champion_bento(ws, params) -> str:
+    """The current champion's Bento tag, imported from S3 into the local store if needed."""
+    from pipeline.package import PackageError, ensure_local_bento
+    from pipeline.registry import read_champion
+    from pipeline.storage import StorageError
+
+    try:
+        champion = read_champion(params.storage, ws.state)
+        if not champion or not champion.get("bento_tag"):
+            _fail("there is no champion Bento yet: run `lmforge run` first, or give a Bento tag")
+        ensure_local_bento(ws, params, champion["bento_tag"], champion.get("bento_url"))
+    except (StorageError, PackageError) as exc:
+        _fail(str(exc))
+    return champion["bento_tag"]
+
+
+@app.command()
+def serve(
+    tag: Annotated[str | None, typer.Argument(help="Bento tag; default: the current champion")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address; default serve.host (127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port; default serve.port (3000)")] = None,
+) -> None:
+    """Serve a Bento over HTTP: POST /generate, /v1/completions (OpenAI), GET /v1/models, /metrics."""
+    from pipeline.package import use_bentoml_home
+
+    ws, params = _workspace_and_params()
+    use_bentoml_home(ws.state)
+    tag = tag or _champion_bento(ws, params)
+    host = host or params.serve.host
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.secho(
+            f"warning: serving on {host}: reachable from other machines", fg=typer.colors.YELLOW, err=True
+        )
+    typer.echo(f"serving {tag} on http://{host}:{port or params.serve.port}")
+    bentoml_bin = str(Path(sys.executable).parent / "bentoml")
+    args = [bentoml_bin, "serve", tag, "--host", host, "--port", str(port or params.serve.port)]
+    os.execv(bentoml_bin, args)  # BentoML owns the process from here: signals, workers, logs
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The text to continue")],
+    model: Annotated[
+        Path | None, typer.Option(help="A Hugging Face model dir; default artifacts/model")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0)] = 0.8,
+    top_p: Annotated[float, typer.Option(min=0.01, max=1.0)] = 1.0,
+    seed: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """A quick local check: continue PROMPT with the trained model, in this process."""
+    from pipeline.generation import GenerationError, SamplingParams, load_engine
+
+    ws, _ = _workspace_and_params()
+    model_dir = model or ws.model_dir
+    if not (model_dir / "config.json").is_file():
+        _fail(f"{model_dir} holds no model: train one first (`lmforge run` or `dvc repro`)")
+    engine = load_engine(model_dir, max_batch_size=1)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    try:
+        for event in engine.stream(prompt, params):
+            if isinstance(event, str):
+                typer.echo(event, nl=False)
+    except GenerationError as exc:
+        _fail(str(exc), 2)
+    typer.echo()
+
+
+@app.command()
+def containerize(
+    tag: Annotated[str | None, typer.Argument(help="Bento tag; default: the current champion")] = None,
+) -> None:
+    """Build the Bento's container image with `bentoml containerize` (needs a docker engine)."""
+    from pipeline.package import docker_engine_available, use_bentoml_home
+    from pipeline.versioning import CommandError, stream_command, venv_env
+
+    ws, params = _workspace_and_params()
+    use_bentoml_home(ws.state)
+    tag = tag or _champion_bento(ws, params)
+    if not docker_engine_available():
+        import bentoml
+
+        dockerfile = Path(bentoml.get(tag).path) / "env" / "docker" / "Dockerfile"
+        _fail(
+            f"no docker engine is reachable here (`docker info` fails), so {tag} cannot be containerized on "
+            f"this machine. The container recipe is {dockerfile}; run `bentoml containerize {tag}` where "
+            "docker runs (after `bentoml export`/`import`, or from the Bento in S3)."
+        )
+    try:
+        stream_command(
+            [str(Path(sys.executable).parent / "bentoml"), "containerize", tag], ws.root, env=venv_env()
+        )
+    except CommandError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def rollback() -> None:
+    """Make the previous champion current again (the registry keeps every promotion)."""
+    from pipeline.registry import rollback as roll_back
+    from pipeline.storage import StorageError
+
+    ws, params = _workspace_and_params()
+    try:
+        record = roll_back(params.storage, ws.state)
+    except StorageError as exc:
+        _fail(str(exc))
+    typer.echo(f"champion is now {record.get('bento_tag') or record['model_md5']} (rolled back from "
+               f"{record['rolled_back_from']}); restart `lmforge serve` to serve it")  # fmt: skip
 
 
 def main() -> None:

@@ -99,9 +99,7 @@ class _Row:
             self.request.emit(self.text[self.sent : end])
             self.sent = end
         if self.finish:
-            self.request.emit(
-                Completion(self.text, len(self.request.prompt_ids), len(self.ids), self.finish)
-            )
+            self.request.emit(Completion(self.text, len(self.request.prompt_ids), len(self.ids), self.finish))
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator) -> int:
@@ -125,8 +123,16 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator) -> int:
 class Engine:
     """Owns the model; `stream()` and `complete()` are safe to call from any thread."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 16, batch_wait_s: float = 0.005):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch_size: int = 16,
+        batch_wait_s: float = 0.005,
+        on_batch: Callable[[int], None] | None = None,
+    ):
         self.model = model.eval()
+        self.on_batch = on_batch  # called with each batch's size: the service exports it as a metric
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.context = context_length(model)
@@ -197,6 +203,8 @@ class Engine:
             batch = [r for r in batch if not r.cancelled.is_set()]
             if not batch:
                 continue
+            if self.on_batch:
+                self.on_batch(len(batch))
             try:
                 self._run(batch)
             except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the engine
@@ -238,7 +246,11 @@ class Engine:
             step = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
             mask = torch.cat([mask, torch.ones_like(step)], dim=1)
             out = self.model(
-                input_ids=step, attention_mask=mask, position_ids=next_pos, past_key_values=cache, use_cache=True
+                input_ids=step,
+                attention_mask=mask,
+                position_ids=next_pos,
+                past_key_values=cache,
+                use_cache=True,
             )
             cache, logits = out.past_key_values, out.logits[:, -1, :]
             # finished rows keep counting; clamp them so they never index past the position table
@@ -251,7 +263,12 @@ def context_length(model) -> int:
     return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0) or 0)
 
 
-def load_engine(model_dir, max_batch_size: int = 16, threads: int | None = None) -> Engine:
+def load_engine(
+    model_dir,
+    max_batch_size: int = 16,
+    threads: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Engine:
     """Model and tokenizer from a Hugging Face directory (safetensors only), on the GPU if there is one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -260,4 +277,4 @@ def load_engine(model_dir, max_batch_size: int = 16, threads: int | None = None)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return Engine(model, tokenizer, max_batch_size=max_batch_size)
+    return Engine(model, tokenizer, max_batch_size=max_batch_size, on_batch=on_batch)

@@ -166,7 +166,9 @@ def publish(ws: Workspace, params: Params, bento_tag: str) -> str:
     name = bento_tag.replace(":", "-") + ".bento"
     with tempfile.TemporaryDirectory(prefix="lmforge-export-") as tmp:
         path = bentoml.export_bento(bento_tag, str(Path(tmp) / name))
-        return upload_file(params.storage, ws.state, f"{params.storage.bentos_prefix.strip('/')}/{name}", Path(path))
+        return upload_file(
+            params.storage, ws.state, f"{params.storage.bentos_prefix.strip('/')}/{name}", Path(path)
+        )
 
 
 def ensure_local_bento(ws: Workspace, params: Params, bento_tag: str, bento_url: str | None) -> None:

@@ -11,15 +11,47 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.config import Params, StorageConfig, Workspace
-from pipeline.storage import get_json, put_json
+from pipeline.storage import StorageError, get_json, list_keys, put_json
 
 
 def champion_key(cfg: StorageConfig) -> str:
     return f"{cfg.registry_prefix.strip('/')}/champion.json"
 
 
+def history_prefix(cfg: StorageConfig) -> str:
+    return f"{cfg.registry_prefix.strip('/')}/history/"
+
+
 def read_champion(cfg: StorageConfig, state: Path) -> dict | None:
     return get_json(cfg, state, champion_key(cfg))
+
+
+def read_history(cfg: StorageConfig, state: Path) -> list[dict]:
+    """Every promotion ever made, oldest first (the keys start with the promotion time)."""
+    keys = list_keys(cfg, state, history_prefix(cfg))
+    return [record for key in keys if (record := get_json(cfg, state, key))]
+
+
+def rollback(cfg: StorageConfig, state: Path) -> dict:
+    """Make the champion before the current one current again; returns the new champion record.
+
+    "Before" is by promotion time, so rolling back twice goes back two promotions.
+    """
+    current = read_champion(cfg, state)
+    if current is None:
+        raise StorageError("no champion to roll back from")
+    older = [
+        r for r in read_history(cfg, state)
+        if r["promoted_at"] < current["promoted_at"] and r.get("bento_tag") != current.get("bento_tag")
+    ]  # fmt: skip
+    if not older:
+        raise StorageError(f"no earlier champion than {current.get('bento_tag') or current['model_md5']}")
+    record = older[-1] | {
+        "rolled_back_from": current.get("bento_tag") or current["model_md5"],
+        "rolled_back_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    put_json(cfg, state, champion_key(cfg), record)
+    return record
 
 
 def git_sha(root: Path) -> str | None:
@@ -29,12 +61,12 @@ def git_sha(root: Path) -> str | None:
 
 def promote(record: dict, cfg: StorageConfig, state: Path) -> dict:
     """Write the history entry first, then the champion pointer: a crash between them loses nothing."""
-    record = record | {"promoted_at": datetime.now(UTC).isoformat(timespec="seconds")}
+    record = record | {"promoted_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
     stamp = record["promoted_at"].replace(":", "").replace("-", "")
     put_json(
         cfg,
         state,
-        f"{cfg.registry_prefix.strip('/')}/history/{stamp}-{record['model_md5'][:12]}.json",
+        f"{history_prefix(cfg)}{stamp}-{record['model_md5'][:12]}.json",
         record,
     )
     put_json(cfg, state, champion_key(cfg), record)
@@ -42,12 +74,17 @@ def promote(record: dict, cfg: StorageConfig, state: Path) -> dict:
 
 
 def champion_record(
-    ws: Workspace, params: Params, metrics: dict, model_md5: str, data_md5: str | None
+    ws: Workspace,
+    params: Params,
+    metrics: dict,
+    model_md5: str,
+    data_md5: str | None,
+    bento: dict | None = None,
 ) -> dict:
-    """What a champion record says: where the model is, how good it is, and where it came from."""
+    """What a champion record says: where the model and its Bento are, how good it is, where it came from."""
     from pipeline.versioning import remote_object_url
 
-    return {
+    record = {
         "model_md5": model_md5,
         "model_url": remote_object_url(params.storage.dvc_remote_url, model_md5),
         "metrics": metrics,
@@ -55,3 +92,10 @@ def champion_record(
         "git_sha": git_sha(ws.root),
         "profile": params.profile,
     }
+    if bento:
+        record |= {
+            "bento_tag": bento["bento_tag"],
+            "bento_url": bento.get("bento_url"),
+            "lineage": bento["labels"],
+        }
+    return record

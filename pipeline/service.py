@@ -239,7 +239,16 @@ class LMForge:
         self.tag = str(stored.tag)
         self.labels = dict(stored.info.labels)
         self.metadata = dict(stored.info.metadata)
-        self.engine = load_engine(stored.path, max_batch_size=MAX_BATCH_SIZE, threads=os.cpu_count())
+        # prometheus_client is imported here, not at module level: BentoML sets up its multiprocess
+        # directory after importing this module, and /metrics only sees metrics created after that.
+        from prometheus_client import Histogram
+
+        batch_sizes = Histogram(
+            "lmforge_batch_size", "Requests decoded together per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+        )
+        self.engine = load_engine(
+            stored.path, max_batch_size=MAX_BATCH_SIZE, threads=os.cpu_count(), on_batch=batch_sizes.observe
+        )
         self.created = int(time.time())
 
     def _prepare(self, prompt: str, params: SamplingParams) -> list[int]:
@@ -292,7 +301,12 @@ class LMForge:
                 )  # fmt: skip
                 jobs.append((p * body.n + k, prompt, self._prepare(prompt, params), params))
         completion_id = f"cmpl-{uuid.uuid4().hex}"
-        head = {"id": completion_id, "object": "text_completion", "created": int(time.time()), "model": self.tag}
+        head = {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.tag,
+        }
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(
@@ -332,7 +346,12 @@ class LMForge:
                     continue
                 if isinstance(event, Completion):
                     finished.append(event)
-                    choice = {"index": index, "text": "", "logprobs": None, "finish_reason": event.finish_reason}
+                    choice = {
+                        "index": index,
+                        "text": "",
+                        "logprobs": None,
+                        "finish_reason": event.finish_reason,
+                    }
                 else:
                     choice = {"index": index, "text": event, "logprobs": None, "finish_reason": None}
                 yield _sse(head | {"choices": [choice]})

@@ -234,7 +234,9 @@ def check_storage(cfg: StorageConfig, state: Path) -> None:
             raise describe_error(exc, cfg, f"bucket {cfg.bucket}") from None
     if not cfg.embedded:
         endpoint = cfg.endpoint_url or f"AWS S3 ({cfg.region})"
-        raise StorageError(f"bucket {cfg.bucket}: no such bucket at {endpoint}; create it, or set storage.bucket")
+        raise StorageError(
+            f"bucket {cfg.bucket}: no such bucket at {endpoint}; create it, or set storage.bucket"
+        )
     ensure_bucket(cfg, state)
 
 
@@ -269,6 +271,20 @@ def download_prefix(uri: str, dest: Path, cfg: StorageConfig, state: Path) -> li
     if not written:
         raise StorageError(f"download {uri}: no objects under that prefix at {cfg.endpoint_url or 'AWS S3'}")
     return written
+
+
+def list_keys(cfg: StorageConfig, state: Path, prefix: str) -> list[str]:
+    """Every key under prefix in the configured bucket, sorted."""
+    keys: list[str] = []
+    try:
+        pages = (
+            s3_client(cfg, state).get_paginator("list_objects_v2").paginate(Bucket=cfg.bucket, Prefix=prefix)
+        )
+        for page in pages:
+            keys += [obj["Key"] for obj in page.get("Contents", [])]
+    except _botocore_errors() as exc:
+        raise describe_error(exc, cfg, f"list s3://{cfg.bucket}/{prefix}") from None
+    return sorted(keys)
 
 
 def upload_file(cfg: StorageConfig, state: Path, key: str, path: Path) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ os.environ.update(
     GX_ANALYTICS_ENABLED="false",
     TOKENIZERS_PARALLELISM="false",
 )
+# One BentoML store for the session, never the developer's ~/bentoml.
+os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="lmforge-test-bentoml-"))
 # The developer's own AWS keys would win over the test server's (see resolve_credentials).
 for _var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
     os.environ.pop(_var, None)

@@ -106,6 +106,24 @@ def words_corpus(path: Path, docs: int = 60, seed: int = 0) -> Path:
     return path
 
 
+def bentos_in_store(env: dict) -> set[str]:
+    listing = run([BIN / "bentoml", "list", "lmforge", "-o", "json"], REPO, env)
+    return {b["tag"] for b in json.loads(listing.stdout)}
+
+
+def wait_json(url: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
+    """GET url once the server answers; fails with the server's output if it dies first."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return json.loads(response.read())
+        except OSError:
+            assert time.time() < deadline, f"{url} did not answer in {timeout} s"
+            time.sleep(0.5)
+
+
 def summary_value(stdout: str, label: str) -> str:
     line = next(line for line in stdout.splitlines() if line.strip().startswith(label))
     return line.split(label, 1)[1].strip()
@@ -331,6 +349,29 @@ def test_rejected_challenger_leaves_the_champion(workspace, s3_server, tmp_path)
     assert champion["model_url"] == summary_value(first.stdout, "model in S3") and champion[
         "data_md5"
     ].endswith(".dir")
+    # the promoted model is a built Bento, exported to S3, with the run's lineage
+    bento_tag = champion["bento_tag"]
+    assert summary_value(first.stdout, "Bento").startswith(bento_tag)
+    assert champion["lineage"]["data_md5"] == champion["data_md5"]
+    exported = champion["bento_url"].removeprefix(f"s3://{bucket}/")
+    assert (
+        s3_client(s3_server.cfg, s3_server.state).head_object(Bucket=bucket, Key=exported)["ContentLength"]
+        > 0
+    )
+    bentos_before = bentos_in_store(env)
+    assert bento_tag in bentos_before
+    # `lmforge serve` with no tag serves the champion
+    port = free_port()
+    server = subprocess.Popen(
+        [BIN / "lmforge", "serve", "--port", str(port)], cwd=ws, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        reply = wait_json(f"http://127.0.0.1:{port}/v1/models", server)
+        assert reply["data"][0]["lineage"]["data_md5"] == champion["data_md5"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
     # the same data and a gate that nothing can pass: trained again (params changed), rejected
     second = run(
         [
@@ -348,6 +389,9 @@ def test_rejected_challenger_leaves_the_champion(workspace, s3_server, tmp_path)
     )
     assert "gate          REJECTED" in second.stdout and "FAIL: val perplexity" in second.stdout
     assert read_champion(cfg, s3_server.state) == champion
+    assert bentos_in_store(env) == bentos_before  # a rejected model is never packaged
+    rolled = run([BIN / "lmforge", "rollback"], ws, env, check=False)
+    assert rolled.returncode == 1 and "no earlier champion" in rolled.stderr
     gate = json.loads((ws / "artifacts" / "gate.json").read_text())
     assert gate["promote"] is False and gate["champion"] == champion
 

@@ -1,0 +1,317 @@
+"""Packaging and serving, for real: a tiny model trained, evaluated, gated and packaged as a Bento, then
+`bentoml serve` started on a free port and spoken to over HTTP (httpx and the official openai client)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipeline.config import Workspace, load_params, write_overrides
+from tests.conftest import REPO, TINY, free_port_block, synthetic_corpus
+
+BIN = Path(sys.executable).parent
+PROMPT = "the quick brown"
+# long enough for the tiny model to pass the real gate (beat the bigram), still seconds on a CPU
+SERVING = [
+    "model.block_size=64",
+    "model.n_embd=64",
+    "train.max_steps=400",
+    "train.lr=0.01",
+    "train.min_lr=0.001",
+    "train.checkpoint_every=400",
+    "train.eval_every=400",
+    "serve.max_new_tokens_cap=48",
+    "serve.default_max_new_tokens=32",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workspace whose model went through the real train, evaluate and gate stages."""
+    from pipeline.evaluate import evaluate
+    from pipeline.gate import decide
+    from pipeline.preprocess import preprocess
+    from pipeline.train import train
+
+    root = tmp_path_factory.mktemp("serving") / "ws"
+    root.mkdir()
+    for name in ("params.yaml", "dvc.yaml", "bentofile.yaml"):
+        shutil.copy(REPO / name, root / name)
+    write_overrides(root, [*TINY, *SERVING])
+    ws, params = Workspace(root), load_params(root)
+    synthetic_corpus(ws.data)
+    preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params)
+    train(params, ws)
+    decision = decide(evaluate(params, ws), None, params.gate)
+    assert decision.promote, decision.reasons
+    ws.gate_file.write_text(json.dumps(decision.__dict__))
+    return ws, params
+
+
+@pytest.fixture(scope="module")
+def bento(trained):
+    from pipeline.package import package
+
+    ws, params = trained
+    return package(ws, params, data_md5="0123456789abcdef0123456789abcdef.dir")
+
+
+@pytest.fixture(scope="module")
+def server(bento):
+    port = free_port_block(1)
+    proc = subprocess.Popen(
+        [BIN / "bentoml", "serve", bento["bento_tag"], "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "bentoml serve did not become ready in 120 s"
+        time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def post(url: str, path: str, body, **kwargs) -> httpx.Response:
+    if isinstance(body, dict | list):
+        return httpx.post(f"{url}{path}", json=body, timeout=120, **kwargs)
+    return httpx.post(
+        f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=120, **kwargs
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# packaging
+
+
+def test_bento_carries_the_lineage_and_a_dockerfile(trained, bento):
+    import bentoml
+
+    from pipeline.package import params_hash
+
+    ws, params = trained
+    stored = bentoml.get(bento["bento_tag"])
+    labels = stored.info.labels
+    metrics = json.loads((ws.eval_dir / "metrics.json").read_text())
+    assert labels["data_md5"] == "0123456789abcdef0123456789abcdef.dir"
+    assert labels["params_hash"] == params_hash(params) and len(labels["params_hash"]) == 12
+    assert labels["val_perplexity"] == f"{metrics['val_perplexity']:.4f}" and labels["gate"] == "promote"
+    assert labels["model_tag"] == bento["model_tag"]
+    model = bentoml.models.get(bento["model_tag"])
+    assert model.info.labels["data_md5"] == labels["data_md5"]
+    assert model.info.metadata["metrics"]["val_perplexity"] == metrics["val_perplexity"]
+    assert (Path(model.path) / "model.safetensors").is_file() and not list(Path(model.path).glob("*.bin"))
+    root = Path(stored.path)
+    assert (root / "env" / "docker" / "Dockerfile").is_file()
+    assert "Intended use and limits" in (root / "src" / "MODEL_CARD.md").read_text()
+    assert {p.name for p in (root / "src" / "pipeline").iterdir()} >= {"service.py", "generation.py"}
+
+
+def test_a_rejected_model_is_not_packaged(trained, bento):
+    import bentoml
+
+    from pipeline.package import PackageError, package
+
+    ws, params = trained
+    before = ({str(b.tag) for b in bentoml.list()}, {str(m.tag) for m in bentoml.models.list()})
+    decision = json.loads(ws.gate_file.read_text())
+    try:
+        ws.gate_file.write_text(json.dumps(decision | {"promote": False}))
+        with pytest.raises(PackageError, match="gate rejected"):
+            package(ws, params, data_md5=None)
+    finally:
+        ws.gate_file.write_text(json.dumps(decision))
+    assert ({str(b.tag) for b in bentoml.list()}, {str(m.tag) for m in bentoml.models.list()}) == before
+
+
+def test_containerize_says_clearly_when_there_is_no_docker_engine(trained, bento):
+    from pipeline.package import docker_engine_available
+
+    if docker_engine_available():
+        pytest.skip("a docker engine is reachable here: containerize would really build")
+    ws, _ = trained
+    env = dict(os.environ, LMFORGE_ROOT=str(ws.root))
+    result = subprocess.run(
+        [BIN / "lmforge", "containerize", bento["bento_tag"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "no docker engine" in result.stderr and "Dockerfile" in result.stderr
+
+
+def test_lmforge_generate_is_a_local_check(trained):
+    ws, _ = trained
+    env = dict(os.environ, LMFORGE_ROOT=str(ws.root))
+    cmd = [BIN / "lmforge", "generate", PROMPT, "--max-new-tokens", "8", "--temperature", "0"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() and first.stdout == second.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# the service over HTTP
+
+
+def test_generate_returns_text_and_is_deterministic(server):
+    greedy = {"prompt": PROMPT, "max_new_tokens": 12, "temperature": 0}
+    first, second = post(server, "/generate", greedy), post(server, "/generate", greedy)
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["text"] and body == second.json()
+    assert body["completion_tokens"] <= 12 and body["prompt_tokens"] > 0
+    assert body["finish_reason"] in ("length", "stop")
+    seeded = {"prompt": PROMPT, "max_new_tokens": 12, "temperature": 1.0, "top_p": 0.9, "seed": 42}
+    assert post(server, "/generate", seeded).json() == post(server, "/generate", seeded).json()
+    stopped = post(server, "/generate", greedy | {"stop": [body["text"][2:4]]}).json()
+    assert stopped["finish_reason"] == "stop" and len(stopped["text"]) < len(body["text"])
+
+
+def test_openai_client_completion_and_stream(server, bento):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    models = client.models.list().data
+    assert [m.id for m in models] == [bento["model_tag"]]
+    assert models[0].model_extra["lineage"]["params_hash"] == bento["labels"]["params_hash"]
+
+    done = client.completions.create(model=models[0].id, prompt=PROMPT, max_tokens=16, temperature=0)
+    text = done.choices[0].text
+    assert text and done.usage.completion_tokens <= 16
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
+
+    chunks = list(
+        client.completions.create(
+            model=models[0].id, prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == done.choices[0].finish_reason
+
+
+def test_stream_ends_with_done_in_openai_format(server):
+    with httpx.stream(
+        "POST",
+        f"{server}/v1/completions",
+        json={"prompt": PROMPT, "max_tokens": 5, "stream": True},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert all(p["object"] == "text_completion" and p["id"] == payloads[0]["id"] for p in payloads)
+
+
+BAD_REQUESTS = [
+    # (path, body, status, a phrase the message must contain)
+    ("/generate", b'{"prompt": "the", ', 400, "json"),
+    ("/generate", {"prompt": 12}, 400, "prompt"),
+    ("/generate", {"prompt": "the", "max_new_tokens": "ten"}, 400, "max_new_tokens"),
+    ("/generate", {"prompt": ""}, 400, "prompt"),
+    ("/generate", {"prompt": "the " * 200}, 400, "context"),
+    ("/generate", {"prompt": "the", "max_new_tokens": 49}, 400, "at most 48"),
+    ("/generate", {"prompt": "the", "temperature": -0.5}, 400, "temperature"),
+    ("/generate", b'{"prompt": "the", "temperature": NaN}', 400, "temperature"),
+    ("/generate", {"prompt": "the", "top_p": 0}, 400, "top_p"),
+    ("/generate", {"prompt": "the", "top_p": 1.5}, 400, "top_p"),
+    ("/generate", {"prompt": "the", "stop": [""]}, 400, "stop"),
+    ("/generate", [1, 2], 400, "object"),
+    ("/v1/completions", b"{not json", 400, "not valid JSON"),
+    ("/v1/completions", {"prompt": ["the", 3]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "the " * 200}, 400, "context"),
+    ("/v1/completions", {"prompt": "the", "max_tokens": 10_000}, 400, "at most 48"),
+    ("/v1/completions", {"prompt": "the", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", b'{"prompt": "the", "temperature": NaN}', 400, "temperature"),
+    ("/v1/completions", {"prompt": "the", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "the", "top_p": 2}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "the", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "the", "n": 100}, 400, "n"),
+    ("/v1/completions", {"prompt": "the", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/generate", b'{"prompt": "' + b"a" * (2 << 20) + b'"}', 413, "larger than"),
+    ("/v1/completions", b'{"prompt": "' + b"a" * (2 << 20) + b'"}', 413, "larger than"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "phrase"), BAD_REQUESTS)
+def test_bad_requests_get_a_clear_4xx(server, path, body, status, phrase):
+    response = post(server, path, body)
+    assert response.status_code == status, response.text
+    assert phrase.lower() in response.text.lower()
+    assert httpx.get(f"{server}/livez", timeout=5).status_code == 200
+
+
+def test_chunked_huge_body_is_refused(server):
+    def chunks():
+        yield b'{"prompt": "'
+        for _ in range(64):
+            yield b"a" * 65536
+        yield b'"}'
+
+    response = httpx.post(
+        f"{server}/v1/completions", content=chunks(), headers={"content-type": "application/json"}, timeout=60
+    )
+    assert response.status_code == 413
+
+
+def batch_metric(server: str) -> tuple[float, float]:
+    """(batches, requests) so far, from the service's lmforge_batch_size histogram on /metrics."""
+    lines = httpx.get(f"{server}/metrics", timeout=10).text.splitlines()
+
+    def total(name: str) -> float:
+        return sum(float(line.split()[-1]) for line in lines if line.startswith(name))
+
+    return total("lmforge_batch_size_count"), total("lmforge_batch_size_sum")
+
+
+def test_sixteen_concurrent_clients_are_batched(server):
+    prompts = [
+        f"the {w}" for w in "quick brown fox jumps over lazy dog river stone light data model a b c d".split()
+    ]
+    assert len(prompts) == 16
+
+    def ask(prompt: str) -> httpx.Response:
+        return post(
+            server, "/v1/completions", {"prompt": prompt, "max_tokens": 24, "temperature": 0.7, "seed": 1}
+        )
+
+    batches_before, requests_before = batch_metric(server)
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(ask, prompts))
+    assert [r.status_code for r in responses] == [200] * 16
+    assert all(r.json()["usage"]["completion_tokens"] >= 1 for r in responses)
+    batches, requests = batch_metric(server)
+    assert requests - requests_before == 16
+    assert batches - batches_before < 16, "every request ran alone: nothing was batched"
