@@ -22,7 +22,7 @@ import bentoml
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.generation import Completion, Engine, GenerationError, SamplingParams, load_engine
 
@@ -53,6 +53,9 @@ def _check_max_tokens(value: int) -> int:
     return value
 
 
+MaxTokens = Annotated[int, Field(ge=1), AfterValidator(_check_max_tokens)]
+Stop = Annotated[str | list[str] | None, AfterValidator(_check_stop)]
+
 # ---------------------------------------------------------------------------------------------
 # request bodies
 
@@ -61,22 +64,12 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1)
-    max_new_tokens: int = Field(DEFAULT_MAX_NEW_TOKENS, ge=1)
+    max_new_tokens: MaxTokens = DEFAULT_MAX_NEW_TOKENS
     temperature: Temperature = 0.8
     top_p: TopP = 1.0
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[str] | str | None = None
-
-    @field_validator("max_new_tokens")
-    @classmethod
-    def _cap(cls, value: int) -> int:
-        return _check_max_tokens(value)
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> list[str]:
-        return _check_stop(value)
+    stop: Stop = None
 
 
 class CompletionRequest(BaseModel):
@@ -87,13 +80,13 @@ class CompletionRequest(BaseModel):
 
     model: str | None = None
     prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)
+    max_tokens: MaxTokens = 16
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
+    stop: Stop = None
     seed: int | None = Field(None, ge=0, lt=2**63)
     echo: bool = False
     logprobs: int | None = None
@@ -102,16 +95,6 @@ class CompletionRequest(BaseModel):
     presence_penalty: float = Field(0.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, allow_inf_nan=False)
     user: str | None = None
-
-    @field_validator("max_tokens")
-    @classmethod
-    def _cap(cls, value: int) -> int:
-        return _check_max_tokens(value)
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value: str | list[str] | None) -> list[str]:
-        return _check_stop(value)
 
     @field_validator("prompt")
     @classmethod

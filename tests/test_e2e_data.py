@@ -319,7 +319,7 @@ def test_flow_reports_to_a_real_prefect_server(workspace, tmp_path):
         assert flow_run["state_type"] == "COMPLETED"
         tasks = api(f"{api_url}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
         names = {t["name"].rsplit("-", 1)[0] for t in tasks}
-        assert {"ingest", "dvc-repro", "push", "promote"} <= names
+        assert {"check-storage", "ingest", "dvc-repro", "push", "publish"} <= names
         assert all(t["state_type"] == "COMPLETED" for t in tasks)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
