@@ -385,6 +385,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
                 lr=f"{record['lr']:.2e}",
                 tok_s=f"{tok_s:,.0f}",
                 mfu=f"{mfu:.2f}",
+                refresh=False,  # update() redraws at most every mininterval; a refresh here would print every step
             )
             bar.update(1)
             with ws.train_log.open("a") as fh:
