@@ -25,6 +25,8 @@ Typical session:
   lmforge ingest --source SRC    builtin | file or dir (.txt .md .jsonl) | s3://b/prefix
   lmforge run                    the whole flow: ingest, dvc repro (validate, preprocess,
                                  train, evaluate, gate), package, dvc push, publish
+  lmforge up --prefect           also start the Prefect server and UI (127.0.0.1:4200)
+  lmforge schedule --cron "0 3 * * *"   retrain nightly (a Prefect deployment)
   lmforge serve [TAG]            serve the champion Bento (or TAG) on 127.0.0.1:3000
   lmforge generate "PROMPT"      a quick local check of the trained model
   lmforge rollback               make the previous champion current again
@@ -54,19 +56,28 @@ def _workspace_and_params(overrides: list[str] | None = None, profile: str | Non
         params = load_params(ws.root, overrides or [], profile)
     except ConfigError as exc:
         _fail(str(exc), 2)
-    # Prefect keeps its database under the project's state dir, and never phones home.
-    os.environ.setdefault("PREFECT_HOME", str(ws.state / "prefect"))
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
+    # Prefect keeps its database under the project's state dir, and never phones home; flows report to
+    # the workspace's Prefect server when `lmforge up --prefect` started one.
+    from pipeline.prefect_server import PrefectServer, prefect_env
+
+    for key, value in prefect_env(ws.state).items():
+        os.environ.setdefault(key, value)
+    server = PrefectServer(params.prefect, ws.state)
+    if "PREFECT_API_URL" not in os.environ and server.pid():
+        os.environ["PREFECT_API_URL"] = server.api_url
     return ws, params
 
 
 @app.command()
-def up() -> None:
+def up(
+    prefect: Annotated[bool, typer.Option("--prefect", help="Also start the Prefect server and UI")] = False,
+) -> None:
     """Start the embedded S3 server (idempotent), create the bucket, and point DVC's remote at it."""
     from pipeline.storage import EmbeddedS3, StorageError, configure_dvc_remote
 
     ws, params = _workspace_and_params()
+    if prefect:
+        prefect_server()
     if not params.storage.embedded:
         configure_dvc_remote(ws.root, params.storage, ws.state)
         typer.echo(
@@ -81,12 +92,28 @@ def up() -> None:
     typer.echo(f"DVC remote: {params.storage.dvc_remote_url} at {params.storage.endpoint_url}")
 
 
+@app.command("prefect-server")
+def prefect_server() -> None:
+    """Start the local Prefect server (API and UI on 127.0.0.1:4200); `lmforge run` then reports to it."""
+    from pipeline.prefect_server import PrefectServer, PrefectServerError
+
+    ws, params = _workspace_and_params()
+    server = PrefectServer(params.prefect, ws.state)
+    try:
+        typer.echo(server.start())
+    except PrefectServerError as exc:
+        _fail(str(exc))
+    typer.echo(f"open the UI at {server.url}; flows from this workspace report to {server.api_url}")
+
+
 @app.command()
 def down() -> None:
-    """Stop the servers lmforge started."""
+    """Stop the servers lmforge started (S3 and Prefect)."""
+    from pipeline.prefect_server import PrefectServer
     from pipeline.storage import EmbeddedS3
 
     ws, params = _workspace_and_params()
+    typer.echo(PrefectServer(params.prefect, ws.state).stop())
     typer.echo(EmbeddedS3(params.storage, ws.state).stop())
 
 
@@ -101,6 +128,10 @@ def status() -> None:
     typer.echo(f"workspace   {ws.root}  (profile {params.profile})")
     for key, value in info.items():
         typer.echo(f"s3.{key:<10}{value}")
+    from pipeline.prefect_server import PrefectServer
+
+    for key, value in PrefectServer(params.prefect, ws.state).status().items():
+        typer.echo(f"prefect.{key:<8}{value}")
     typer.echo(f"dvc remote  {params.storage.dvc_remote_url} at {params.storage.endpoint_url or 'AWS S3'}")
     typer.echo(f"data md5    {data_md5(ws.root) or '(nothing ingested yet)'}")
 
@@ -190,6 +221,8 @@ def run(
         summary = retrain(source=source, root=str(ws.root))
     except Exception as exc:  # noqa: BLE001 - the flow already logged the traceback; end with the cause
         _fail(f"the flow failed: {exc}")
+    if os.environ.get("PREFECT_API_URL"):
+        typer.echo(f"flow run in the Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')}/runs")
     tokens = ", ".join(f"{k} {v:,}" for k, v in summary["tokens"].items())
     m = summary["metrics"]
     typer.secho("\nlmforge run finished", bold=True)
@@ -201,7 +234,9 @@ def run(
     )
     typer.echo(f"  test ppl      {m['test_perplexity']:.2f}")
     typer.echo(f"  training      {m['train_tokens_per_s']:,} tokens/s on {m['train_world_size']} processes")
-    typer.echo(f"  gate          {'PROMOTED' if summary['promoted'] else 'REJECTED'}")
+    verdict = "no change (the champion is this same model)" if summary["no_change"] else None
+    verdict = verdict or ("PROMOTED" if summary["promoted"] else "REJECTED")
+    typer.echo(f"  gate          {verdict}")
     for reason in summary["reasons"]:
         typer.echo(f"                {reason}")
     if summary["model_url"]:
@@ -209,6 +244,48 @@ def run(
     if summary["bento_tag"]:
         typer.echo(f"  Bento         {summary['bento_tag']}  ({summary['bento_url']})")
         typer.echo("  serve it      lmforge serve   (then POST /generate or /v1/completions)")
+
+
+@app.command()
+def schedule(
+    cron: Annotated[
+        str, typer.Option(help='When to retrain, as a cron line, e.g. "0 3 * * *" (03:00 daily)')
+    ],
+    source: Annotated[
+        str | None, typer.Option(help="Corpus source each run ingests; default ingest.source")
+    ] = None,
+    pool: Annotated[
+        str | None,
+        typer.Option(help="Deploy to this Prefect work pool for remote workers instead of serving here"),
+    ] = None,
+) -> None:
+    """Retrain on a cron schedule: a Prefect deployment of the retraining flow.
+
+    Without --pool this process serves the deployment (`flow.serve`) until stopped, running each
+    scheduled run here. With --pool it registers the deployment to a work pool and returns; a
+    `prefect worker start --pool POOL` on any machine with this workspace runs the runs.
+    """
+    ws, params = _workspace_and_params()
+    if "PREFECT_API_URL" not in os.environ:
+        _fail("a schedule needs a Prefect server: run `lmforge up --prefect`, or set PREFECT_API_URL")
+    from prefect.client.schemas.schedules import CronSchedule
+
+    try:
+        CronSchedule(cron=cron)
+    except ValueError as exc:
+        _fail(f"--cron {cron!r}: {exc}", 2)
+    from flows.retrain import retrain
+
+    name, parameters = params.prefect.deployment, {"source": source, "root": str(ws.root)}
+    if pool:
+        deployment_id = retrain.from_source(
+            source=str(ws.root), entrypoint="flows/retrain.py:retrain"
+        ).deploy(name=name, work_pool_name=pool, cron=cron, parameters=parameters, build=False, push=False)
+        typer.echo(f"deployment lmforge-retrain/{name} ({deployment_id}) on pool {pool}, cron {cron!r}")
+        typer.echo(f"start a worker where this workspace is: prefect worker start --pool {pool}")
+        return
+    typer.echo(f"serving lmforge-retrain/{name} on cron {cron!r}; Ctrl-C stops it")
+    retrain.serve(name=name, cron=cron, parameters=parameters)
 
 
 @app.command()

@@ -188,6 +188,12 @@ class ServeConfig(Section):
         return self
 
 
+class PrefectConfig(Section):
+    host: str = "127.0.0.1"  # the local Prefect server (`lmforge up --prefect`): API and UI
+    port: int = Field(4200, ge=1, le=65535)
+    deployment: str = Field("nightly", min_length=1)  # `lmforge schedule` names its deployment so
+
+
 class Params(Section):
     profile: str = "demo"
     storage: StorageConfig = StorageConfig()
@@ -199,6 +205,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     gate: GateConfig = GateConfig()
     serve: ServeConfig = ServeConfig()
+    prefect: PrefectConfig = PrefectConfig()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ replaces a good corpus.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import shutil
@@ -190,6 +191,15 @@ def swap_in(staging: Path, data_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def same_tree(a: Path, b: Path) -> bool:
+    """True when the two directories hold the same files with the same bytes."""
+    if not b.is_dir():
+        return False
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return files_a == files_b and all(filecmp.cmp(a / rel, b / rel, shallow=False) for rel in files_a)
+
+
 def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
@@ -204,6 +214,11 @@ def ingest(source: str, ws, params, on_line=print) -> str:
 
     staging = stage_corpus(source, ws.data, params.ingest, (params.storage, ws.state))
     try:
+        if same_tree(staging, ws.data) and data_md5(ws.root):
+            # The corpus in data/ passed this suite when it came in, and the validate stage re-checks it
+            # whenever the validation params change: a scheduled rerun on unchanged data skips GE here.
+            on_line("source unchanged: data/ already holds exactly this corpus")
+            return data_md5(ws.root)
         report = validate_corpus(staging, params)
         if not report.success:
             raise CorpusError(

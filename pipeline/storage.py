@@ -428,7 +428,7 @@ class EmbeddedS3:
         except OSError:
             return False
         is_weed = Path(cmdline[0].decode(errors="replace")).name == "weed"
-        return is_weed and f"-dir={self.data}".encode() in cmdline and _alive(pid)
+        return is_weed and f"-dir={self.data}".encode() in cmdline and process_alive(pid)
 
     def _serves_our_port(self, pid: int) -> bool:
         try:
@@ -577,12 +577,12 @@ class EmbeddedS3:
                 os.killpg(pid, sig)
                 os.killpg(pid, signal.SIGCONT)  # a stopped (^Z) server only acts on SIGTERM once continued
             deadline = time.monotonic() + wait
-            while _alive(pid) and time.monotonic() < deadline:
+            while process_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            _reap(pid)
-            if not _alive(pid):
+            reap_child(pid)
+            if not process_alive(pid):
                 break
-        if _alive(pid):
+        if process_alive(pid):
             raise StorageError(f"S3 server pid {pid} survived SIGKILL; see {self.log}")
         self.pidfile.unlink(missing_ok=True)
         self._remove_sockets()
@@ -640,7 +640,7 @@ class EmbeddedS3:
             yield
 
 
-def _reap(pid: int, timeout: float = 2) -> None:
+def reap_child(pid: int, timeout: float = 2) -> None:
     """Collect the exit status when the server is our own child, so it leaves no zombie."""
     deadline = time.monotonic() + timeout
     while True:
@@ -653,7 +653,7 @@ def _reap(pid: int, timeout: float = 2) -> None:
         time.sleep(0.02)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """True while any thread of pid runs. The leader of a Go process turns zombie before its other
     threads have exited (and released its ports), so the leader's own state is not enough."""
     try:

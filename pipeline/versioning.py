@@ -6,11 +6,13 @@ through one merged pipe, so heavy stderr can neither deadlock nor be truncated.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -50,30 +52,101 @@ def stream_command(
             on_line(line)
             tail = (tail + [line])[-30:]
         code = proc.wait()
-    except BaseException:
-        kill_group(proc)
+    except BaseException:  # Ctrl-C, a cancelled flow run (Prefect's SIGTERM), a failing log sink
+        kill_tree(proc.pid)
+        proc.wait()
         raise
     if code != 0:
         raise CommandError(f"`{' '.join(cmd)}` exited with {code}:\n" + "\n".join(tail))
     return tail
 
 
-def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGTERM the process group, then SIGKILL whatever is left after grace seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+def descendants(pid: int) -> list[int]:
+    """Every process below pid, children first found first. torchrun puts each rank in a session of
+    its own, so a process group does not reach them: walk the parent links instead."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
             continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_tree(pid: int, grace: float = 3.0) -> None:
+    """SIGTERM pid and everything below it, then SIGKILL whatever is left after grace seconds.
+
+    The tree is listed before anything is signalled: once a parent dies its children are re-parented
+    and could no longer be found.
+    """
+    from pipeline.storage import process_alive
+
+    tree = [pid, *descendants(pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(process_alive(p) for p in tree):
+            time.sleep(0.05)
+        tree = [p for p in tree if process_alive(p)]
+        if not tree:
+            return
+
+
+@contextlib.contextmanager
+def workspace_lock(state: Path, on_wait: LineSink = print, wait: bool = True) -> Iterator[None]:
+    """One run per workspace: a second one waits for the first (or fails at once with wait=False)."""
+    import fcntl
+
+    state.mkdir(parents=True, exist_ok=True)
+    path = state / "run.lock"
+    with path.open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            if not wait:
+                raise WorkspaceBusy(f"another lmforge run ({holder}) is using this workspace") from None
+            on_wait(f"another lmforge run ({holder}) is using this workspace: waiting for it to finish")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fh.truncate(0)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another run holds the workspace lock."""
 
 
 def dvc(args: list[str], root: Path, on_line: LineSink = print) -> list[str]:
     return stream_command([str(Path(sys.executable).parent / "dvc"), *args], root, on_line)
+
+
+def stale_stages(root: Path) -> set[str]:
+    """The stages `dvc status` says would run now (an always_changed stage is always among them)."""
+    import json
+
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "dvc"), "status", "--json"],
+        cwd=root, env=venv_env(), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise CommandError(f"`dvc status` exited with {out.returncode}:\n{out.stderr[-2000:]}")
+    return {name.split(":")[-1] for name in json.loads(out.stdout or "{}")}
 
 
 def data_md5(root: Path) -> str | None:
