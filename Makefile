@@ -10,15 +10,21 @@ TORCH_WHEELS ?= /opt/wheels
 TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 UV_INSTALL   := $(BIN)/uv pip install --python $(BIN)/python $(TORCH_SOURCE)
 
-.PHONY: demo test install lock clean
+.PHONY: demo test install lock clean browser
 
 demo: $(STAMP)
 	$(BIN)/lmforge up
 	$(BIN)/lmforge run --source builtin
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# Debian's Chromium for the Prefect UI test; where apt cannot install it, that one test skips with the reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium could not be installed: the UI test will skip"
 
 install: $(STAMP)
 

@@ -86,9 +86,12 @@ class PrefectServer:
         self.dir.mkdir(parents=True, exist_ok=True)
         prefect = str(Path(sys.executable).parent / "prefect")
         cmd = [prefect, "server", "start", "--host", self.cfg.host, "--port", str(self.cfg.port)]
+        # The UI asks the server where its API is; without this it would look on the default port 4200.
+        ui = {"PREFECT_UI_API_URL": self.api_url, "PREFECT_SERVER_API_HOST": self.cfg.host,
+              "PREFECT_SERVER_API_PORT": str(self.cfg.port)}  # fmt: skip
         with self.log.open("ab") as log:
             proc = subprocess.Popen(
-                cmd, env=os.environ | prefect_env(self.state), stdout=log, stderr=subprocess.STDOUT,
+                cmd, env=os.environ | prefect_env(self.state, ui), stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         self.pidfile.write_text(str(proc.pid))
