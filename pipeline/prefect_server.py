@@ -31,6 +31,9 @@ def prefect_env(state: Path, extra: dict[str, str] | None = None) -> dict[str, s
         "PREFECT_HOME": str(state / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
+        # Prefect counts only its own sleeps against its 20 s default: on a busy 2-core machine the
+        # ephemeral server can take longer than that to answer.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
     return env | (extra or {})
 
@@ -91,7 +94,7 @@ class PrefectServer:
               "PREFECT_SERVER_API_PORT": str(self.cfg.port)}  # fmt: skip
         with self.log.open("ab") as log:
             proc = subprocess.Popen(
-                cmd, env=os.environ | prefect_env(self.state, ui), stdout=log, stderr=subprocess.STDOUT,
+                cmd, env=prefect_env(self.state) | os.environ | ui, stdout=log, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )  # fmt: skip
         self.pidfile.write_text(str(proc.pid))

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -297,12 +298,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def api(url: str, body: dict | None = None):
+def api(url: str, body: dict | None = None, attempts: int = 5):
+    """POST body to a Prefect API route; a 503 (its SQLite busy) is retried, as Prefect's client does."""
     request = urllib.request.Request(
         url, data=json.dumps(body or {}).encode(), headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.loads(response.read())
+    for attempt in range(attempts):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == attempts - 1:
+                raise
+            time.sleep(2**attempt)
 
 
 def test_rejected_challenger_leaves_the_champion(workspace, s3_server, tmp_path):
