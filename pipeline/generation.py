@@ -121,7 +121,7 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator) -> int:
 
 
 class Engine:
-    """Owns the model; `stream()` and `complete()` are safe to call from any thread."""
+    """Owns the model; `submit()` and `stream()` are safe to call from any thread."""
 
     def __init__(
         self,
@@ -181,12 +181,6 @@ class Engine:
                     return
         finally:
             request.cancelled.set()
-
-    def complete(self, prompt: str, params: SamplingParams) -> Completion:
-        for event in self.stream(prompt, params):
-            if isinstance(event, Completion):
-                return event
-        raise RuntimeError("the engine ended a request without a result")
 
     # -- the engine thread ------------------------------------------------------------------
 

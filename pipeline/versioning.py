@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.storage import process_alive
+
 LineSink = Callable[[str], None]
 
 
@@ -85,8 +87,6 @@ def kill_tree(pid: int, grace: float = 3.0) -> None:
     The tree is listed before anything is signalled: once a parent dies its children are re-parented
     and could no longer be found.
     """
-    from pipeline.storage import process_alive
-
     tree = [pid, *descendants(pid)]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p in tree:
