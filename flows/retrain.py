@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 
 from flows import artifacts
 from pipeline.config import Params, Workspace, load_params
-from pipeline.storage import StorageError
+from pipeline.storage import TransientStorageError
 from pipeline.versioning import (
     CommandError,
     dvc,
@@ -45,7 +45,12 @@ def _log_line(line: str) -> None:
         get_run_logger().info(line)
 
 
-@task(name="check-storage", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on(StorageError))
+@task(
+    name="check-storage",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_on(TransientStorageError),
+)
 def storage_check_task(params: Params, ws: Workspace) -> None:
     from pipeline.storage import check_storage
 
@@ -53,7 +58,10 @@ def storage_check_task(params: Params, ws: Workspace) -> None:
 
 
 @task(
-    name="ingest", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on(StorageError, OSError)
+    name="ingest",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_on(TransientStorageError, OSError),
 )
 def ingest_task(source: str, ws: Workspace, params: Params) -> str:
     from pipeline.ingest import ingest
@@ -97,7 +105,12 @@ def package_task(ws: Workspace, params: Params, data_md5: str) -> dict:
     return bento
 
 
-@task(name="publish", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_on(StorageError))
+@task(
+    name="publish",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_on(TransientStorageError),  # a lost race (ConflictError) is final
+)
 def publish_task(ws: Workspace, params: Params, data_md5: str, bento: dict) -> dict:
     """Export the Bento to S3, then make it the champion."""
     from pipeline.package import publish
@@ -111,7 +124,7 @@ def publish_task(ws: Workspace, params: Params, data_md5: str, bento: dict) -> d
     record["params"] = params.model_dump(
         include={"profile", "preprocess", "model", "train", "evaluate", "gate"}
     )
-    record = promote(record, params.storage, ws.state)
+    record = promote(record, params.storage, ws.state, judged_against=decision["champion"])
     get_run_logger().info(f"promoted: Bento {bento['bento_tag']} at {bento['bento_url']}")
     return record
 

@@ -403,6 +403,7 @@ def containerize(
 @app.command()
 def rollback() -> None:
     """Make the previous champion current again (the registry keeps every promotion)."""
+    from pipeline.registry import record_name
     from pipeline.registry import rollback as roll_back
     from pipeline.storage import StorageError
 
@@ -411,8 +412,59 @@ def rollback() -> None:
         record = roll_back(params.storage, ws.state)
     except StorageError as exc:
         _fail(str(exc))
-    typer.echo(f"champion is now {record.get('bento_tag') or record['model_md5']} (rolled back from "
+    typer.echo(f"champion is now {record_name(record)} (rolled back from "
                f"{record['rolled_back_from']}); restart `lmforge serve` to serve it")  # fmt: skip
+
+
+@app.command()
+def bench(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A tiny model and short runs (a few minutes)")
+    ] = False,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Where results.json and results.md go; default: bench/ in the workspace"),
+    ] = None,
+    corpus: Annotated[
+        Path | None, typer.Option(help="A corpus file or dir; default: the builtin corpus")
+    ] = None,
+    skip_pipeline: Annotated[
+        bool, typer.Option("--skip-pipeline", help="Skip the pipeline section (it starts its own S3)")
+    ] = False,
+    sections: Annotated[
+        str, typer.Option(help="Comma-separated: preprocess,train,serve,pipeline")
+    ] = "preprocess,train,serve,pipeline",
+    demo_seconds: Annotated[
+        float | None, typer.Option(help="Record this `make demo` wall time (timed outside the bench)")
+    ] = None,
+    profile: Profile = None,
+) -> None:
+    """Measure each stage against the bare library doing the same work; write a table of ratios.
+
+    Runs in a temporary workspace of its own: data/, artifacts/, the BentoML store and S3 of this
+    workspace are not touched.
+    """
+    from pipeline.bench import SECTIONS, run_bench
+
+    ws, _ = _workspace_and_params()
+    chosen = [s.strip() for s in sections.split(",") if s.strip()]
+    unknown = sorted(set(chosen) - set(SECTIONS))
+    if unknown:
+        _fail(f"--sections: unknown {', '.join(unknown)}; choose from {','.join(SECTIONS)}", 2)
+    skipped = {}
+    if skip_pipeline and "pipeline" in chosen:
+        chosen.remove("pipeline")
+        skipped["pipeline"] = "--skip-pipeline"
+    run_bench(
+        quick,
+        out or ws.root / "bench",
+        ws.root,
+        corpus,
+        [s for s in SECTIONS if s in chosen],
+        skipped,
+        demo_seconds,
+        profile,
+    )
 
 
 def main() -> None:

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 PARAMS_FILE = "params.yaml"
 
@@ -69,10 +77,13 @@ class ValidationConfig(Section):
     max_doc_chars: int = Field(1_000_000, ge=1)
     max_nonprintable_ratio: float = Field(0.01, ge=0, le=1)
     max_duplicate_ratio: float = Field(0.3, ge=0, le=1)
+    # A new corpus must keep this fraction of the champion's characters (0 turns the guard off).
+    min_fraction_of_champion: float = Field(0.5, ge=0, le=1)
     secret_patterns: dict[str, str] = Field(
         default_factory=lambda: {
             "aws_access_key_id": "(?:AKIA|ASIA)[0-9A-Z]{16}",
             "private_key_block": "-----BEGIN (?:RSA |EC |DSA |OPENSSH |PGP )?PRIVATE KEY-----",
+            "github_token": "gh[pousr]_[A-Za-z0-9]{36}",
         }
     )
 
@@ -96,6 +107,8 @@ class ValidationConfig(Section):
 
 
 class PreprocessConfig(Section):
+    model_config = ConfigDict(allow_inf_nan=False)  # .nan/.inf in YAML: one-sided bounds let inf through
+
     vocab_size: int = Field(8192, ge=300, le=2**31)
     min_frequency: int = Field(2, ge=1)
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
@@ -105,6 +118,8 @@ class PreprocessConfig(Section):
 
 
 class ModelConfig(Section):
+    model_config = ConfigDict(allow_inf_nan=False)  # .nan/.inf in YAML: one-sided bounds let inf through
+
     base: str | None = None
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
@@ -120,6 +135,8 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
+    model_config = ConfigDict(allow_inf_nan=False)  # .nan/.inf in YAML: one-sided bounds let inf through
+
     nproc_per_node: int = Field(2, ge=1)
     nnodes: int = Field(1, ge=1)
     rdzv_endpoint: str = Field("localhost:0", pattern=r"^[\w.\-\[\]:]+:\d+$")
@@ -153,6 +170,8 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
+    model_config = ConfigDict(allow_inf_nan=False)  # .nan/.inf in YAML: one-sided bounds let inf through
+
     batch_size: int = Field(16, ge=1)
     max_windows: int | None = Field(2000, ge=1)
     smoothing_k: float = Field(0.1, gt=0)
@@ -161,6 +180,13 @@ class EvaluateConfig(Section):
     temperature: float = Field(0.8, gt=0)
     top_k: int = Field(50, ge=0)
     seed: int = 0
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_not_empty(cls, prompts: list[str]) -> list[str]:
+        if any(not p for p in prompts):
+            raise ValueError("a prompt must not be empty (generation needs at least one token to continue)")
+        return prompts
 
 
 class GateConfig(Section):
@@ -206,6 +232,19 @@ class Params(Section):
     gate: GateConfig = GateConfig()
     serve: ServeConfig = ServeConfig()
     prefect: PrefectConfig = PrefectConfig()
+
+    @field_validator("evaluate")
+    @classmethod
+    def _samples_fit_the_context(cls, evaluate: EvaluateConfig, info: ValidationInfo) -> EvaluateConfig:
+        # A model built here has block_size positions; generating past them is an IndexError at the end of
+        # evaluate. A base model's context (and exact prompt lengths) are checked before training starts.
+        model = info.data.get("model")  # absent when the model section itself failed
+        if model and model.base is None and evaluate.max_new_tokens >= model.block_size:
+            raise ValueError(
+                f"evaluate.max_new_tokens ({evaluate.max_new_tokens}) leaves no room for a prompt in "
+                f"model.block_size ({model.block_size})"
+            )
+        return evaluate
 
 
 # ---------------------------------------------------------------------------------------------

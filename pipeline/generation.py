@@ -106,15 +106,19 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator) -> int:
     """One token from one row's logits: greedy at temperature 0, else temperature, top-k, top-p."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    logits = logits.float() / params.temperature
+    # float64, and the max subtracted before dividing: a tiny temperature (1e-45 is a float32 zero)
+    # then sends the other logits to -inf instead of making inf/inf = NaN probabilities
+    logits = logits.double()
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        # keep the smallest prefix whose mass reaches top_p, and always the top token
         drop = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p
+        drop[0] = False
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -136,6 +140,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         self.context = context_length(model)
+        # No token is longer than the longest vocabulary entry, so a prompt over context × that many
+        # characters cannot fit: it is refused without spending seconds tokenizing a megabyte.
+        self.max_prompt_chars = self.context * max(len(t) for t in tokenizer.get_vocab())
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
         self.max_batch_size = max_batch_size
@@ -147,6 +154,10 @@ class Engine:
     # -- the public side --------------------------------------------------------------------
 
     def encode(self, prompt: str) -> list[int]:
+        if len(prompt) > self.max_prompt_chars:
+            raise GenerationError(
+                f"prompt: {len(prompt):,} characters cannot fit the model's context of {self.context} tokens"
+            )
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -159,6 +170,13 @@ class Engine:
             )
         if params.max_new_tokens < 1:
             raise GenerationError("max_new_tokens: must be at least 1")
+        # a bad setting fails this request here, not the whole batch it would join in the engine
+        if not (math.isfinite(params.temperature) and params.temperature >= 0):
+            raise GenerationError("temperature: must be a finite number, at least 0")
+        if not 0 < params.top_p <= 1:
+            raise GenerationError("top_p: must be in (0, 1]")
+        if params.top_k < 0:
+            raise GenerationError("top_k: must be at least 0")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Event], None]):
         """Queue one request; emit() gets text deltas, then a Completion (or an exception)."""

@@ -14,6 +14,7 @@ import filecmp
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,8 @@ def corpus_files(root: Path) -> list[Path]:
         raise CorpusError(f"{root}: broken symlink")
     if not root.exists():
         raise CorpusError(f"{root}: no such file or directory")
-    if root.is_file():
+    if not root.is_dir():
+        _require_regular_file(root)
         if root.suffix not in CORPUS_SUFFIXES:
             raise CorpusError(
                 f"{root}: unsupported file type {root.suffix!r}; use one of {', '.join(CORPUS_SUFFIXES)}"
@@ -63,7 +65,20 @@ def corpus_files(root: Path) -> list[Path]:
         ]
     if not files:
         raise CorpusError(f"{root}: no {', '.join(CORPUS_SUFFIXES)} files in this directory")
+    for path in files:
+        _require_regular_file(path)
     return files
+
+
+def _require_regular_file(path: Path) -> None:
+    """A symlink loop, a dangling link, a FIFO or a device is named here, before anything is copied:
+    reading a FIFO would block forever."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise CorpusError(f"{path}: cannot read ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise CorpusError(f"{path}: not a regular file")
 
 
 def _raise_walk_error(exc: OSError) -> None:
@@ -204,14 +219,27 @@ def discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def champion_chars(ws, params) -> int | None:
+    """How many characters the champion was trained on (its record keeps the validation stats), or None
+    when there is no champion, the record predates the stats, or the shrink guard is off."""
+    if params.validation.min_fraction_of_champion <= 0:
+        return None
+    from pipeline.registry import read_champion
+
+    champion = read_champion(params.storage, ws.state) or {}
+    return (champion.get("data_stats") or {}).get("total_chars")
+
+
 def ingest(source: str, ws, params, on_line=print) -> str:
     """source -> staged -> validated -> data/ -> `dvc add data`; returns the dataset md5.
 
-    A source that fails validation is discarded before data/ is touched.
+    A source that fails validation (including the shrink guard against the champion's corpus) is
+    discarded before data/ is touched.
     """
     from pipeline.validate import format_failure, validate_corpus
     from pipeline.versioning import data_md5, dvc
 
+    reference = champion_chars(ws, params)
     staging = stage_corpus(source, ws.data, params.ingest, (params.storage, ws.state))
     try:
         if same_tree(staging, ws.data) and data_md5(ws.root):
@@ -219,7 +247,7 @@ def ingest(source: str, ws, params, on_line=print) -> str:
             # whenever the validation params change: a scheduled rerun on unchanged data skips GE here.
             on_line("source unchanged: data/ already holds exactly this corpus")
             return data_md5(ws.root)
-        report = validate_corpus(staging, params)
+        report = validate_corpus(staging, params, champion_chars=reference)
         if not report.success:
             raise CorpusError(
                 f"source {source} failed validation; data/ is unchanged\n{format_failure(report)}"

@@ -1,17 +1,26 @@
 """The champion record in S3: which model is current, with its metrics and lineage.
 
 s3://<bucket>/<registry_prefix>/champion.json is the current champion; every promotion is also kept
-under history/, which is what a rollback goes back to.
+under history/, which is what a rollback goes back to. The pointer is only ever changed by a
+conditional write (If-Match on the ETag that was read), so two racing writers cannot both win.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline.config import Params, StorageConfig, Workspace
-from pipeline.storage import StorageError, get_json, list_keys, put_json
+from pipeline.storage import (
+    ConflictError,
+    StorageError,
+    get_json,
+    get_json_versioned,
+    list_keys,
+    put_json,
+)
 
 
 def champion_key(cfg: StorageConfig) -> str:
@@ -37,7 +46,7 @@ def rollback(cfg: StorageConfig, state: Path) -> dict:
 
     "Before" is by promotion time, so rolling back twice goes back two promotions.
     """
-    current = read_champion(cfg, state)
+    current, etag = get_json_versioned(cfg, state, champion_key(cfg))
     if current is None:
         raise StorageError("no champion to roll back from")
     older = [
@@ -45,12 +54,12 @@ def rollback(cfg: StorageConfig, state: Path) -> dict:
         if r["promoted_at"] < current["promoted_at"] and r.get("bento_tag") != current.get("bento_tag")
     ]  # fmt: skip
     if not older:
-        raise StorageError(f"no earlier champion than {current.get('bento_tag') or current['model_md5']}")
+        raise StorageError(f"no earlier champion than {record_name(current)}")
     record = older[-1] | {
-        "rolled_back_from": current.get("bento_tag") or current["model_md5"],
+        "rolled_back_from": record_name(current),
         "rolled_back_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    put_json(cfg, state, champion_key(cfg), record)
+    put_json(cfg, state, champion_key(cfg), record, if_match=etag)
     return record
 
 
@@ -59,17 +68,29 @@ def git_sha(root: Path) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def promote(record: dict, cfg: StorageConfig, state: Path) -> dict:
-    """Write the history entry first, then the champion pointer: a crash between them loses nothing."""
+def record_name(record: dict | None) -> str:
+    if record is None:
+        return "no champion"
+    return record.get("bento_tag") or record.get("model_md5", "?")
+
+
+def promote(record: dict, cfg: StorageConfig, state: Path, judged_against: dict | None) -> dict:
+    """Make record the champion, only if the champion is still the one the gate judged it against.
+
+    The check and the write are one step: the write is conditional on the ETag read here (or on there
+    being no champion yet), so of two racing promotions exactly one wins and the other gets a
+    ConflictError. The history entry is written after the pointer, so a lost race leaves none.
+    """
+    current, etag = get_json_versioned(cfg, state, champion_key(cfg))
+    if current != judged_against:
+        raise ConflictError(
+            f"the champion changed since the gate judged this model (it is now {record_name(current)}, "
+            f"the gate compared against {record_name(judged_against)}); run again to gate against it"
+        )
     record = record | {"promoted_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
+    put_json(cfg, state, champion_key(cfg), record, if_match=etag, if_absent=etag is None)
     stamp = record["promoted_at"].replace(":", "").replace("-", "")
-    put_json(
-        cfg,
-        state,
-        f"{history_prefix(cfg)}{stamp}-{record['model_md5'][:12]}.json",
-        record,
-    )
-    put_json(cfg, state, champion_key(cfg), record)
+    put_json(cfg, state, f"{history_prefix(cfg)}{stamp}-{record['model_md5'][:12]}.json", record)
     return record
 
 
@@ -84,11 +105,14 @@ def champion_record(
     """What a champion record says: where the model and its Bento are, how good it is, where it came from."""
     from pipeline.versioning import remote_object_url
 
+    report = ws.validation_dir / "report.json"
     record = {
         "model_md5": model_md5,
         "model_url": remote_object_url(params.storage.dvc_remote_url, model_md5),
         "metrics": metrics,
         "data_md5": data_md5,
+        # the size of the corpus, for the shrink guard at the next ingest
+        "data_stats": json.loads(report.read_text())["stats"] if report.is_file() else None,
         "git_sha": git_sha(ws.root),
         "profile": params.profile,
     }

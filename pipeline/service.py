@@ -38,12 +38,23 @@ Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 
 
+def _check_unicode(text: str) -> str:
+    # JSON may escape a lone surrogate ("\ud800"); the tokenizer and a UTF-8 response cannot carry one
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (a lone surrogate escape is not)") from None
+    return text
+
+
 def _check_stop(stop: str | list[str] | None) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > MAX_STOP_STRINGS:
         raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
     if any(not s for s in stops):
         raise ValueError("stop strings must not be empty")
+    for s in stops:
+        _check_unicode(s)
     return stops
 
 
@@ -63,7 +74,7 @@ Stop = Annotated[str | list[str] | None, AfterValidator(_check_stop)]
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    prompt: str = Field(min_length=1)
+    prompt: Annotated[str, Field(min_length=1), AfterValidator(_check_unicode)]
     max_new_tokens: MaxTokens = DEFAULT_MAX_NEW_TOKENS
     temperature: Temperature = 0.8
     top_p: TopP = 1.0
@@ -104,6 +115,8 @@ class CompletionRequest(BaseModel):
             raise ValueError("prompt must not be empty")
         if len(prompts) > 16:
             raise ValueError("at most 16 prompts per request")
+        for p in prompts:
+            _check_unicode(p)
         return value
 
     def unsupported(self) -> str | None:
@@ -121,7 +134,37 @@ class CompletionRequest(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# the body-size limit: a pure ASGI middleware, so it guards every route, mounted apps included
+# pure ASGI middlewares, so they guard every route, mounted apps included
+
+FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
+
+
+class JsonOnly:
+    """Refuse form bodies with a 415. Every route here takes JSON, but BentoML would parse a form into
+    fields for /generate (and answer a malformed one with a 500)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            # every content-type header: BentoML reads the first, a dict() of them keeps the last
+            types = [
+                v.split(b";")[0].strip().lower()
+                for k, v in scope.get("headers") or []
+                if k == b"content-type"
+            ]
+            if any(t in FORM_TYPES for t in types):
+                payload = _error_body(
+                    "the request body must be JSON (application/json)", "unsupported_media_type"
+                )
+                await send(
+                    {"type": "http.response.start", "status": 415,
+                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]}
+                )  # fmt: skip
+                await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -234,8 +277,9 @@ class LMForge:
         )
         self.created = int(time.time())
 
-    def _prepare(self, prompt: str, params: SamplingParams) -> list[int]:
-        ids = self.engine.encode(prompt)
+    async def _prepare(self, prompt: str, params: SamplingParams) -> list[int]:
+        # tokenizing a long prompt takes a while: off the event loop, so other requests keep flowing
+        ids = await asyncio.to_thread(self.engine.encode, prompt)
         self.engine.check(ids, params)
         return ids
 
@@ -253,7 +297,7 @@ class LMForge:
             top_k=request.top_k, seed=request.seed, stop=request.stop,
         )  # fmt: skip
         try:
-            ids = self._prepare(request.prompt, params)
+            ids = await self._prepare(request.prompt, params)
         except GenerationError as exc:
             raise bentoml.exceptions.InvalidArgument(str(exc)) from None
         done = await self._complete(ids, params)
@@ -282,7 +326,7 @@ class LMForge:
                     max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                     seed=None if body.seed is None else body.seed + k, stop=body.stop,
                 )  # fmt: skip
-                jobs.append((p * body.n + k, prompt, self._prepare(prompt, params), params))
+                jobs.append((p * body.n + k, prompt, await self._prepare(prompt, params), params))
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         head = {
             "id": completion_id,
@@ -357,3 +401,4 @@ def _sse(payload: dict) -> str:
 
 
 LMForge.add_asgi_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+LMForge.add_asgi_middleware(JsonOnly)

@@ -42,6 +42,14 @@ class StorageError(RuntimeError):
     """Any S3 failure, said so that a user knows what to do."""
 
 
+class ConflictError(StorageError):
+    """A conditional write lost: the object changed since it was read (another writer got there first)."""
+
+
+class TransientStorageError(StorageError):
+    """The endpoint could not be reached or did not answer: a retry may help, unlike a refused key."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     access_key: str
@@ -152,9 +160,13 @@ def describe_error(exc: Exception, cfg: StorageConfig, what: str) -> StorageErro
     endpoint = cfg.endpoint_url or f"AWS S3 ({cfg.region})"
     if isinstance(exc, ConnectionError):
         hint = "start it with `lmforge up`" if cfg.embedded else "check storage.endpoint_url and the network"
-        return StorageError(f"{what}: S3 endpoint {endpoint} is not reachable: is the server running? {hint}")
+        return TransientStorageError(
+            f"{what}: S3 endpoint {endpoint} is not reachable: is the server running? {hint}"
+        )
     if isinstance(exc, ReadTimeoutError | ConnectionClosedError):
-        return StorageError(f"{what}: S3 endpoint {endpoint} accepted the connection but did not answer")
+        return TransientStorageError(
+            f"{what}: S3 endpoint {endpoint} accepted the connection but did not answer"
+        )
     if isinstance(exc, NoCredentialsError | PartialCredentialsError):
         hint = "run `lmforge up` to generate them" if cfg.embedded else "or configure ~/.aws"
         return StorageError(
@@ -296,28 +308,52 @@ def upload_file(cfg: StorageConfig, state: Path, key: str, path: Path) -> str:
     return f"s3://{cfg.bucket}/{key}"
 
 
-def put_json(cfg: StorageConfig, state: Path, key: str, value: dict) -> None:
+def put_json(
+    cfg: StorageConfig,
+    state: Path,
+    key: str,
+    value: dict,
+    if_match: str | None = None,
+    if_absent: bool = False,
+) -> str:
+    """Write value as JSON at key; returns the new ETag.
+
+    if_match (an ETag) or if_absent make it a conditional write: S3 refuses it with 412 when the object
+    changed or appeared meanwhile, and ConflictError says so. Nothing is overwritten silently.
+    """
     body = json.dumps(value, indent=2, sort_keys=True).encode()
+    conditions = {"IfMatch": if_match} if if_match else {"IfNoneMatch": "*"} if if_absent else {}
     try:
-        s3_client(cfg, state).put_object(
-            Bucket=cfg.bucket, Key=key, Body=body, ContentType="application/json"
+        response = s3_client(cfg, state).put_object(
+            Bucket=cfg.bucket, Key=key, Body=body, ContentType="application/json", **conditions
         )
     except _botocore_errors() as exc:
+        if _error_code(exc) in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            raise ConflictError(
+                f"write s3://{cfg.bucket}/{key}: it changed since it was read (another writer won)"
+            ) from None
         raise describe_error(exc, cfg, f"write s3://{cfg.bucket}/{key}") from None
+    return response["ETag"]
+
+
+def get_json_versioned(cfg: StorageConfig, state: Path, key: str) -> tuple[dict | None, str | None]:
+    """(the JSON object at key, its ETag), or (None, None) when there is none; a missing bucket is an error."""
+    try:
+        response = s3_client(cfg, state).get_object(Bucket=cfg.bucket, Key=key)
+        body = response["Body"].read()
+    except _botocore_errors() as exc:
+        if _error_code(exc) == "NoSuchKey":
+            return None, None
+        raise describe_error(exc, cfg, f"read s3://{cfg.bucket}/{key}") from None
+    try:
+        return json.loads(body), response["ETag"]
+    except ValueError:
+        raise StorageError(f"s3://{cfg.bucket}/{key} is not valid JSON") from None
 
 
 def get_json(cfg: StorageConfig, state: Path, key: str) -> dict | None:
     """The JSON object at key, or None when there is none (a missing bucket is still an error)."""
-    try:
-        body = s3_client(cfg, state).get_object(Bucket=cfg.bucket, Key=key)["Body"].read()
-    except _botocore_errors() as exc:
-        if _error_code(exc) == "NoSuchKey":
-            return None
-        raise describe_error(exc, cfg, f"read s3://{cfg.bucket}/{key}") from None
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise StorageError(f"s3://{cfg.bucket}/{key} is not valid JSON") from None
+    return get_json_versioned(cfg, state, key)[0]
 
 
 # ---------------------------------------------------------------------------------------------

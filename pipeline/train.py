@@ -22,6 +22,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -286,7 +287,11 @@ def flops_per_token(model, cfg: ModelConfig) -> float:
 
 def measure_matmul_flops(device: torch.device, size: int = 1024, repeats: int = 8) -> float:
     """This process's dense fp32 matmul FLOP/s, with its thread setting: the peak that MFU divides by."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    # A generator of its own: drawing from the global one after a resume restored it would shift every
+    # dropout mask of the resumed run against the uninterrupted one.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=gen)
+    b = torch.randn(size, size, device=device, generator=gen)
     a @ b  # warm up
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -423,7 +428,14 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop log lines past the resumed step: a restart continues the curve instead of doubling it."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by the kill that caused this restart
+            continue
+        if record["step"] <= step:
+            keep.append(line)
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -462,13 +474,13 @@ def torchrun_command(cfg: TrainConfig, module: str = "pipeline.train") -> list[s
     cmd = [
         sys.executable,
         "-m",
-        "torch.distributed.run",
+        "pipeline.launch",  # torchrun, with a single node's stores on loopback
         f"--nproc-per-node={cfg.nproc_per_node}",
         f"--max-restarts={cfg.max_restarts}",
     ]
     if cfg.nnodes == 1:
         cmd += (
-            ["--standalone"]
+            ["--standalone", "--local-addr=127.0.0.1"]
             if cfg.rdzv_endpoint.endswith(":0")
             else ["--rdzv-backend=c10d", f"--rdzv-endpoint={cfg.rdzv_endpoint}"]
         )
@@ -495,6 +507,49 @@ def torchrun_env(cfg: TrainConfig) -> dict[str, str]:
     return env
 
 
+def preflight(params: Params, ws: Workspace) -> None:
+    """What every rank would check, checked once before torchrun starts.
+
+    A rank that fails a check exits, torchrun restarts it max_restarts times, and the error drowns in
+    its output; here it costs no process and no checkpoint.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from pipeline.generation import context_length
+    from pipeline.model import resolve_base
+
+    if not (ws.shards_dir / MANIFEST).is_file():
+        raise ConfigError(f"{ws.shards_dir}: no token shards; run the preprocess stage first")
+    manifest = json.loads((ws.shards_dir / MANIFEST).read_text())
+    mcfg, world = params.model, params.train.nproc_per_node * params.train.nnodes
+    train_shards = load_shard(ws.shards_dir, "train")  # memmaps: nothing is read whole
+    for rank in range(world):
+        TokenWindows(train_shards, mcfg.block_size, rank, world)
+    fixed_windows(load_shard(ws.shards_dir, "val"), mcfg.block_size, 1)
+
+    context = mcfg.block_size
+    if mcfg.base:
+        base = AutoConfig.from_pretrained(resolve_base(mcfg.base, ws, params))
+        context = context_length(SimpleNamespace(config=base))  # it reads model.config only
+        if mcfg.block_size > context:
+            raise ConfigError(
+                f"model.block_size {mcfg.block_size} exceeds the base model's context {context}"
+            )
+        if base.vocab_size < manifest["vocab_size"]:
+            raise ConfigError(
+                f"model.base: its vocabulary ({base.vocab_size}) is smaller than the tokenizer's "
+                f"({manifest['vocab_size']})"
+            )
+    # evaluate generates from each prompt with this model: prompt + new tokens must fit its positions
+    tokenizer = AutoTokenizer.from_pretrained(ws.tokenizer_dir)
+    longest = max(len(tokenizer(p)["input_ids"]) for p in params.evaluate.prompts)
+    if longest + params.evaluate.max_new_tokens > context:
+        raise ConfigError(
+            f"evaluate.max_new_tokens ({params.evaluate.max_new_tokens}) plus the longest of evaluate.prompts "
+            f"({longest} tokens) exceeds the model's context ({context} tokens)"
+        )
+
+
 def launch(params: Params, ws: Workspace) -> None:
     """Run torchrun with this module as its worker, streaming its output; raises CommandError on failure."""
     from pipeline.versioning import stream_command, venv_env
@@ -507,6 +562,7 @@ def main() -> int:
         ws = Workspace.find()
         params = load_params(ws.root)
         if "LOCAL_RANK" not in os.environ:  # the DVC stage: start torchrun, which runs main() per rank
+            preflight(params, ws)
             launch(params, ws)
             return 0
         base_dir = None

@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -98,8 +99,12 @@ def table_stats(table: pd.DataFrame) -> dict[str, Any]:
 # the suite
 
 
-def build_suite(params: Params) -> list[tuple[str, Any, str]]:
-    """(check name, GE expectation, bound as text), in report order."""
+def build_suite(params: Params, champion_chars: int | None = None) -> list[tuple[str, Any, str]]:
+    """(check name, GE expectation, bound as text), in report order.
+
+    champion_chars, the size of the champion's corpus, adds the shrink guard: a source that lost most
+    of its data (a half-synced bucket, a wrong prefix) must not quietly retrain the model.
+    """
     gx = _import_gx()
 
     v = params.validation
@@ -135,6 +140,16 @@ def build_suite(params: Params) -> list[tuple[str, Any, str]]:
             f"<= {v.max_duplicate_ratio}",
         ),
     ]
+    if champion_chars and v.min_fraction_of_champion > 0:
+        floor = math.ceil(champion_chars * v.min_fraction_of_champion)
+        checks.append(
+            (
+                "shrinkage",
+                E.ExpectColumnSumToBeBetween(column="length", min_value=floor),
+                f">= {floor:,} chars ({v.min_fraction_of_champion:.0%} of the champion's {champion_chars:,}; "
+                "set validation.min_fraction_of_champion=0 to allow it)",
+            )
+        )
     for name, pattern in v.secret_patterns.items():
         checks.append(
             (
@@ -169,13 +184,15 @@ def _ge_error(res: Any) -> str | None:
     return None
 
 
-def run_suite(table: pd.DataFrame, params: Params, corpus: str) -> ValidationReport:
+def run_suite(
+    table: pd.DataFrame, params: Params, corpus: str, champion_chars: int | None = None
+) -> ValidationReport:
     """Run the GE suite on the table and turn its results into named checks with examples."""
     gx = _import_gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     stats = table_stats(table)
-    suite_checks = build_suite(params)
+    suite_checks = build_suite(params, champion_chars)
     if table.empty:
         # Column metrics are undefined on no rows (GE reports a mean of None as a failure), so say plainly
         # that there is nothing instead of failing every check for the wrong reason.
@@ -215,13 +232,16 @@ def run_suite(table: pd.DataFrame, params: Params, corpus: str) -> ValidationRep
     return ValidationReport(corpus, all(c.success for c in checks), stats, checks)
 
 
-def validate_corpus(path: Path, params: Params, name: str | None = None) -> ValidationReport:
+def validate_corpus(
+    path: Path, params: Params, name: str | None = None, champion_chars: int | None = None
+) -> ValidationReport:
     """Validate the corpus at path (file or directory); name is what the report calls it (default: path).
 
-    A CorpusError (missing, empty directory, unreadable, malformed JSONL) propagates to the caller.
+    champion_chars turns on the shrink guard (see build_suite). A CorpusError (missing, empty directory,
+    unreadable, malformed JSONL) propagates to the caller.
     """
     table = document_table(read_documents(path, params.ingest))
-    return run_suite(table, params, name or str(path))
+    return run_suite(table, params, name or str(path), champion_chars)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +258,7 @@ def _native(value: Any) -> Any:
 def _observed(name: str, detail: dict, table: pd.DataFrame) -> Any:
     if "observed_value" in detail:
         value = _native(detail["observed_value"])
-        return int(value) if name == "min_total_chars" and isinstance(value, float) else value
+        return int(value) if name in ("min_total_chars", "shrinkage") and isinstance(value, float) else value
     count = int(detail.get("unexpected_count") or 0)
     what = {
         "not_null": "null",

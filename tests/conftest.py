@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -156,3 +158,13 @@ def tiny_workspace(tmp_path, monkeypatch):
     params = load_params(root)
     preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params)
     return ws, params
+
+
+def listening_in_tree(pid: int) -> set[str]:
+    """host:port of every TCP socket that pid or any process below it listens on (torchrun puts its
+    ranks in sessions of their own, so a process group would miss them)."""
+    from pipeline.versioning import descendants
+
+    tree = {pid, *descendants(pid)}
+    lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+    return {line.split()[3] for line in lines if tree & {int(p) for p in re.findall(r"pid=(\d+)", line)}}

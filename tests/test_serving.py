@@ -66,34 +66,44 @@ def bento(trained):
     return package(ws, params, data_md5="0123456789abcdef0123456789abcdef.dir")
 
 
-@pytest.fixture(scope="module")
-def server(bento):
+def serve_bento(tag: str, log: Path) -> tuple[subprocess.Popen, str]:
+    """`bentoml serve` on a free loopback port, in its own process group, once /readyz answers. It logs
+    to a file: an unread pipe fills up under many requests and stalls the server."""
     port = free_port_block(1)
-    proc = subprocess.Popen(
-        [BIN / "bentoml", "serve", bento["bento_tag"], "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [BIN / "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert proc.poll() is None, log.read_text()[-4000:]
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                break
+                return proc, url
         except httpx.TransportError:
             pass
         assert time.time() < deadline, "bentoml serve did not become ready in 120 s"
         time.sleep(0.5)
-    yield url
+
+
+def stop_group(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(bento, tmp_path_factory):
+    proc, url = serve_bento(bento["bento_tag"], tmp_path_factory.mktemp("serve") / "bentoml-serve.log")
+    yield url
+    stop_group(proc)
 
 
 def post(url: str, path: str, body, **kwargs) -> httpx.Response:

@@ -1,0 +1,117 @@
+"""Secrets and exposure: no credentials in the repository, per-install keys in ignored files, and every
+server lmforge starts listening on 127.0.0.1 unless told otherwise (with a warning)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import write_overrides
+
+from .conftest import listening_in_tree
+from .test_train import _launch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# What a leaked credential looks like. The patterns are assembled from pieces, so this file does not
+# match itself.
+KEY = "KEY"
+SECRET_PATTERNS = {
+    "aws_access_key_id": re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "aws_secret_access_key": re.compile(r"(?i)aws_secret_access_key\s*[=:]\s*['\"]?[A-Za-z0-9/+]{40}\b"),
+    "private_key": re.compile(rf"-----BEGIN (?:RSA |EC |DSA |OPENSSH |PGP |ENCRYPTED )?PRIVATE {KEY}-----"),
+    "github_token": re.compile(r"\bgh[pousr]_[A-Za-z0-9]{36}\b"),
+    "slack_token": re.compile(r"\bxox[baprs]-[0-9A-Za-z-]{10,}"),
+    "password_assignment": re.compile(r"(?i)\b(?:password|passwd)\s*[=:]\s*['\"][^'\"\s{}$]{6,}['\"]"),
+}
+
+
+def leaks(text: str) -> list[str]:
+    return [name for name, pattern in SECRET_PATTERNS.items() if pattern.search(text)]
+
+
+def tracked_files() -> list[Path]:
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    return [REPO / rel for rel in out.decode().split("\0") if rel and (REPO / rel).is_file()]
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="not a git checkout: no tracked files to scan")
+def test_no_credentials_in_tracked_files():
+    files = tracked_files()
+    assert len(files) > 30  # the scan really saw the repository
+    found = {
+        str(path.relative_to(REPO)): names
+        for path in files
+        if (names := leaks(path.read_bytes().decode("utf-8", errors="replace")))
+    }
+    assert found == {}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "key = " + "AKIA" + "Z7QWERTYUIOPASDF",
+        "aws_secret_access_key = " + "wJalrXUtnFEMI/K7MDENG/bPxRfiCY" + "EXAMPLEKEY",
+        "-----BEGIN OPENSSH PRIVATE " + "KEY-----\nb3Blbn",
+        "token: " + "ghp_" + "x" * 36,
+        "SLACK=" + "xoxb-" + "1234567890-abcdef",
+        "password = " + "'hunter2hunter2'",
+    ],
+)
+def test_the_scanner_finds_each_kind_of_secret(text):
+    assert leaks(text), text  # the repository scan above can fail
+
+
+def test_per_install_keys_and_local_config_are_git_ignored():
+    """The embedded S3 keys live in the state dir and DVC's config.local: both ignored by git."""
+    ignored = [".lmforge/s3/credentials.json", ".dvc/config.local", ".env", "artifacts/model/x"]
+    result = subprocess.run(
+        ["git", "check-ignore", "--no-index", *ignored], cwd=REPO, capture_output=True, text=True
+    )
+    assert sorted(result.stdout.split()) == sorted(ignored)
+
+
+def test_training_listens_on_loopback_only(tiny_workspace):
+    """torchrun's rendezvous stores and gloo's sockets: none of them reachable from the network."""
+    ws, _ = tiny_workspace
+    write_overrides(ws.root, ["train.nproc_per_node=2", "train.max_steps=200", "train.eval_every=100"])
+    proc = _launch(ws, start_new_session=True)
+    seen: set[str] = set()
+    try:
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            seen |= listening_in_tree(proc.pid)
+            time.sleep(0.1)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    assert len(seen) >= 2, seen  # the agent's stores, at least, were seen
+    assert all(addr.startswith("127.0.0.1:") for addr in seen), seen
+
+
+def test_exposure_is_explicit_and_warned(tmp_path):
+    """Binding elsewhere takes an explicit flag and prints a warning; the embedded S3 refuses outright."""
+    from pipeline.config import StorageConfig
+    from pipeline.storage import EmbeddedS3, StorageError
+
+    with pytest.raises(StorageError, match="only runs on http://127.0.0.1"):
+        EmbeddedS3(StorageConfig(endpoint_url="http://0.0.0.0:18333"), tmp_path)
+    result = subprocess.run(
+        [Path(sys.executable).parent / "lmforge", "serve", "no-such-bento:x", "--host", "0.0.0.0"],
+        cwd=tmp_path,
+        env=dict(os.environ, LMFORGE_ROOT=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "warning: serving on 0.0.0.0: reachable from other machines" in result.stderr
+    assert result.returncode != 0  # and the unknown Bento is refused, so nothing was exposed here
