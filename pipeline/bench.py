@@ -258,9 +258,7 @@ def bench_train(b: Bench) -> dict:
         stage,
         side("bare forward/backward/AdamW loop", bare["tokens"], "tokens", bare["seconds"]),
         ("ratio", ">=", 0.95),
-        note=f"{cfg.max_steps} steps, the first fifth skipped; gloo DDP"
-        if procs > 1
-        else f"{cfg.max_steps} steps",
+        note=f"{cfg.max_steps} steps, the first fifth skipped",
     )
     figures["mfu"] = figure(
         "train: CPU MFU (stage FLOP/s / matmul FLOP/s)",
@@ -284,7 +282,7 @@ def bench_train(b: Bench) -> dict:
             side(
                 f"train stage, 1 process x {procs * threads} threads", single_tokens, "tokens", single_seconds
             ),
-            note="the same cores either way: above 1 means DDP uses them better than intra-op threads",
+            note="on a CPU the same cores either way: above 1 means DDP uses them better than intra-op threads",
         )
     return figures
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError, EvaluateConfig, Params, Workspace, load_params
+from pipeline.generation import context_length
 from pipeline.preprocess import MANIFEST, load_shard
 from pipeline.train import fixed_windows, mean_loss
 
@@ -71,6 +72,10 @@ def generate_samples(model, tokenizer, cfg: EvaluateConfig, device: torch.device
     samples = []
     for prompt in cfg.prompts:
         inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        # never past the model's context: positions beyond it do not exist (an IndexError in GPT-2)
+        room = context_length(model) - inputs["input_ids"].shape[1]
+        if room < 1:
+            raise ConfigError(f"evaluate.prompts: {prompt!r} fills the model's whole context")
         out = {"prompt": prompt}
         for mode, kwargs in (
             ("greedy", {"do_sample": False}),
@@ -78,7 +83,10 @@ def generate_samples(model, tokenizer, cfg: EvaluateConfig, device: torch.device
         ):
             torch.manual_seed(cfg.seed)
             ids = model.generate(
-                **inputs, max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.eos_token_id, **kwargs
+                **inputs,
+                max_new_tokens=min(cfg.max_new_tokens, room),
+                pad_token_id=tokenizer.eos_token_id,
+                **kwargs,
             )
             out[mode] = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         samples.append(out)

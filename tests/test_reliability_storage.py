@@ -140,4 +140,6 @@ def test_s3_killed_mid_push_then_a_rerun_completes_and_a_clone_pulls_exactly_the
     assert lock_outs(clone) == lock
     for rel in lock:
         assert tree_md5s(clone, rel) == tree_md5s(ws, rel), rel
-    assert pipeline_changes(clone, env) == {}
+    # and the remote holds everything this commit names: nothing is missing or only local
+    cloud = run([BIN / "dvc", "status", "--cloud", "--json"], clone, env)
+    assert json.loads(cloud.stdout or "{}") == {}, cloud.stdout
