@@ -291,7 +291,7 @@ def bare_loop_worker() -> None:
     """One rank of the bare loop: the model, batch, steps, device and dtype of the train stage, nothing else."""
     from pipeline.model import build_model
     from pipeline.preprocess import MANIFEST
-    from pipeline.train import autocast_for, measure_matmul_flops
+    from pipeline.train import autocast_for, matmul_size, measure_matmul_flops
 
     ws = Workspace.find()
     params = load_params(ws.root)
@@ -342,7 +342,9 @@ def bare_loop_worker() -> None:
         rates.append(step_tokens / (time.perf_counter() - start))
     tokens, seconds = _steady_state(step_tokens, rates)
     if rank == 0:
-        flop = 2 * 1024**3 * 16 * world  # what measure_matmul_flops multiplied, on every rank
+        flop = (
+            2 * matmul_size(device) ** 3 * 16 * world
+        )  # what measure_matmul_flops multiplied, on every rank
         result = {"tokens": tokens, "seconds": seconds, "peak_flop": flop, "peak_seconds": flop / peak}
         Path(os.environ[BARE_LOOP_OUT]).write_text(json.dumps(result) + "\n")
     if world > 1:

@@ -32,6 +32,7 @@ Typical session:
   lmforge rollback               make the previous champion current again
   lmforge containerize [TAG]     the Bento as a container image (needs docker)
   lmforge status | down          what runs | stop it
+  lmforge bench [--quick]        throughput against the bare libraries, as ratios
 """
 
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, rich_markup_mode=None)

@@ -285,13 +285,21 @@ def flops_per_token(model, cfg: ModelConfig) -> float:
     return 6 * n + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
 
-def measure_matmul_flops(device: torch.device, size: int = 1024, repeats: int = 8) -> float:
-    """This process's dense fp32 matmul FLOP/s, with its thread setting: the peak that MFU divides by."""
+def matmul_size(device: torch.device) -> int:
+    return 8192 if device.type == "cuda" else 1024  # a GPU needs a big matmul to reach its peak
+
+
+def measure_matmul_flops(device: torch.device, size: int | None = None, repeats: int = 8) -> float:
+    """This process's dense matmul FLOP/s in the dtype training computes in (fp32 on a CPU, bf16 on a
+    GPU that has it), with its thread setting: the peak that MFU divides by."""
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    size = size or matmul_size(device)
     # A generator of its own: drawing from the global one after a resume restored it would shift every
     # dropout mask of the resumed run against the uninterrupted one.
     gen = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, generator=gen)
-    b = torch.randn(size, size, device=device, generator=gen)
+    a = torch.randn(size, size, device=device, generator=gen, dtype=dtype)
+    b = torch.randn(size, size, device=device, generator=gen, dtype=dtype)
     a @ b  # warm up
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -402,6 +410,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
                 )
             if dist.world_size > 1:
                 torch.distributed.barrier()  # no rank runs ahead of a checkpoint it may need to resume from
+            tick = time.perf_counter()  # nor is checkpoint I/O
     bar.close()
 
     # DDP must leave every rank with the same weights; check it rather than trust it.
