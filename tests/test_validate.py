@@ -96,6 +96,7 @@ def test_good_corpus_passes(tmp_path, capfd):
         "duplicate_ratio",
         "secret:aws_access_key_id",
         "secret:private_key_block",
+        "secret:github_token",
     ]
     by_name = {c.name: c for c in report.checks}
     assert by_name["min_documents"].observed == 12
@@ -193,7 +194,7 @@ def test_write_report_json_and_markdown(tmp_path):
     report = validate_corpus(tmp_path, resolve_params({}, [*LOW, "validation.max_duplicate_ratio=0"]))
     write_report(report, tmp_path / "out")
     data = json.loads((tmp_path / "out/report.json").read_text())
-    assert data["success"] is True and data["stats"]["documents"] == 13 and len(data["checks"]) == 9
+    assert data["success"] is True and data["stats"]["documents"] == 13 and len(data["checks"]) == 10
     md = (tmp_path / "out/report.md").read_text()
     assert (
         md.startswith("# Corpus validation: passed") and "| check | ok | observed | bound | example |" in md
