@@ -54,6 +54,7 @@ class _Request:
     prompt_ids: list[int]
     params: SamplingParams
     emit: Callable[[Event], None]
+    deltas: bool = True  # False: only the Completion, so no text is decoded token by token
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -67,6 +68,7 @@ class _Row:
         self.ids: list[int] = []
         self.sent = 0  # characters of text already emitted
         self.text = ""
+        self.decoded = 0  # how many of ids the text reflects
         self.finish: str | None = None
         self.generator = None
         if self.params.seed is not None:
@@ -79,18 +81,29 @@ class _Row:
             self.finish = "stop"
             return
         self.ids.append(token)
+        if len(self.ids) >= self.budget:
+            self.finish = "length"
+        # A request without deltas or stop strings needs its text only at the end: decoding the whole
+        # sequence every token would cost more than the forward pass on a small model.
+        if self.request.deltas or self.params.stop or self.finish:
+            self._decode()
+
+    def _decode(self) -> None:
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        self.decoded = len(self.ids)
         for stop in self.params.stop:
             cut = self.text.find(stop)
             if cut != -1:
                 self.text, self.finish = self.text[:cut], "stop"
                 break
-        if self.finish is None and len(self.ids) >= self.budget:
-            self.finish = "length"
 
     def flush(self) -> None:
         """Emit the text that is final: all of it when done, else all but a possible stop string's
         start and an unfinished multi-byte character."""
+        if not (self.request.deltas or self.finish):
+            return
+        if self.finish and self.decoded != len(self.ids):  # ended at EOS with the text not yet decoded
+            self._decode()
         end = len(self.text) if self.finish else len(self.text) - self.holdback
         if not self.finish:
             while end > self.sent and self.text[end - 1] == "\ufffd":
@@ -178,10 +191,17 @@ class Engine:
         if params.top_k < 0:
             raise GenerationError("top_k: must be at least 0")
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[Event], None]):
-        """Queue one request; emit() gets text deltas, then a Completion (or an exception)."""
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        emit: Callable[[Event], None],
+        deltas: bool = True,
+    ):
+        """Queue one request; emit() gets text deltas (unless deltas=False), then a Completion (or an
+        exception)."""
         self.check(prompt_ids, params)
-        request = _Request(list(prompt_ids), params, emit)
+        request = _Request(list(prompt_ids), params, emit, deltas)
         self.queue.put(request)
         return request
 

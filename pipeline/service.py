@@ -238,11 +238,15 @@ async def _cannot_generate(request: Request, exc: GenerationError) -> JSONRespon
     return JSONResponse(_error_body(str(exc)), status_code=400)
 
 
-async def _events(engine: Engine, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Any]:
+async def _events(
+    engine: Engine, prompt_ids: list[int], params: SamplingParams, deltas: bool = True
+) -> AsyncIterator[Any]:
     """The engine's events for one request, on this event loop; cancels the request if abandoned."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    request = engine.submit(prompt_ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+    request = engine.submit(
+        prompt_ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), deltas
+    )
     try:
         while True:
             event = await events.get()
@@ -284,7 +288,7 @@ class LMForge:
         return ids
 
     async def _complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
-        async for event in _events(self.engine, prompt_ids, params):
+        async for event in _events(self.engine, prompt_ids, params, deltas=False):
             if isinstance(event, Completion):
                 return event
         raise RuntimeError("the engine ended a request without a result")
