@@ -325,12 +325,14 @@ class LMForge:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         jobs = []  # (choice index, prompt, prompt ids, params)
         for p, prompt in enumerate(prompts):
+            ids = None  # one prompt, tokenized once for its n choices (they differ only in the seed)
             for k in range(body.n):
                 params = SamplingParams(
                     max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
                     seed=None if body.seed is None else body.seed + k, stop=body.stop,
                 )  # fmt: skip
-                jobs.append((p * body.n + k, prompt, await self._prepare(prompt, params), params))
+                ids = ids or await self._prepare(prompt, params)
+                jobs.append((p * body.n + k, prompt, ids, params))
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         head = {
             "id": completion_id,

@@ -84,11 +84,12 @@ def test_champion_record_in_s3(s3_server, tiny_workspace):
         written["model_url"] == f"s3://{cfg.bucket}/dvc/files/md5/ab/{'ab' * 15}.dir"
         and written["promoted_at"]
     )
-    # a rejected challenger is judged against it and leaves it alone
+    # a challenger is judged against the record read back from S3: its perplexity (20) sets the bar
     decision = decide(
         {"val_perplexity": 50.0, "bigram_val_perplexity": 60.0}, read_champion(cfg, s3_server.state), GATE
     )
-    assert not decision.promote and decision.champion == written
+    assert not decision.promote
+    assert decision.reasons[-1] == "FAIL: val perplexity 50.000 > 20.400 (champion 20.000 plus 2% tolerance)"
 
 
 def test_rollback_goes_back_one_promotion_at_a_time(s3_server, tiny_workspace):

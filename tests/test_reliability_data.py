@@ -154,6 +154,12 @@ def champion_ws(tmp_path_factory, s3_server):
     return ws, env, bucket, corpus
 
 
+def tenth_of(corpus: Path, tmp_path: Path) -> Path:
+    """The first tenth of the champion's documents: the same kind of data, 10% of its size."""
+    lines = (corpus / "docs.jsonl").read_text().splitlines()
+    return write(tmp_path / "small" / "docs.jsonl", "\n".join(lines[: len(lines) // 10]) + "\n")
+
+
 def snapshot(ws: Path, s3_server, bucket: str) -> dict:
     """Everything a bad corpus must leave alone."""
     params = load_params(ws)
@@ -178,8 +184,7 @@ def test_bad_corpus_is_rejected_and_changes_nothing(case, champion_ws, s3_server
     ws, env, bucket, corpus = champion_ws
     make, message = BAD_CORPORA[case]
     if case == "shrinks_to_10pct":  # the same kind of data, a tenth of it: valid on its own
-        lines = (corpus / "docs.jsonl").read_text().splitlines()
-        source = write(tmp_path / "small" / "docs.jsonl", "\n".join(lines[: len(lines) // 10]) + "\n")
+        source = tenth_of(corpus, tmp_path)
     else:
         source = make(tmp_path)
     before = snapshot(ws, s3_server, bucket)
@@ -200,8 +205,7 @@ def test_the_flow_stops_before_training(case, champion_ws, s3_server, tmp_path):
     """Through `lmforge run`: the ingest task fails, no stage runs, nothing is promoted."""
     ws, env, bucket, corpus = champion_ws
     if case == "shrinks_to_10pct":
-        lines = (corpus / "docs.jsonl").read_text().splitlines()
-        source = write(tmp_path / "small" / "docs.jsonl", "\n".join(lines[: len(lines) // 10]) + "\n")
+        source = tenth_of(corpus, tmp_path)
     else:
         source = BAD_CORPORA[case][0](tmp_path)
     before = snapshot(ws, s3_server, bucket)
