@@ -1,10 +1,11 @@
 """Generation: batched decoding with a KV cache, shared by the service, `lmforge generate` and the bench.
 
-One engine thread owns the model. Requests queue up; the thread takes every waiting request (up to
-max_batch_size), left-pads their prompts into one batch, prefills once and decodes all rows together,
-one forward pass per token for the whole batch. On a CPU a forward pass over 16 rows costs little more
-than over one, so aggregate throughput grows with concurrency. Each row keeps its own sampling settings,
-seed, stop strings and token budget; text streams out per row as it is decoded.
+One engine thread owns the model and decodes every active request together, one forward pass per
+token for the whole batch; on a CPU a pass over 16 rows costs little more than over one. Between
+steps it admits waiting requests (continuous batching): they are prefilled together, left-padded
+and joined to the batch's KV cache, and a finished row leaves at once. So a request never waits for
+another to finish. Each row keeps its own sampling settings, seed, stop strings and token budget;
+text streams out per row as it is decoded.
 
 This module imports no lmforge config: it travels inside the Bento on its own.
 """
@@ -145,7 +146,6 @@ class Engine:
         model,
         tokenizer,
         max_batch_size: int = 16,
-        batch_wait_s: float = 0.005,
         on_batch: Callable[[int], None] | None = None,
     ):
         self.model = model.eval()
@@ -159,7 +159,6 @@ class Engine:
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
         self.max_batch_size = max_batch_size
-        self.batch_wait_s = batch_wait_s
         self.queue: queue.Queue[_Request] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
         self.thread.start()
@@ -223,70 +222,154 @@ class Engine:
     # -- the engine thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
+        active = _Batch()
         while True:
-            batch = [self.queue.get()]
-            deadline = self.batch_wait_s
-            while len(batch) < self.max_batch_size:
-                try:  # a short wait lets requests that arrive together share a batch
-                    batch.append(self.queue.get(timeout=deadline))
-                    deadline = 0.0005
-                except queue.Empty:
-                    break
-            batch = [r for r in batch if not r.cancelled.is_set()]
-            if not batch:
+            room = self.max_batch_size - len(active.rows)
+            # A batch whose cache can take new rows admits waiting requests between decode steps, so a
+            # request never waits for a whole batch to finish (continuous batching).
+            if room and (not active.rows or active.mergeable):
+                waiting = self._take(room, wait=not active.rows)
+                if waiting:
+                    if self.on_batch:
+                        self.on_batch(len(waiting))
+                    try:
+                        self._admit(active, waiting)
+                    except Exception as exc:  # noqa: BLE001 - fails the new requests, not the batch
+                        for request in waiting:
+                            request.emit(exc)
+            if not active.rows:
                 continue
-            if self.on_batch:
-                self.on_batch(len(batch))
             try:
-                self._run(batch)
+                self._step(active)
             except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the engine
-                for request in batch:
-                    request.emit(exc)
+                for row in active.rows:
+                    row.request.emit(exc)
+                active = _Batch()
+
+    def _take(self, room: int, wait: bool) -> list[_Request]:
+        """Up to `room` queued requests; with `wait` (nothing is decoding), block for the first one.
+        No waiting for company: a request that arrives a moment later joins at the next step."""
+        taken = [self.queue.get()] if wait else []
+        try:
+            while len(taken) < room:
+                taken.append(self.queue.get_nowait())
+        except queue.Empty:
+            pass
+        return [r for r in taken if not r.cancelled.is_set()]
 
     @torch.inference_mode()
-    def _run(self, batch: list[_Request]) -> None:
+    def _admit(self, active: _Batch, requests: list[_Request]) -> None:
+        """Prefill the requests together, then join their rows to the decoding batch."""
         rows = [
             _Row(r, self.tokenizer, min(r.params.max_new_tokens, self.context - len(r.prompt_ids)))
-            for r in batch
+            for r in requests
         ]
-        width = max(len(r.prompt_ids) for r in batch)
+        width = max(len(r.prompt_ids) for r in requests)
         # Left padding: every row's last prompt token sits in the last column, so one step decodes all.
-        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, r in enumerate(batch):
+        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for i, r in enumerate(requests):
             ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
-        next_pos = positions[:, -1:] + 1
-        while True:
-            tokens = []
-            for i, row in enumerate(rows):
-                if row.finish is None and row.request.cancelled.is_set():
-                    row.finish = "cancelled"
-                if row.finish is None:
-                    token = sample_next(logits[i], row.params, row.generator)
-                    row.push(token, self.eos_id)
-                    row.flush()
-                    tokens.append(token)
-                else:
-                    tokens.append(self.pad_id)  # a finished row rides along until the batch ends
-            if all(row.finish for row in rows):
-                return
-            step = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
-            mask = torch.cat([mask, torch.ones_like(step)], dim=1)
-            out = self.model(
-                input_ids=step,
-                attention_mask=mask,
-                position_ids=next_pos,
-                past_key_values=cache,
-                use_cache=True,
+        active.join(rows, out.past_key_values, mask, positions[:, -1:] + 1, out.logits[:, -1, :])
+
+    @torch.inference_mode()
+    def _step(self, active: _Batch) -> None:
+        """Sample one token for every row, retire the finished rows, run one forward pass for the rest."""
+        tokens: dict[int, int] = {}  # row index -> its next input, for the rows still decoding
+        for i, row in enumerate(active.rows):
+            if row.request.cancelled.is_set():
+                row.finish = "cancelled"
+                continue
+            token = sample_next(active.logits[i], row.params, row.generator)
+            row.push(token, self.eos_id)
+            row.flush()
+            if row.finish is None:
+                tokens[i] = token
+        active.keep(list(tokens))
+        if not active.rows:
+            return
+        tokens = list(tokens.values())
+        step = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+        active.mask = torch.cat([active.mask, torch.ones_like(step)], dim=1)
+        out = self.model(
+            input_ids=step,
+            attention_mask=active.mask,
+            position_ids=active.positions,
+            past_key_values=active.cache,
+            use_cache=True,
+        )
+        active.cache, active.logits = out.past_key_values, out.logits[:, -1, :]
+        active.positions = (active.positions + 1).clamp(max=self.context - 1)
+
+
+class _Batch:
+    """The rows decoding together: their KV cache, attention mask, next positions and last logits.
+
+    Row i of every tensor is rows[i]. Rows join with left padding, so all end in the same column."""
+
+    def __init__(self):
+        self.rows: list[_Row] = []
+        self.cache = self.mask = self.positions = self.logits = None
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether rows can join mid-decode: a cache of plain per-layer key/value tensors. Sliding-window
+        and recurrent caches cannot be padded like that, so such models decode in waves."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        return type(self.cache) is DynamicCache and all(
+            type(layer) is DynamicLayer for layer in self.cache.layers
+        )
+
+    def join(self, rows: list[_Row], cache, mask, positions, logits) -> None:
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.positions, self.logits = (
+                rows,
+                cache,
+                mask,
+                positions,
+                logits,
             )
-            cache, logits = out.past_key_values, out.logits[:, -1, :]
-            # finished rows keep counting; clamp them so they never index past the position table
-            next_pos = (next_pos + 1).clamp(max=self.context - 1)
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
+        self.positions = torch.cat([self.positions, positions])
+        self.logits = torch.cat([self.logits, logits])
+        self.rows = self.rows + rows
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows; then drop leading columns that are padding for every row left."""
+        if len(indices) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in indices]
+        if not self.rows:
+            self.cache = self.mask = self.positions = self.logits = None
+            return
+        index = torch.tensor(indices, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.logits = self.mask[index], self.positions[index], self.logits[index]
+        lead = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
+        if lead and self.mergeable:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+            self.mask = self.mask[:, lead:]
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zeros before `tensor` along dim, up to width (a zero mask column hides the zero keys)."""
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 def context_length(model) -> int:

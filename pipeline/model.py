@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import torch
+
 from pipeline.config import ConfigError, ModelConfig, Params, Workspace
 from pipeline.generation import context_length
 
@@ -45,8 +47,131 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int, base_dir: 
         vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
         resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
         bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+        # the same tanh GELU as GPT-2's "gelu_new", in one native kernel instead of eight tensor ops
+        activation_function="gelu_pytorch_tanh",
     )  # fmt: skip
     return GPT2LMHeadModel(config)  # transformers 5 picks SDPA attention by default
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loss without the logits tensor
+#
+# A small model with a big vocabulary spends more time on its logits than on its layers: at d=128 and
+# 8192 tokens, one batch's logits are 64 MB, written by the head, read and written again by log-softmax
+# and its backward, and zero-filled by the loss's backward. Chunks of rows that fit the CPU's cache do
+# the head's matmul, the loss and its gradient in one pass, so the full logits never exist.
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of (hidden @ weight.T) against targets (-100 = ignored), in row chunks.
+
+    The gradients are computed in the forward pass, while each chunk is still in cache; backward only
+    scales them. Same FLOPs as the unfused head and loss."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows: int):
+        valid = targets != -100
+        n_valid = valid.sum().clamp(min=1)
+        safe = targets.clamp(min=0)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        exact = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits go up to fp32
+        total = hidden.new_zeros((), dtype=exact)
+        scale = valid.to(exact) / n_valid  # each row's share of the mean; 0 for ignored rows
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h = hidden[rows]
+            logits = (h @ weight.t()).to(exact)
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[rows, None]).squeeze(1)
+            total += ((lse - picked) * valid[rows]).sum()
+            # d(mean loss)/d(logits) = (softmax - one_hot) x share, built in place over the logits
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(len(h), device=h.device), safe[rows]] -= 1.0
+            grad = grad.mul_(scale[rows, None]).to(h.dtype)
+            grad_hidden[rows] = grad @ weight.to(h.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t().to(weight.dtype), h.to(weight.dtype))
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return (
+            grad_hidden * grad_loss,
+            None if grad_weight is None else grad_weight * grad_loss,
+            None,
+            None,
+        )
+
+
+def chunk_rows_for(vocab_size: int, device: torch.device) -> int:
+    """Rows per chunk: about 4 MB of fp32 logits on a CPU (its L2/L3), 256 MB on a GPU."""
+    elements = (1 << 26) if device.type == "cuda" else (1 << 20)
+    return max(16, elements // vocab_size)
+
+
+class NextTokenLoss(torch.nn.Module):
+    """`module(input_ids)` -> the mean next-token loss, the model's own way (head, then loss)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, labels=input_ids).loss
+
+
+class FusedNextTokenLoss(NextTokenLoss):
+    """The same loss through the model's body and LinearCrossEntropy over its output embedding."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        weight = self.model.get_output_embeddings().weight
+        return _fused_loss(
+            hidden[:, :-1].reshape(-1, hidden.shape[-1]),
+            weight,
+            input_ids[:, 1:].reshape(-1),
+            chunk_rows_for(weight.shape[0], weight.device),
+        )
+
+
+@torch.compiler.disable  # a compiled body calls it eagerly; the chunk loop is no graph
+def _fused_loss(hidden, weight, targets, chunk_rows: int) -> torch.Tensor:
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+
+
+# config fields by which transformers models change the logits after the head
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+
+
+@torch.no_grad()
+def training_loss(model, sample: torch.Tensor) -> tuple[NextTokenLoss, str]:
+    """The fused loss if the model's logits are exactly body @ output_embedding.T, else its own loss.
+
+    A base model may do more after its body (soft-capping, scaling, a head bias). Known config fields
+    say so; a sample batch, whose logits both ways must agree, catches the rest."""
+    plain = NextTokenLoss(model)
+    if getattr(model.get_output_embeddings(), "bias", None) is not None:
+        return plain, "the model's own (its output layer has a bias)"
+    transforms = [f for f in LOGIT_TRANSFORMS if getattr(model.config, f, None) not in (None, 1, 1.0)]
+    if transforms:
+        return plain, f"the model's own (its config sets {', '.join(transforms)})"
+    was_training = model.training
+    model.eval()  # no dropout, so both passes see the same network
+    try:
+        own = model(input_ids=sample).logits.float()
+        hidden = model.base_model(input_ids=sample, use_cache=False).last_hidden_state
+        mine = (hidden @ model.get_output_embeddings().weight.t()).float()
+        gap = float((own - mine).abs().max() / own.abs().max().clamp(min=1e-6))
+    except Exception as exc:  # noqa: BLE001 - an architecture the fused path cannot drive
+        return plain, f"the model's own (its body and head cannot be called apart: {type(exc).__name__})"
+    finally:
+        model.train(was_training)
+    if gap > 1e-4:
+        return plain, f"the model's own (its logits are not body x head: relative gap {gap:.1e})"
+    return FusedNextTokenLoss(model), "fused linear + cross-entropy, chunked"
 
 
 def load_model(model_dir: Path):

@@ -33,6 +33,7 @@ DEFAULT_MAX_NEW_TOKENS = int(getattr(ARGS, "default_max_new_tokens", 64))
 MAX_BATCH_SIZE = int(getattr(ARGS, "max_batch_size", 16))
 MAX_BODY_BYTES = int(getattr(ARGS, "max_body_bytes", 1 << 20))
 MAX_STOP_STRINGS = 4
+INLINE_ENCODE_CHARS = 4096
 
 Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
@@ -282,8 +283,12 @@ class LMForge:
         self.created = int(time.time())
 
     async def _prepare(self, prompt: str, params: SamplingParams) -> list[int]:
-        # tokenizing a long prompt takes a while: off the event loop, so other requests keep flowing
-        ids = await asyncio.to_thread(self.engine.encode, prompt)
+        # Tokenizing a long prompt takes a while: off the event loop, so other requests keep flowing.
+        # A short one takes microseconds, less than the hop to a thread.
+        if len(prompt) <= INLINE_ENCODE_CHARS:
+            ids = self.engine.encode(prompt)
+        else:
+            ids = await asyncio.to_thread(self.engine.encode, prompt)
         self.engine.check(ids, params)
         return ids
 

@@ -318,7 +318,7 @@ def measure_matmul_flops(device: torch.device, size: int | None = None, repeats:
 def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict | None:
     from tqdm import tqdm
 
-    from pipeline.model import build_model
+    from pipeline.model import build_model, training_loss
 
     cfg, mcfg = params.train, params.model
     dist = setup_distributed(cfg.threads_per_rank)
@@ -333,9 +333,10 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
     fingerprint = run_fingerprint(params, ws.shards_dir)
     step = resume_latest(ws.checkpoints_dir, fingerprint, model, optimizer, scheduler, log)
 
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world_size > 1 else model
-    forward = torch.compile(ddp) if cfg.compile else ddp
     windows = TokenWindows(load_shard(ws.shards_dir, "train"), mcfg.block_size, dist.rank, dist.world_size)
+    loss_module, loss_kind = training_loss(model, windows.batch(2, cfg.seed, 0, 0, dist.rank).to(dist.device))
+    ddp = torch.nn.parallel.DistributedDataParallel(loss_module) if dist.world_size > 1 else loss_module
+    forward = torch.compile(ddp) if cfg.compile else ddp
     val_windows = fixed_windows(
         load_shard(ws.shards_dir, "val"), mcfg.block_size, cfg.eval_batches * cfg.batch_size
     )
@@ -347,7 +348,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
         ws.train_log.parent.mkdir(parents=True, exist_ok=True)
         _truncate_log(ws.train_log, step)
         log(f"train: {sum(p.numel() for p in model.parameters()):,} params, {dist.world_size} x {dist.device.type}, "
-            f"{tokens_per_step:,} tokens/step, steps {step} -> {cfg.max_steps}")  # fmt: skip
+            f"{tokens_per_step:,} tokens/step, steps {step} -> {cfg.max_steps}; loss: {loss_kind}")  # fmt: skip
 
     model.train()
     bar = tqdm(
@@ -366,7 +367,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
             # Gradients sync once per optimizer step, on the last micro-step only.
             sync = micro == cfg.grad_accum - 1 or dist.world_size == 1
             with nullcontext() if sync else ddp.no_sync(), autocast_for(dist.device):
-                loss = forward(input_ids=batch, labels=batch).loss / cfg.grad_accum
+                loss = forward(batch) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         if cfg.grad_clip > 0:
