@@ -161,8 +161,9 @@ def training_loss(model, sample: torch.Tensor) -> tuple[NextTokenLoss, str]:
     was_training = model.training
     model.eval()  # no dropout, so both passes see the same network
     try:
-        own = model(input_ids=sample).logits.float()
-        hidden = model.base_model(input_ids=sample, use_cache=False).last_hidden_state
+        mask = torch.ones_like(sample)  # says the EOS tokens inside the sample are not padding
+        own = model(input_ids=sample, attention_mask=mask).logits.float()
+        hidden = model.base_model(input_ids=sample, attention_mask=mask, use_cache=False).last_hidden_state
         mine = (hidden @ model.get_output_embeddings().weight.t()).float()
         gap = float((own - mine).abs().max() / own.abs().max().clamp(min=1e-6))
     except Exception as exc:  # noqa: BLE001 - an architecture the fused path cannot drive

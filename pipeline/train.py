@@ -11,6 +11,7 @@ data position is the step itself and a resumed run sees exactly the batches it w
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -318,7 +319,7 @@ def measure_matmul_flops(device: torch.device, size: int | None = None, repeats:
 def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict | None:
     from tqdm import tqdm
 
-    from pipeline.model import build_model, training_loss
+    from pipeline.model import FusedNextTokenLoss, NextTokenLoss, build_model, training_loss
 
     cfg, mcfg = params.train, params.model
     dist = setup_distributed(cfg.threads_per_rank)
@@ -334,12 +335,19 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
     step = resume_latest(ws.checkpoints_dir, fingerprint, model, optimizer, scheduler, log)
 
     windows = TokenWindows(load_shard(ws.shards_dir, "train"), mcfg.block_size, dist.rank, dist.world_size)
-    loss_module, loss_kind = training_loss(model, windows.batch(2, cfg.seed, 0, 0, dist.rank).to(dist.device))
-    ddp = torch.nn.parallel.DistributedDataParallel(loss_module) if dist.world_size > 1 else loss_module
-    forward = torch.compile(ddp) if cfg.compile else ddp
     val_windows = fixed_windows(
         load_shard(ws.shards_dir, "val"), mcfg.block_size, cfg.eval_batches * cfg.batch_size
     )
+    loss_module, loss_kind = training_loss(model, val_windows[:2].to(dist.device))  # the same on every rank
+    if dist.world_size > 1:  # every rank must run the same graph, or DDP's gradient sync hangs
+        fused = torch.tensor(
+            [isinstance(loss_module, FusedNextTokenLoss)], dtype=torch.int32, device=dist.device
+        )
+        torch.distributed.all_reduce(fused, op=torch.distributed.ReduceOp.MIN)
+        if not fused.item() and isinstance(loss_module, FusedNextTokenLoss):
+            loss_module, loss_kind = NextTokenLoss(model), "the model's own (another rank's check said so)"
+    ddp = torch.nn.parallel.DistributedDataParallel(loss_module) if dist.world_size > 1 else loss_module
+    forward = torch.compile(ddp) if cfg.compile else ddp
 
     tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * dist.world_size
     peak = measure_matmul_flops(dist.device) * dist.world_size
@@ -429,6 +437,12 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
         summary = _export(model, ws, params, [c.item() for c in checksums])
         log(f"train: final model in {ws.model_dir}")
     if dist.world_size > 1:
+        # DDP's reducer must not drop the last reference to the gloo group: its destructor would then
+        # join gloo's threads while holding the GIL, and a thread that needs the GIL to free a tensor
+        # deadlocks the rank (seen here once in a few dozen runs). destroy_process_group releases it,
+        # after a barrier whose wait lets those threads finish.
+        del forward, ddp
+        gc.collect()
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
