@@ -275,7 +275,9 @@ class LMForge:
         from prometheus_client import Histogram
 
         batch_sizes = Histogram(
-            "lmforge_batch_size", "Requests decoded together per batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+            "lmforge_batch_size",
+            "Requests admitted together, in one prefill",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
         )
         self.engine = load_engine(
             stored.path, max_batch_size=MAX_BATCH_SIZE, threads=os.cpu_count(), on_batch=batch_sizes.observe
