@@ -279,7 +279,7 @@ class Engine:
     @torch.inference_mode()
     def _step(self, active: _Batch) -> None:
         """Sample one token for every row, retire the finished rows, run one forward pass for the rest."""
-        tokens: dict[int, int] = {}  # row index -> its next input, for the rows still decoding
+        next_inputs: dict[int, int] = {}  # row index -> its new token, for the rows still decoding
         for i, row in enumerate(active.rows):
             if row.request.cancelled.is_set():
                 row.finish = "cancelled"
@@ -288,12 +288,11 @@ class Engine:
             row.push(token, self.eos_id)
             row.flush()
             if row.finish is None:
-                tokens[i] = token
-        active.keep(list(tokens))
+                next_inputs[i] = token
+        active.keep(list(next_inputs))
         if not active.rows:
             return
-        tokens = list(tokens.values())
-        step = torch.tensor(tokens, dtype=torch.long, device=self.device).unsqueeze(1)
+        step = torch.tensor(list(next_inputs.values()), dtype=torch.long, device=self.device).unsqueeze(1)
         active.mask = torch.cat([active.mask, torch.ones_like(step)], dim=1)
         out = self.model(
             input_ids=step,
