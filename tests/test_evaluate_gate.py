@@ -10,7 +10,7 @@ import torch
 from pipeline.config import GateConfig
 from pipeline.evaluate import NGramBaseline, evaluate
 from pipeline.gate import decide
-from pipeline.registry import champion_record, promote, read_champion
+from pipeline.registry import champion_record, promote, read_champion, record_name
 from pipeline.train import train
 
 
@@ -147,11 +147,16 @@ def test_racing_promotions_cannot_both_win(s3_server, tiny_workspace):
         losers = [o for o in outcomes if isinstance(o, ConflictError)]
         assert len(winners) == 1 and len(losers) == 7, outcomes
         assert read_champion(cfg, s3_server.state) == winners[0]
-        assert "champion changed since the gate judged" in str(losers[0]) or "another writer won" in str(
-            losers[0]
-        )
+        # A loser either read the pointer after the winner wrote it, and then must name the winner, or
+        # read it before and lost the conditional write.
+        winner = record_name(winners[0])
+        for loser in losers:
+            assert f"it is now {winner}," in str(loser) or "another writer won" in str(loser), str(loser)
     history = [r["model_md5"] for r in read_history(cfg, s3_server.state)]
     assert len(history) == 4 and history[0] == first["model_md5"]  # one entry per winner, none for losers
     # a stale decision (judged against an older champion) is refused even without a race
-    with pytest.raises(ConflictError, match="champion changed"):
+    current = read_champion(cfg, s3_server.state)
+    with pytest.raises(ConflictError, match="champion changed") as refused:
         promote(champion_record(ws, params, METRICS, "ff" * 16, None), cfg, s3_server.state, first)
+    names = f"it is now {record_name(current)}, the gate compared against {record_name(first)}"
+    assert names in str(refused.value)
