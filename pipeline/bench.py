@@ -291,7 +291,7 @@ def bare_loop_worker() -> None:
     """One rank of the bare loop: the model, batch, steps, device and dtype of the train stage, nothing else."""
     from pipeline.model import build_model
     from pipeline.preprocess import MANIFEST
-    from pipeline.train import autocast_for, matmul_size, measure_matmul_flops
+    from pipeline.train import autocast_for, end_process_group, matmul_size, measure_matmul_flops
 
     ws = Workspace.find()
     params = load_params(ws.root)
@@ -348,7 +348,8 @@ def bare_loop_worker() -> None:
         result = {"tokens": tokens, "seconds": seconds, "peak_flop": flop, "peak_seconds": flop / peak}
         Path(os.environ[BARE_LOOP_OUT]).write_text(json.dumps(result) + "\n")
     if world > 1:
-        torch.distributed.destroy_process_group()
+        del forward, ddp
+        end_process_group()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -437,15 +437,21 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
         summary = _export(model, ws, params, [c.item() for c in checksums])
         log(f"train: final model in {ws.model_dir}")
     if dist.world_size > 1:
-        # DDP's reducer must not drop the last reference to the gloo group: its destructor would then
-        # join gloo's threads while holding the GIL, and a thread that needs the GIL to free a tensor
-        # deadlocks the rank (seen here once in a few dozen runs). destroy_process_group releases it,
-        # after a barrier whose wait lets those threads finish.
-        del forward, ddp
-        gc.collect()
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        del forward, ddp  # see end_process_group
+        end_process_group()
     return summary
+
+
+def end_process_group() -> None:
+    """Destroy the process group, once every DDP wrapper of the caller is deleted.
+
+    DDP's reducer must not drop the last reference to the gloo group: its destructor would then join
+    gloo's threads while holding the GIL, and a thread that needs the GIL to free a tensor deadlocks
+    the rank (seen here once in a few dozen runs). destroy_process_group releases the GIL, after a
+    barrier whose wait lets those threads finish."""
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _truncate_log(path: Path, step: int) -> None:
