@@ -24,13 +24,17 @@ def metrics(ws: Workspace) -> None:
     m = json.loads((ws.eval_dir / "metrics.json").read_text())
     rows = [
         {"split": split, "model": m[f"{split}_perplexity"], "bigram": m[f"bigram_{split}_perplexity"],
-         "unigram": m[f"unigram_{split}_perplexity"], "tokens": m[f"{split}_tokens"]}
+         "unigram": m[f"unigram_{split}_perplexity"], "tokens": m[f"{split}_tokens"],
+         "contamination": m.get(f"{split}_contamination")}
         for split in ("val", "test")
     ]  # fmt: skip
     rows.append({"split": "throughput (tokens/s)", "model": m.get("train_tokens_per_s"), "bigram": None,
-                 "unigram": None, "tokens": m.get("eval_tokens_per_s")})  # fmt: skip
+                 "unigram": None, "tokens": m.get("eval_tokens_per_s"), "contamination": None})  # fmt: skip
     create_table_artifact(
-        rows, key="metrics", description="Perplexity against the n-gram baselines; lower is better"
+        rows,
+        key="metrics",
+        description="Perplexity against the n-gram baselines, lower is better; contamination is the share of "
+        "the split's 13-grams that also occur in train",
     )
 
 

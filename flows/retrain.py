@@ -193,8 +193,12 @@ def summary(
     ws: Workspace, params: Params, md5: str, decision: dict, record: dict | None, no_change: bool
 ) -> dict:
     manifest = json.loads((ws.shards_dir / "manifest.json").read_text())
+    report = ws.validation_dir / "report.json"
+    stats = json.loads(report.read_text())["stats"] if report.is_file() else {}
     record = record or {}
     return {
+        "documents": {key: stats.get(key) for key in ("documents", "kept_documents", "dropped_by_reason")},
+        "contamination": manifest.get("contamination"),
         "data_md5": md5,
         "data_url": remote_object_url(params.storage.dvc_remote_url, md5),
         "tokens": {split: info["tokens"] for split, info in manifest["splits"].items()},

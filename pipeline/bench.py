@@ -1,6 +1,8 @@
 """Bench: `lmforge bench` measures each stage against the bare library doing the same work.
 
 Every figure is a ratio of two rates measured side by side, in the same process or the same run:
+  validate    `lmforge validate` on a large single-file JSONL corpus against bare reading and JSON
+              decoding of the same file, and its peak RSS per GB of corpus;
   preprocess  the stage's encode pass against raw `tokenizers` encode_batch, same corpus and tokenizer;
   train       the train stage (torchrun, DDP) against a bare forward/backward/AdamW loop on the same model,
               batch and process count, and both as a fraction of this machine's dense matmul FLOP/s;
@@ -36,7 +38,7 @@ import torch
 
 from pipeline.config import Params, Workspace, load_params, write_overrides
 
-SECTIONS = ("preprocess", "train", "serve", "pipeline")
+SECTIONS = ("validate", "preprocess", "train", "serve", "pipeline")
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 BARE_LOOP_OUT = "LMFORGE_BENCH_OUT"  # where a bare-loop rank 0 writes its result
 
@@ -105,7 +107,7 @@ def figure(
     met = None
     if target:
         of, op, value = target
-        got = ratio if of == "ratio" else lmforge["seconds"]
+        got = {"ratio": ratio, "seconds": lmforge["seconds"], "rate": lmforge["rate"]}[of]
         met = got >= value if op == ">=" else got <= value
     return {
         "measurement": measurement,
@@ -120,6 +122,123 @@ def figure(
 
 
 # ---------------------------------------------------------------------------------------------
+# validate
+
+VALIDATE_CORPUS_BYTES = {True: 64 << 20, False: 1 << 30}  # quick, full
+BARE_DECODE = """import json, sys
+chars = 0
+with open(sys.argv[1], encoding="utf-8") as fh:
+    for line in fh:
+        chars += len(json.loads(line)["text"])
+print(chars)
+"""
+
+
+def write_large_corpus(path: Path, target_bytes: int, vocabulary_from: Path, seed: int = 0) -> int:
+    """A single-file JSONL corpus of about target_bytes: documents of 2 to 5 paragraphs of random words
+    from the bench corpus's own vocabulary (distinct, so that they survive deduplication), with 1% exact
+    duplicates and 0.5% binary noise, so that the filter has work to do. Returns its document count."""
+    import re
+
+    from tqdm import tqdm
+
+    from pipeline.config import IngestConfig
+    from pipeline.corpus import read_documents
+
+    words = sorted(
+        {
+            w
+            for d in read_documents(vocabulary_from, IngestConfig())
+            for w in re.findall(r"[A-Za-z][a-z]+", d.text)
+        }
+    )
+    vocab, rng = np.array(words), np.random.default_rng(seed)
+    written, count, previous = 0, 0, ""
+    with (
+        path.open("w", encoding="utf-8") as fh,
+        tqdm(total=target_bytes, unit="B", unit_scale=True, desc="corpus", disable=None) as bar,
+    ):
+        while written < target_bytes:
+            kind = rng.random()
+            if kind < 0.01 and previous:
+                text = previous
+            elif kind < 0.015:
+                text = "".join(map(chr, rng.integers(0, 32, 400)))
+            else:
+                text = "\n\n".join(
+                    " ".join(vocab[rng.integers(0, len(vocab), rng.integers(40, 120))]) + "."
+                    for _ in range(rng.integers(2, 6))
+                )
+                previous = text
+            line = json.dumps({"id": count, "text": text}) + "\n"
+            fh.write(line)
+            written += len(line)
+            count += 1
+            bar.update(len(line))
+    return count
+
+
+# A small launcher between the bench and the measured command: a child forked from the bench itself
+# would count the bench's own memory (torch and all) in its peak RSS until it execs.
+RSS_LAUNCHER = (
+    "import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:], stdout=sys.stderr); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(rc)"
+)
+
+
+def _peak_rss_run(cmd: list[str], env: dict | None = None) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS in bytes, output) of one command."""
+    start = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", RSS_LAUNCHER, *cmd], capture_output=True, text=True, env=env
+    )
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{cmd[:3]} exited {done.returncode}:\n{done.stderr[-3000:]}")
+    return seconds, int(done.stdout.split()[-1]), done.stderr
+
+
+def bench_validate(b: Bench) -> dict:
+    """`lmforge validate FILE` (the CLI, start-up and GE included) against reading and json-decoding the same
+    file in a bare Python loop; both in child processes of their own, so each peak RSS is its own."""
+    corpus = b.tmp / "large.jsonl"
+    b.log(f"validate: writing a {VALIDATE_CORPUS_BYTES[b.quick] / 2**20:,.0f} MiB JSONL corpus")
+    documents = write_large_corpus(corpus, VALIDATE_CORPUS_BYTES[b.quick], b.ws.data)
+    size = corpus.stat().st_size
+    env = dict(os.environ, LMFORGE_ROOT=str(b.ws.root), TQDM_DISABLE="1")
+    b.log("validate: bare read + json.loads")
+    bare_seconds, bare_rss, _ = _peak_rss_run([sys.executable, "-c", BARE_DECODE, str(corpus)], env)
+    b.log("validate: lmforge validate")
+    lmforge = [str(Path(sys.executable).parent / "lmforge"), "validate", str(corpus)]
+    seconds, rss, out = _peak_rss_run(lmforge, env)
+    kept = next((line.strip() for line in out.splitlines() if "kept (" in line), "")
+    return {
+        "throughput": figure(
+            "validate: MB/s on one large JSONL file",
+            side("lmforge validate (CLI, GE suite, filter, report)", size / 1e6, "MB", seconds),
+            side("bare read + json.loads of each line", size / 1e6, "MB", bare_seconds),
+            None if b.quick else ("rate", ">=", 30.0),
+            note=f"{size / 2**30:.2f} GiB, {documents:,} documents ({kept}); the ratio is the share of bare "
+            "decoding speed that the filter, measures and suite leave",
+            documents=documents,
+            bytes=size,
+        ),
+        "peak_rss": figure(
+            "validate: peak RSS per GB of corpus",
+            {"what": "lmforge validate, peak RSS", "amount": rss / 1e9, "unit": "GB RSS", "seconds": None,
+             "rate": (rss / 1e9) / (size / 1e9)},
+            {"what": "bare read + json.loads, peak RSS", "amount": bare_rss / 1e9, "unit": "GB RSS",
+             "seconds": None, "rate": (bare_rss / 1e9) / (size / 1e9)},
+            None if b.quick else ("rate", "<=", 1.5),
+            note="GB of peak resident memory per GB of corpus (the targets are for full mode's 1 GiB file; "
+            "in quick mode start-up dominates both rows)",
+            rss_bytes=rss,
+            bare_rss_bytes=bare_rss,
+        ),
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
 # preprocess
 
 
@@ -127,8 +246,9 @@ def bench_preprocess(b: Bench) -> dict:
     """The stage's encode pass (read, encode_batch, write shards) against bare encode_batch."""
     from tokenizers import Tokenizer
 
-    from pipeline.ingest import read_documents
+    from pipeline.corpus import open_corpus
     from pipeline.preprocess import preprocess
+    from pipeline.validate import kept_documents
 
     ws, params = b.ws, b.params
     b.log("preprocess: the stage")
@@ -138,7 +258,8 @@ def bench_preprocess(b: Bench) -> dict:
     stage_tokens = manifest["total_tokens"] - documents
 
     b.log("preprocess: bare encode_batch")
-    texts = [d.text for d in read_documents(ws.data, params.ingest)]  # in memory before the clock starts
+    # the documents the stage encodes (validation's kept ones), in memory before the clock starts
+    texts = [d.text for d in kept_documents(open_corpus(ws.data), params)]
     tokenizer = Tokenizer.from_file(str(ws.tokenizer_dir / "tokenizer.json"))
     size = params.preprocess.encode_batch_docs
     start = time.perf_counter()
@@ -713,6 +834,7 @@ SECTION_FUNCS: dict[str, Callable[[Bench], dict]] = {
     "train": bench_train,
     "serve": bench_serve,
     "pipeline": bench_pipeline,
+    "validate": bench_validate,
 }
 
 
@@ -791,6 +913,10 @@ def _cell(s: dict | None) -> str:
         return f"{s['rate']:,.0f} tok/s"
     if s["unit"] == "FLOP":
         return f"{s['rate'] / 1e9:.1f} GFLOP/s"
+    if s["unit"] == "MB":
+        return f"{s['rate']:,.1f} MB/s"
+    if s["unit"] == "GB RSS":
+        return f"{s['amount']:.2f} GB ({s['rate']:.2f} per GB)"
     return f"{s['seconds']:.3f} s" if s["seconds"] < 1 else f"{s['seconds']:.1f} s"
 
 
@@ -799,7 +925,11 @@ def _target(f: dict) -> str:
     if not t:
         return "—"
     sign = "≥" if t["op"] == ">=" else "≤"
-    return f"{sign} {t['value']:g}" + (" s" if t["of"] == "seconds" else "")
+    unit = {
+        "seconds": " s",
+        "rate": f" {f['lmforge']['unit'].replace('MB', 'MB/s').replace('GB RSS', 'per GB')}",
+    }
+    return f"{sign} {t['value']:g}" + unit.get(t["of"], "")
 
 
 def markdown(results: dict) -> str:

@@ -8,9 +8,9 @@ the calling process has loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,13 +39,10 @@ def _stdlib_source_docs(stdlib: Path) -> Iterator[dict]:
             for node in ast.walk(tree):
                 if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
                     if doc := ast.get_docstring(node):
-                        parts.append(
-                            f"{module}.{node.name}\n\n{doc}"
-                            if hasattr(node, "name")
-                            else f"{module}\n\n{doc}"
-                        )
+                        name = f"{module}.{node.name}" if hasattr(node, "name") else module
+                        parts.append((name, doc))
             if parts:
-                yield {"source": f"stdlib/{module}", "text": "\n\n".join(parts)}
+                yield {"source": f"stdlib/{module}", "parts": parts}
 
 
 def _extension_docs(stdlib: Path) -> Iterator[dict]:
@@ -61,7 +58,7 @@ def _extension_docs(stdlib: Path) -> Iterator[dict]:
             module = importlib.import_module(name)
         except Exception:  # noqa: BLE001 - an optional extension that is not built here
             continue
-        parts = [module.__doc__] if isinstance(module.__doc__, str) else []
+        parts = [(None, module.__doc__)] if isinstance(module.__doc__, str) else []
         for attr, obj in sorted(vars(module).items()):
             doc = getattr(obj, "__doc__", None)
             if (
@@ -70,9 +67,9 @@ def _extension_docs(stdlib: Path) -> Iterator[dict]:
                 or getattr(obj, "__module__", name) not in (name, None)
             ):
                 continue
-            parts.append(f"{name}.{attr}\n\n{doc}")
+            parts.append((f"{name}.{attr}", doc))
         if parts:
-            yield {"source": f"extension/{name}", "text": "\n\n".join(p.strip() for p in parts)}
+            yield {"source": f"extension/{name}", "parts": parts}
 
 
 def write_builtin_corpus(dest: Path) -> None:
@@ -82,19 +79,38 @@ def write_builtin_corpus(dest: Path) -> None:
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     sources = {
-        "topics.jsonl": ({"source": f"topics/{k}", "text": topics[k]} for k in sorted(topics)),
+        "topics.jsonl": ({"source": f"topics/{k}", "parts": [(None, topics[k])]} for k in sorted(topics)),
         "stdlib.jsonl": _stdlib_source_docs(stdlib),
         "extensions.jsonl": _extension_docs(stdlib),
     }
     dest.mkdir(parents=True, exist_ok=True)
-    seen: set[str] = set()  # the same inherited docstring shows up in many places; keep the first
+    # The same docstring shows up in many places (inherited, aliased, re-exported): keep each paragraph's
+    # first occurrence only, so that no paragraph can land in both train and val.
+    seen: set[str] = set()
     for filename, records in sources.items():
         with (dest / filename).open("w", encoding="utf-8") as fh:
             for record in records:
-                digest = hashlib.sha256(record["text"].encode()).hexdigest()
-                if record["text"].strip() and digest not in seen:
-                    seen.add(digest)
-                    fh.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+                text = _unseen(record.pop("parts"), seen)
+                if text:
+                    fh.write(json.dumps(record | {"text": text}, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def _unseen(parts: list[tuple[str | None, str]], seen: set[str]) -> str:
+    """The (heading, docstring) parts as text, without the paragraphs seen before (compared with their
+    whitespace normalised); a part whose every paragraph was seen goes, heading and all."""
+    kept = []
+    for heading, doc in parts:
+        fresh = []
+        for para in re.split(r"\n[ \t]*\n", doc.strip()):
+            key = " ".join(para.split())
+            if key and key not in seen:
+                seen.add(key)
+                fresh.append(para.strip("\n"))
+        if fresh:
+            if heading:  # on the line above, so a heading is never a paragraph on its own
+                fresh[0] = f"{heading}\n{fresh[0]}"
+            kept.append("\n\n".join(fresh))
+    return "\n\n".join(kept)
 
 
 if __name__ == "__main__":

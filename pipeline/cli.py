@@ -22,7 +22,8 @@ Typical session:
 \b
   lmforge up                     start the embedded S3 server (SeaweedFS, 127.0.0.1)
   lmforge validate PATH          check a corpus before ingesting it (exit 0/1)
-  lmforge ingest --source SRC    builtin | file or dir (.txt .md .jsonl) | s3://b/prefix
+  lmforge ingest --source SRC    builtin | file or dir | s3://b/prefix (.txt .md .jsonl,
+                                 their .gz/.zst, .parquet)
   lmforge run                    the whole flow: ingest, dvc repro (validate, preprocess,
                                  train, evaluate, gate), package, dvc push, publish
   lmforge up --prefect           also start the Prefect server and UI (127.0.0.1:4200)
@@ -141,11 +142,15 @@ def status() -> None:
 def validate(
     path: Annotated[Path, typer.Argument(help="A corpus file or directory; data/ is not touched")],
     overrides: Overrides = None,
-    report_dir: Annotated[Path | None, typer.Option(help="Also write report.json and report.md here")] = None,
+    report_dir: Annotated[
+        Path | None, typer.Option(help="Also write report.json, report.md and dropped.jsonl here")
+    ] = None,
 ) -> None:
-    """Run the validation suite on any corpus. Exit 0 when it is valid, 1 when it is not."""
-    from pipeline.ingest import CorpusError
-    from pipeline.validate import format_failure, validate_corpus, write_report
+    """Filter and check any corpus: kept and dropped documents by reason, with examples.
+
+    Exit 0 when the corpus passes after filtering, 1 when it does not (or cannot be read)."""
+    from pipeline.corpus import CorpusError
+    from pipeline.validate import format_failure, format_summary, validate_corpus, write_report
 
     _, params = _workspace_and_params(overrides)
     try:
@@ -154,8 +159,7 @@ def validate(
         _fail(str(exc))
     if report_dir:
         write_report(report, report_dir)
-    stats = report.stats
-    typer.echo(f"{path}: {stats['documents']:,} documents, {stats['total_chars']:,} chars")
+    typer.echo(format_summary(report))
     if not report.success:
         _fail(format_failure(report))
     typer.secho("valid", fg=typer.colors.GREEN)
@@ -170,7 +174,7 @@ def ingest(
     push: Annotated[bool, typer.Option(help="dvc push the new dataset version")] = True,
 ) -> None:
     """Write a corpus into data/ (validated first), version it with `dvc add data`, and push it."""
-    from pipeline.ingest import CorpusError
+    from pipeline.corpus import CorpusError
     from pipeline.ingest import ingest as run_ingest
     from pipeline.storage import StorageError, configure_dvc_remote
     from pipeline.versioning import CommandError, dvc, remote_object_url
@@ -228,12 +232,22 @@ def run(
     m = summary["metrics"]
     typer.secho("\nlmforge run finished", bold=True)
     typer.echo(f"  dataset md5   {summary['data_md5']}")
+    docs = summary["documents"]
+    if docs.get("documents") is not None:
+        dropped = ", ".join(f"{k} {v:,}" for k, v in (docs["dropped_by_reason"] or {}).items()) or "none"
+        typer.echo(
+            f"  documents     {docs['kept_documents']:,} kept of {docs['documents']:,} (dropped: {dropped})"
+        )
     typer.echo(f"  tokens        {tokens} (vocab {summary['vocab_size']:,})")
     typer.echo(f"  data in S3    {summary['data_url']}")
     typer.echo(
         f"  val ppl       {m['val_perplexity']:.2f}  (bigram {m['bigram_val_perplexity']:.2f}, unigram {m['unigram_val_perplexity']:.2f})"
     )
     typer.echo(f"  test ppl      {m['test_perplexity']:.2f}")
+    if (leak := summary["contamination"]) is not None:
+        typer.echo(
+            f"  contamination {leak['val']:.2%} of val, {leak['test']:.2%} of test {leak['ngram']}-grams also in train"
+        )
     typer.echo(f"  training      {m['train_tokens_per_s']:,} tokens/s on {m['train_world_size']} processes")
     verdict = "no change (the champion is this same model)" if summary["no_change"] else None
     verdict = verdict or ("PROMOTED" if summary["promoted"] else "REJECTED")
@@ -433,8 +447,8 @@ def bench(
         bool, typer.Option("--skip-pipeline", help="Skip the pipeline section (it starts its own S3)")
     ] = False,
     sections: Annotated[
-        str, typer.Option(help="Comma-separated: preprocess,train,serve,pipeline")
-    ] = "preprocess,train,serve,pipeline",
+        str, typer.Option(help="Comma-separated: validate,preprocess,train,serve,pipeline")
+    ] = "validate,preprocess,train,serve,pipeline",
     demo_seconds: Annotated[
         float | None, typer.Option(help="Record this `make demo` wall time (timed outside the bench)")
     ] = None,

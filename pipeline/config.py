@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -67,7 +67,10 @@ class StorageConfig(Section):
 class IngestConfig(Section):
     source: str = Field("builtin", min_length=1)
     doc_chars: int = Field(4000, ge=100)
-    max_file_bytes: int = Field(256 * 2**20, ge=1)
+    txt_layout: Literal["auto", "paragraphs", "lines"] = "auto"
+    text_field: str = Field("text", min_length=1)  # JSONL field / Parquet column holding the text
+    # Files are streamed, so no size is too large to read; this is only a safety limit you may set.
+    max_file_bytes: int | None = Field(None, ge=1)
 
 
 class ValidationConfig(Section):
@@ -77,6 +80,11 @@ class ValidationConfig(Section):
     max_doc_chars: int = Field(1_000_000, ge=1)
     max_nonprintable_ratio: float = Field(0.01, ge=0, le=1)
     max_duplicate_ratio: float = Field(0.3, ge=0, le=1)
+    # Documents failing a per-document check are dropped; past this share the corpus itself fails.
+    max_dropped_fraction: float = Field(0.05, ge=0, le=1)
+    near_duplicates: bool = False  # also drop documents a MinHash LSH finds near-identical to a kept one
+    near_duplicate_threshold: float = Field(0.8, gt=0, lt=1)  # estimated Jaccard similarity
+    minhash_permutations: int = Field(128, ge=16, le=1024)
     # A new corpus must keep this fraction of the champion's characters (0 turns the guard off).
     min_fraction_of_champion: float = Field(0.5, ge=0, le=1)
     secret_patterns: dict[str, str] = Field(
@@ -115,6 +123,10 @@ class PreprocessConfig(Section):
     test_fraction: float = Field(0.05, gt=0, lt=0.5)
     shard_tokens: int = Field(2**24, ge=1024)
     encode_batch_docs: int = Field(256, ge=1)
+    # The tokenizer learns from a uniform sample of the train split of at most this many characters,
+    # so its memory stays bounded however large the corpus is.
+    tokenizer_train_chars: int = Field(200_000_000, ge=10_000)
+    contamination_ngram: int = Field(13, ge=2)  # val/test n-grams looked up in train (GPT-3's check)
 
 
 class ModelConfig(Section):
@@ -193,6 +205,8 @@ class GateConfig(Section):
     max_val_perplexity: float = Field(400.0, gt=1)
     min_gain_over_bigram: float = Field(0.10, ge=0, lt=1)
     champion_tolerance: float = Field(0.02, ge=0)
+    # Share of val/test n-grams seen in train above which a perplexity is not evidence.
+    max_contamination: float = Field(0.05, ge=0, le=1)
 
 
 class ServeConfig(Section):

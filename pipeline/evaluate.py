@@ -166,6 +166,10 @@ def evaluate(params: Params, ws: Workspace) -> dict:
             f"unigram_{split}_perplexity": round(base["unigram"], 3),
             f"bigram_{split}_perplexity": round(base["bigram"], 3),
         }
+    # Measured by preprocess: a perplexity on val/test n-grams that were also trained on is not evidence.
+    contamination = manifest.get("contamination") or {}
+    for split in ("val", "test"):
+        metrics[f"{split}_contamination"] = contamination.get(split)
     metrics["eval_tokens_per_s"] = round(eval_tokens / eval_seconds)
     train_summary = json.loads((ws.model_dir / "train_summary.json").read_text())
     metrics |= {"train_" + k: v for k, v in train_summary.items()}
@@ -189,7 +193,8 @@ def main() -> int:
         return 2
     print(
         f"evaluate: val ppl {metrics['val_perplexity']:.2f} (bigram {metrics['bigram_val_perplexity']:.2f}, "
-        f"unigram {metrics['unigram_val_perplexity']:.2f}), test ppl {metrics['test_perplexity']:.2f}"
+        f"unigram {metrics['unigram_val_perplexity']:.2f}), test ppl {metrics['test_perplexity']:.2f}; "
+        f"contamination val {metrics['val_contamination']:.2%}, test {metrics['test_contamination']:.2%}"
     )
     return 0
 

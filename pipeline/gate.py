@@ -38,6 +38,20 @@ def decide(metrics: dict, champion: dict | None, cfg: GateConfig) -> Decision:
             f"val perplexity {ppl:.3f} {'<=' if ppl <= needed else '>'} {needed:.3f} (bigram {bigram:.3f} less {cfg.min_gain_over_bigram:.0%})",
         )
     )
+    leaks = {s: metrics.get(f"{s}_contamination") for s in ("val", "test")}
+    if any(v is None for v in leaks.values()):
+        checks.append((False, "contamination was not measured: a perplexity is evidence only on unseen data"))
+    else:
+        worst = max(leaks, key=leaks.get)
+        clean = leaks[worst] <= cfg.max_contamination
+        checks.append(
+            (
+                clean,
+                f"contamination {leaks[worst]:.2%} of {worst} n-grams seen in train "
+                f"{'<=' if clean else '>'} {cfg.max_contamination:.2%}"
+                + ("" if clean else ": the perplexity was measured on leaked data and is not evidence"),
+            )
+        )
     if champion is None:
         checks.append((True, "no champion yet: judged on the thresholds only"))
     else:

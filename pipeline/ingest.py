@@ -1,8 +1,7 @@
 """Ingest: a source (builtin, a local file or dir, or s3://bucket/prefix) -> the corpus in data/.
 
-The corpus format is plain files: `.txt` and `.md` are cut into documents at blank lines, and each line of
-a `.jsonl` file is one document with a string `text` field. `read_documents` is the one reader that
-validate and preprocess share, so what is validated is exactly what is trained on.
+The source is copied as it is: data/ is the versioned raw corpus, and validate records what it drops.
+Reading it (formats, layouts) is pipeline/corpus.py, shared with validate and preprocess.
 
 A new corpus is staged next to data/, validated there, and only then swapped in: bad input never
 replaces a good corpus.
@@ -11,141 +10,15 @@ replaces a good corpus.
 from __future__ import annotations
 
 import filecmp
-import json
 import os
 import shutil
-import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import IngestConfig
-
-CORPUS_SUFFIXES = (".txt", ".md", ".jsonl")
-
-
-class CorpusError(ValueError):
-    """A corpus that cannot be read at all: missing, empty, unreadable, or malformed JSONL."""
-
-
-@dataclass(frozen=True)
-class Document:
-    source: str  # "relative/path.txt#3": the file and the document's index in it
-    text: str
-    utf8_ok: bool  # False when the file had bytes that are not UTF-8 (they were replaced by U+FFFD)
-
-
-def corpus_files(root: Path) -> list[Path]:
-    """The corpus files under root (or root itself), sorted, with clear errors for what cannot be read."""
-    if root.is_symlink() and not root.exists():
-        raise CorpusError(f"{root}: broken symlink")
-    if not root.exists():
-        raise CorpusError(f"{root}: no such file or directory")
-    if not root.is_dir():
-        _require_regular_file(root)
-        if root.suffix not in CORPUS_SUFFIXES:
-            raise CorpusError(
-                f"{root}: unsupported file type {root.suffix!r}; use one of {', '.join(CORPUS_SUFFIXES)}"
-            )
-        return [root]
-    files, seen_dirs = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=_raise_walk_error):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:  # a symlink loop would otherwise walk forever
-            raise CorpusError(f"{dirpath}: symlink loop (it points back to {real})")
-        seen_dirs.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [
-            Path(dirpath, f)
-            for f in sorted(filenames)
-            if f.endswith(CORPUS_SUFFIXES) and not f.startswith(".")
-        ]
-    if not files:
-        raise CorpusError(f"{root}: no {', '.join(CORPUS_SUFFIXES)} files in this directory")
-    for path in files:
-        _require_regular_file(path)
-    return files
-
-
-def _require_regular_file(path: Path) -> None:
-    """A symlink loop, a dangling link, a FIFO or a device is named here, before anything is copied:
-    reading a FIFO would block forever."""
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise CorpusError(f"{path}: cannot read ({exc.strerror})") from None
-    if not stat.S_ISREG(mode):
-        raise CorpusError(f"{path}: not a regular file")
-
-
-def _raise_walk_error(exc: OSError) -> None:
-    raise CorpusError(f"{exc.filename}: cannot read directory ({exc.strerror})")
-
-
-def _read_text(path: Path, max_bytes: int) -> tuple[str, bool]:
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            raise CorpusError(f"{path}: {size:,} bytes is over ingest.max_file_bytes ({max_bytes:,})")
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CorpusError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        return raw.decode("utf-8"), True
-    except UnicodeDecodeError:
-        return raw.decode("utf-8", errors="replace"), False
-
-
-def split_paragraphs(text: str, doc_chars: int) -> list[str]:
-    """Cut text at blank lines into documents of about doc_chars; one paragraph is never split."""
-    docs, current, size = [], [], 0
-    for para in text.replace("\r\n", "\n").split("\n\n"):
-        if not para.strip():
-            continue
-        if current and size + len(para) > doc_chars:
-            docs.append("\n\n".join(current))
-            current, size = [], 0
-        current.append(para)
-        size += len(para) + 2
-    if current:
-        docs.append("\n\n".join(current))
-    return docs
-
-
-def _jsonl_documents(path: Path, text: str) -> Iterator[str]:
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CorpusError(
-                f"{path}:{lineno}: not valid JSON ({exc.msg}); the file may be truncated"
-            ) from None
-        if not isinstance(record, dict) or "text" not in record:
-            raise CorpusError(f"{path}:{lineno}: JSONL record has no 'text' field")
-        if not isinstance(record["text"], str):
-            raise CorpusError(
-                f"{path}:{lineno}: 'text' must be a string, got {type(record['text']).__name__}"
-            )
-        yield record["text"]
-
-
-def read_documents(root: Path, cfg: IngestConfig) -> Iterator[Document]:
-    """Every document of the corpus at root, in a stable order."""
-    base = root if root.is_dir() else root.parent
-    for path in corpus_files(root):
-        text, utf8_ok = _read_text(path, cfg.max_file_bytes)
-        rel = path.relative_to(base).as_posix()
-        texts = (
-            _jsonl_documents(path, text) if path.suffix == ".jsonl" else split_paragraphs(text, cfg.doc_chars)
-        )
-        for i, doc in enumerate(texts):
-            yield Document(source=f"{rel}#{i}", text=doc, utf8_ok=utf8_ok)
-
+from pipeline.corpus import CorpusError, open_corpus, walk_files
 
 # ---------------------------------------------------------------------------------------------
 # the builtin corpus: Python's own documentation, always present, built the same way every time
@@ -178,11 +51,12 @@ def fetch_source(source: str, dest: Path, cfg: IngestConfig, storage=None) -> No
         download_prefix(source, dest, *storage)
     else:
         src = Path(source).expanduser()
-        for path in corpus_files(src):  # validates the source before anything is copied
+        open_corpus(src)  # the source is readable (and has something to read) before anything is copied
+        for path in walk_files(src) if src.is_dir() else [src]:
             rel = path.relative_to(src) if src.is_dir() else Path(path.name)
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dest / rel)
-    corpus_files(dest)  # an s3 prefix or directory with nothing usable in it fails here
+    open_corpus(dest)  # an s3 prefix or directory with nothing readable in it fails here
 
 
 def stage_corpus(source: str, data_dir: Path, cfg: IngestConfig, storage=None) -> Path:
@@ -236,7 +110,7 @@ def ingest(source: str, ws, params, on_line=print) -> str:
     A source that fails validation (including the shrink guard against the champion's corpus) is
     discarded before data/ is touched.
     """
-    from pipeline.validate import format_failure, validate_corpus
+    from pipeline.validate import format_failure, format_summary, validate_corpus
     from pipeline.versioning import data_md5, dvc
 
     reference = champion_chars(ws, params)
@@ -247,7 +121,9 @@ def ingest(source: str, ws, params, on_line=print) -> str:
             # whenever the validation params change: a scheduled rerun on unchanged data skips GE here.
             on_line("source unchanged: data/ already holds exactly this corpus")
             return data_md5(ws.root)
-        report = validate_corpus(staging, params, champion_chars=reference)
+        report = validate_corpus(staging, params, name=source, champion_chars=reference)
+        for line in format_summary(report).splitlines():
+            on_line(line)
         if not report.success:
             raise CorpusError(
                 f"source {source} failed validation; data/ is unchanged\n{format_failure(report)}"

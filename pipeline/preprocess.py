@@ -1,11 +1,14 @@
 """Preprocess: corpus -> tokenizer + flat token shards for train / val / test.
 
-Three streaming passes over data/, so memory stays flat however large the corpus is:
-  1. hash every document and assign its split (by hash, so duplicates never straddle train and val);
-  2. train a byte-level BPE on the train split (or load the base model's tokenizer);
+It reads the documents validation kept (the same DocumentFilter: duplicates removed down to the
+paragraph, bad documents dropped), in three streaming passes over data/, so memory stays flat however
+large the corpus is:
+  1. hash every kept document and assign its split (by hash);
+  2. train a byte-level BPE on a bounded, uniform sample of the train split (or load the base model's);
   3. encode with the batch API, append EOS after each document, append to uint16/uint32 shards.
+Then it measures contamination: the share of val and test token n-grams that also occur in train.
 The shards are raw little-endian arrays that `np.memmap` opens without a copy; manifest.json says
-their dtype and token counts.
+their dtype, token and document counts, and the contamination.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import os
 import shutil
 import sys
 import time
+from array import array
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, Params, Workspace, load_params
-from pipeline.ingest import CorpusError, Document, read_documents
+from pipeline.corpus import CorpusError, Document, open_corpus
 
 SPLITS = ("train", "val", "test")
 EOS_TOKEN = "<|endoftext|>"
@@ -134,20 +138,55 @@ def _batches(docs: Iterator[tuple[str, Document]], size: int) -> Iterator[list[t
 
 
 def preprocess(
-    corpus: Path, tokenizer_dir: Path, shards_dir: Path, params: Params, base_dir: Path | None = None
+    corpus: Path,
+    tokenizer_dir: Path,
+    shards_dir: Path,
+    params: Params,
+    base_dir: Path | None = None,
+    expected_documents: int | None = None,
 ) -> dict:
-    """Run the three passes; write tokenizer_dir and shards_dir (replacing them whole); return the manifest."""
+    """Run the three passes; write tokenizer_dir and shards_dir (replacing them whole); return the manifest.
+
+    expected_documents, validation's count of kept documents, guards against a corpus that changed since.
+    """
+    from pipeline.validate import kept_documents
+
     cfg = params.preprocess
-    docs = lambda: read_documents(corpus, params.ingest)  # noqa: E731 - each pass re-reads the corpus
+    source = open_corpus(corpus)
+    docs = lambda: kept_documents(source, params)  # noqa: E731 - each pass re-reads the corpus
 
-    splits = split_by_hash([_digest(d) for d in docs()], cfg.val_fraction, cfg.test_fraction)
-    n_train = splits.count("train")
+    digests, lengths = [], array("q")
+    for doc in tqdm(docs(), unit="doc", desc="split", disable=None, mininterval=2):
+        digests.append(_digest(doc))
+        lengths.append(len(doc.text))
+    if expected_documents is not None and len(digests) != expected_documents:
+        raise CorpusError(
+            f"{corpus}: {len(digests):,} documents kept now, but validation kept {expected_documents:,}; "
+            "the corpus or the filter changed since validation (run the validate stage again)"
+        )
+    splits = split_by_hash(digests, cfg.val_fraction, cfg.test_fraction)
+    train_chars = sum(n for n, s in zip(lengths, splits, strict=True) if s == "train")
 
+    sample = {"chars": 0, "documents": 0}
     if base_dir is not None:
         tokenizer = load_base_tokenizer(base_dir)
     else:
-        train_texts = (d.text for d, s in zip(docs(), splits, strict=True) if s == "train")
-        tokenizer = train_tokenizer(train_texts, cfg.vocab_size, cfg.min_frequency, length=n_train)
+        # A uniform sample (by a second slice of each document's hash), never more than the budget.
+        rate = min(1.0, cfg.tokenizer_train_chars / max(train_chars, 1))
+
+        def train_texts() -> Iterator[str]:
+            for d, s, digest in zip(docs(), splits, digests, strict=True):
+                position = int.from_bytes(digest[8:16], "big") / 2**64
+                if (
+                    s == "train"
+                    and position < rate
+                    and sample["chars"] + len(d.text) <= cfg.tokenizer_train_chars
+                ):
+                    sample["chars"] += len(d.text)
+                    sample["documents"] += 1
+                    yield d.text
+
+        tokenizer = train_tokenizer(train_texts(), cfg.vocab_size, cfg.min_frequency)
     vocab_size = len(tokenizer)
     dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
     eos = tokenizer.eos_token_id
@@ -178,6 +217,7 @@ def preprocess(
         "vocab_size": vocab_size,
         "eos_token_id": eos,
         "tokenizer": "base" if base_dir else "trained",
+        "tokenizer_sample": None if base_dir else sample,
         "splits": {
             s: {"documents": doc_counts[s], "tokens": writers[s].tokens, "shards": writers[s].shards}
             for s in SPLITS
@@ -186,11 +226,65 @@ def preprocess(
         "encode_seconds": round(seconds, 3),
         "tokens_per_second": round(sum(w.tokens for w in writers.values()) / max(seconds, 1e-9)),
     }
+    manifest["contamination"] = contamination(tmp_shards, manifest, cfg.contamination_ngram)
     (tmp_shards / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     for tmp, final in ((tmp_tok, tokenizer_dir), (tmp_shards, shards_dir)):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# contamination: val/test n-grams that also occur in train
+
+
+NGRAM_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial hash wraps mod 2**64
+TRAIN_CHUNK_TOKENS = 1 << 24
+
+
+def ngram_hashes(ids: np.ndarray, n: int, eos: int) -> np.ndarray:
+    """A 64-bit hash of every n-gram of ids that lies inside one document (no EOS in it)."""
+    if len(ids) < n:
+        return np.empty(0, np.uint64)
+    ids = ids.astype(np.uint64)
+    count = len(ids) - n + 1
+    h = np.zeros(count, np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n):
+            h = h * NGRAM_HASH_BASE + ids[j : j + count]
+    eos_seen = np.concatenate([[0], np.cumsum(ids == eos)])
+    return h[eos_seen[n:] == eos_seen[:count]]
+
+
+def contamination(shards_dir: Path, manifest: dict, n: int) -> dict:
+    """The share of val and test n-grams (GPT-3's check, n=13) that also occur in train.
+
+    Memory follows val and test, not train: their hashes are kept sorted, and train streams past them
+    in chunks that overlap by n-1 tokens.
+    """
+    dtype, eos = np.dtype(manifest["dtype"]), manifest["eos_token_id"]
+
+    def split_ids(split: str) -> list[np.ndarray]:
+        return [np.fromfile(shards_dir / s["file"], dtype=dtype) for s in manifest["splits"][split]["shards"]]
+
+    held_out = {
+        s: ngram_hashes(np.concatenate(split_ids(s) or [np.empty(0, dtype)]), n, eos) for s in ("val", "test")
+    }
+    unique = np.unique(np.concatenate(list(held_out.values())))
+    seen = np.zeros(len(unique), bool)
+    for shard in manifest["splits"]["train"]["shards"]:
+        ids = np.memmap(shards_dir / shard["file"], dtype=dtype, mode="r")
+        for start in range(0, max(len(ids) - n + 1, 0), TRAIN_CHUNK_TOKENS):
+            h = ngram_hashes(np.asarray(ids[start : start + TRAIN_CHUNK_TOKENS + n - 1]), n, eos)
+            if len(unique) and len(h):
+                idx = np.minimum(np.searchsorted(unique, h), len(unique) - 1)
+                seen[idx[unique[idx] == h]] = True
+    result: dict = {"ngram": n}
+    for split, h in held_out.items():
+        hit = seen[np.searchsorted(unique, h)] if len(h) else np.empty(0, bool)
+        result[split] = round(float(hit.mean()), 6) if len(h) else 0.0
+        result[f"{split}_ngrams"] = int(len(h))
+    return result
 
 
 def load_shard(shards_dir: Path, split: str) -> list[np.memmap]:
@@ -212,13 +306,20 @@ def main(argv: list[str] | None = None) -> int:
             from pipeline.model import resolve_base
 
             base_dir = resolve_base(params.model.base, ws, params)
-        manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, base_dir)
+        report = ws.validation_dir / "report.json"
+        kept = json.loads(report.read_text())["stats"].get("kept_documents") if report.is_file() else None
+        manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, base_dir, kept)
     except (ConfigError, CorpusError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    counts = ", ".join(f"{s} {manifest['splits'][s]['tokens']:,}" for s in SPLITS)
+    counts = ", ".join(
+        f"{s} {manifest['splits'][s]['tokens']:,} ({manifest['splits'][s]['documents']:,} docs)"
+        for s in SPLITS
+    )
+    c = manifest["contamination"]
     print(
-        f"preprocess: vocab {manifest['vocab_size']:,}, tokens: {counts} ({manifest['tokens_per_second']:,} tok/s)"
+        f"preprocess: vocab {manifest['vocab_size']:,}, tokens: {counts} ({manifest['tokens_per_second']:,} tok/s)\n"
+        f"contamination: {c['val']:.2%} of val and {c['test']:.2%} of test {c['ngram']}-grams also occur in train"
     )
     return 0
 

@@ -1,42 +1,56 @@
-"""Validate: the corpus as a document table, checked by a Great Expectations suite.
+"""Validate: filter the corpus document by document, then judge what is left with a Great Expectations suite.
 
-Every bound comes from the `validation:` section of params.yaml. A failed check names its observed value,
-its bound, and an example document, so a user can find the problem without reading GE's raw output.
+Two kinds of check, from the `validation:` section of params.yaml:
+  - per document (length bounds, the non-printable share, duplicates): a failing document is DROPPED and
+    recorded with its reason; GE's `mostly` says how many may fail before the corpus as a whole does;
+  - per corpus (documents and characters left, the dropped share, the duplicate share, the shrink guard,
+    secrets, text that is not UTF-8): a failure refuses the corpus.
+Duplicates are removed at the paragraph level too (the first occurrence is kept), so no paragraph can
+land in two splits. `DocumentFilter` is the one policy: preprocess runs the same filter to train on
+exactly the documents kept here.
 
-`python -m pipeline.validate` is the DVC stage: it validates data/ and writes artifacts/validation/.
-Great Expectations is imported only inside the functions that run the suite: it takes seconds to import,
-and the CLI must start fast.
+The corpus is streamed: the table GE checks holds numbers per document, never the text.
+
+`python -m pipeline.validate` is the DVC stage: it validates data/ and writes artifacts/validation/
+(report.json, report.md, dropped.jsonl). Great Expectations is imported only inside the functions that
+run the suite: it takes seconds to import, and the CLI must start fast.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tempfile
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from array import array
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-import pandas as pd
+from tqdm import tqdm
 
-from pipeline.config import ConfigError, Params, Workspace, load_params
-from pipeline.ingest import CorpusError, Document, read_documents
+from pipeline.config import ConfigError, Params, ValidationConfig, Workspace, load_params
+from pipeline.corpus import Corpus, CorpusError, Document, open_corpus
 
 # What a reader cannot see or a tokenizer should not learn: U+FFFD (what undecodable bytes became), the
 # C0 controls other than \t \n \r, DEL and the C1 controls, lone surrogates (JSON "\ud800" escapes) and
-# private-use characters. One compiled class, counted in C: fast on a 50 MB document.
+# private-use characters. One compiled class, counted in C.
 NONPRINTABLE = re.compile(
     "[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ue000-\uf8ff\U000f0000-\U0010ffff]"
 )
+BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")  # a paragraph break: one or more whitespace-only lines
 SNIPPET_CHARS = 80
-COLUMNS = ["source", "text", "length", "nonprintable_ratio", "utf8_ok", "sha256", "is_duplicate"]
+EXAMPLES_PER_REASON = 3
+DROP_REASONS = ("nonprintable", "too_short", "too_long")  # quality: counted against max_dropped_fraction
+DUPLICATE_REASONS = ("duplicate", "near_duplicate")  # counted against max_duplicate_ratio
+SHINGLE_CHARS = 5  # near-duplicates: MinHash over character 5-grams, which works for every script
 
 
 @dataclass
@@ -44,7 +58,7 @@ class Check:
     name: str  # "min_documents", "doc_length", "secret:aws_access_key_id", ...
     expectation: str  # the GE expectation type, e.g. expect_column_values_to_be_between
     success: bool
-    observed: Any  # a number for table-level checks, "k of n documents ..." for per-document ones
+    observed: Any  # a number for corpus-level checks, "k of n documents ..." for per-document ones
     bound: str
     example: str | None = None  # a failing document: its source and a short (masked) snippet
 
@@ -55,6 +69,10 @@ class ValidationReport:
     success: bool
     stats: dict[str, Any]
     checks: list[Check] = field(default_factory=list)
+    files: list[dict] = field(default_factory=list)  # each read file: format, layout, documents
+    skipped: list[str] = field(default_factory=list)  # files of other kinds
+    examples: dict[str, list[str]] = field(default_factory=dict)  # dropped documents, by reason
+    dropped_records: IO[str] | None = field(default=None, repr=False)  # one JSON line per dropped document
 
     @property
     def failed(self) -> list[Check]:
@@ -62,37 +80,257 @@ class ValidationReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# the document table
+# the per-document policy
 
 
-def document_table(docs: Iterable[Document]) -> pd.DataFrame:
-    """One row per document, with the per-document measures the suite checks."""
-    rows = []
-    seen: set[str] = set()
-    for doc in docs:
-        # surrogatepass: a lone surrogate from JSON must hash, not crash, and not collide with U+FFFD
-        digest = hashlib.sha256(doc.text.encode("utf-8", errors="surrogatepass")).hexdigest()
-        length = len(doc.text)
-        bad = NONPRINTABLE.subn("", doc.text)[1]
-        rows.append((doc.source, doc.text, length, bad / max(length, 1), doc.utf8_ok, digest, digest in seen))
-        seen.add(digest)
-    # explicit dtypes: an empty table would otherwise get object columns
-    return pd.DataFrame(rows, columns=COLUMNS).astype(
-        {"length": "int64", "nonprintable_ratio": "float64", "utf8_ok": "bool", "is_duplicate": "bool"}
+def paragraphs(text: str) -> list[str]:
+    return [p for p in BLANK_LINES.split(text.strip()) if p.strip()]
+
+
+def _key(text: str) -> int:
+    # surrogatepass: a lone surrogate from JSON must hash, not crash, and not collide with U+FFFD
+    return int.from_bytes(
+        hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little"
     )
 
 
-def table_stats(table: pd.DataFrame) -> dict[str, Any]:
-    empty = table.empty
-    return {
-        "documents": len(table),
-        "files": int(table["source"].str.rsplit("#", n=1).str[0].nunique()) if not empty else 0,
-        "total_chars": int(table["length"].sum()),
-        "max_doc_chars": int(table["length"].max()) if not empty else 0,
-        "duplicate_ratio": round(float(table["is_duplicate"].mean()), 4) if not empty else 0.0,
-        "max_nonprintable_ratio": round(float(table["nonprintable_ratio"].max()), 4) if not empty else 0.0,
-        "non_utf8_documents": int((~table["utf8_ok"]).sum()),
-    }
+@dataclass
+class Verdict:
+    text: str | None  # what is kept (duplicate paragraphs removed), None when the document is dropped
+    reason: str | None  # why it was dropped: one of DROP_REASONS or DUPLICATE_REASONS
+    length: int  # characters after duplicate paragraphs were removed
+    nonprintable_ratio: float
+    removed_paragraphs: int = 0
+    duplicate_of: str | None = None  # the source of the earlier, identical document
+
+
+class DocumentFilter:
+    """Keeps or drops each document in corpus order; deterministic, so validate and preprocess agree.
+
+    Order: exact duplicates first (of a whole earlier document, or every paragraph seen before), then
+    the remaining paragraphs are judged on the quality bounds, then near-duplicates when enabled. Only a
+    kept document's paragraphs count as seen, so a clean copy after a dropped one is still kept.
+    """
+
+    def __init__(self, cfg: ValidationConfig):
+        self.cfg = cfg
+        self.seen_paragraphs: set[int] = set()
+        self.first_source: dict[int, str] = {}  # whole-document key -> the first kept document's source
+        self.lsh = None
+        if cfg.near_duplicates:
+            from datasketch import MinHashLSH
+
+            self.lsh = MinHashLSH(threshold=cfg.near_duplicate_threshold, num_perm=cfg.minhash_permutations)
+            self.kept = 0
+
+    def __call__(self, doc: Document) -> Verdict:
+        whole = _key(doc.text)
+        if (original := self.first_source.get(whole)) is not None:
+            return Verdict(None, "duplicate", 0, 0.0, duplicate_of=original)
+        paras = paragraphs(doc.text)
+        if not paras:
+            return Verdict(None, "too_short", 0, 0.0)
+        keys = [whole] if paras == [doc.text] else [_key(p) for p in paras]
+        fresh = [i for i, k in enumerate(keys) if k not in self.seen_paragraphs]
+        if not fresh:
+            return Verdict(None, "duplicate", 0, 0.0)
+        text = doc.text if len(fresh) == len(paras) else "\n\n".join(paras[i] for i in fresh)
+        length = len(text)
+        ratio = len(NONPRINTABLE.findall(text)) / max(length, 1)
+        verdict = Verdict(text, None, length, ratio, removed_paragraphs=len(paras) - len(fresh))
+        if ratio > self.cfg.max_nonprintable_ratio:
+            verdict.reason = "nonprintable"
+        elif length < self.cfg.min_doc_chars:
+            verdict.reason = "too_short"
+        elif length > self.cfg.max_doc_chars:
+            verdict.reason = "too_long"
+        elif self.lsh is not None and self._near_duplicate(text):
+            verdict.reason = "near_duplicate"
+        if verdict.reason:
+            verdict.text = None
+            return verdict
+        self.first_source[whole] = doc.source
+        self.seen_paragraphs.update(keys[i] for i in fresh)
+        return verdict
+
+    def _near_duplicate(self, text: str) -> bool:
+        from datasketch import MinHash
+
+        norm = " ".join(text.lower().split())
+        shingles = {norm[i : i + SHINGLE_CHARS] for i in range(max(1, len(norm) - SHINGLE_CHARS + 1))}
+        sketch = MinHash(num_perm=self.cfg.minhash_permutations, seed=1)
+        sketch.update_batch([s.encode("utf-8", "surrogatepass") for s in shingles])
+        if self.lsh.query(sketch):
+            return True
+        self.lsh.insert(self.kept, sketch)
+        self.kept += 1
+        return False
+
+
+def kept_documents(corpus: Corpus, params: Params) -> Iterator[Document]:
+    """The documents validation keeps, with duplicate paragraphs removed: what preprocess trains on."""
+    keep = DocumentFilter(params.validation)
+    for doc in corpus.documents(params.ingest):
+        if doc.text.strip():
+            verdict = keep(doc)
+            if verdict.text is not None:
+                yield Document(doc.source, verdict.text, doc.utf8_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring: one streaming pass -> a table of numbers per document, examples, the dropped records
+
+
+class Measures:
+    """Columns of per-document numbers in compact arrays (a few dozen bytes a document, never the text)."""
+
+    def __init__(self, secret_names: list[str]):
+        self.length, self.nonprintable, self.dropped = array("d"), array("d"), array("d")
+        self.duplicate, self.utf8_ok = bytearray(), bytearray()
+        self.kept_chars = array("q")
+        self.secrets = {name: array("q") for name in secret_names}
+
+    def add(self, verdict: Verdict, utf8_ok: bool, secret_counts: dict[str, int]) -> None:
+        dup = verdict.reason in DUPLICATE_REASONS
+        nan = float("nan")  # GE's column checks skip nulls: duplicates are not judged on quality
+        self.length.append(nan if dup else verdict.length)
+        self.nonprintable.append(nan if dup else verdict.nonprintable_ratio)
+        self.dropped.append(nan if dup else float(verdict.reason is not None))
+        self.duplicate.append(dup)
+        self.utf8_ok.append(utf8_ok)
+        self.kept_chars.append(verdict.length if verdict.text is not None else 0)
+        for name, count in secret_counts.items():
+            self.secrets[name].append(count)
+
+    def table(self):
+        import numpy as np
+        import pandas as pd
+
+        columns = {
+            "length": np.frombuffer(self.length, dtype=np.float64),
+            "nonprintable_ratio": np.frombuffer(self.nonprintable, dtype=np.float64),
+            "dropped": np.frombuffer(self.dropped, dtype=np.float64),
+            "duplicate": np.frombuffer(bytes(self.duplicate), dtype=np.bool_),
+            "utf8_ok": np.frombuffer(bytes(self.utf8_ok), dtype=np.bool_),
+            "kept_chars": np.frombuffer(self.kept_chars, dtype=np.int64),
+        }
+        columns["kept"] = (columns["kept_chars"] > 0).astype(np.int64)
+        for i, values in enumerate(self.secrets.values()):
+            columns[f"secret_{i}"] = np.frombuffer(values, dtype=np.int64)
+        return pd.DataFrame(columns)
+
+
+def _snippet(text: str, start: int = 0, limit: int = SNIPPET_CHARS) -> str:
+    """ascii() of text[start:], at most limit characters in all, '...' marking a cut: terminal-safe."""
+    head = "..." if start > 0 else ""
+    piece = text[start : start + limit]
+    while True:
+        tail = "..." if start + len(piece) < len(text) else ""
+        out = f"{head}{ascii(piece)}{tail}"
+        if len(out) <= limit or not piece:
+            return out
+        piece = piece[: len(piece) - max(1, (len(out) - limit) // 4)]  # escapes make repr longer
+
+
+def _mask(secret: str) -> str:
+    """Enough to recognise the kind of secret (AKIA...), never enough to use it."""
+    keep = 4 if len(secret) >= 16 else 0
+    return secret[:keep] + "*" * min(len(secret) - keep, 20)
+
+
+def _mask_all(text: str, patterns: list[re.Pattern]) -> str:
+    for pattern in patterns:
+        text = pattern.sub(lambda m: _mask(m.group(0)), text)
+    return text
+
+
+def _secret_example(source: str, text: str, match: re.Match, patterns: list[re.Pattern]) -> str:
+    # The text just before the secret, with any other secret in it masked too; never the text after it
+    # (a private key's body follows its header).
+    before = _mask_all(text[max(0, match.start() - 200) : match.start()], patterns)
+    masked = _mask(match.group(0))
+    context = before[-40:]
+    while context and len(ascii(context + masked)) > SNIPPET_CHARS - 3:
+        context = context[1:]
+    cut = "..." if len(context) < match.start() else ""
+    return f"{source} at char {match.start()}: {cut}{ascii(context + masked)}"
+
+
+def _drop_example(source: str, text: str, verdict: Verdict, patterns: list[re.Pattern]) -> str:
+    """The dropped document's source, why, and a short masked snippet (the first bad character in context
+    for non-printable text, not the possibly clean start of the document)."""
+    text = _mask_all(text, patterns)
+    if verdict.reason == "duplicate":
+        of = (
+            f" duplicates {verdict.duplicate_of}"
+            if verdict.duplicate_of
+            else " (every paragraph seen before)"
+        )
+        return f"{source}{of}: {_snippet(text)}"
+    if verdict.reason == "nonprintable":
+        bad = NONPRINTABLE.search(text)
+        start = max(0, bad.start() - 20) if bad else 0
+        where = f", first at char {bad.start()}" if bad else ""
+        return (
+            f"{source} (nonprintable ratio {verdict.nonprintable_ratio:.3f}{where}): {_snippet(text, start)}"
+        )
+    return f"{source} ({verdict.length} chars, {verdict.reason}): {_snippet(text)}"
+
+
+@dataclass
+class Findings:
+    """What one streaming pass saw, beyond the table."""
+
+    documents: int = 0
+    empty: int = 0
+    read_chars: int = 0
+    removed_paragraphs: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    secret_examples: dict[str, str] = field(default_factory=dict)
+    utf8_example: str | None = None
+
+
+def measure(corpus: Corpus, params: Params, dropped_out: IO[str]) -> tuple[Measures, Findings]:
+    """One pass over the corpus: every document filtered and measured, every dropped one written out."""
+    patterns = {name: re.compile(p) for name, p in params.validation.secret_patterns.items()}
+    compiled = list(patterns.values())
+    keep = DocumentFilter(params.validation)
+    measures, found = Measures(list(patterns)), Findings()
+    with tqdm(unit="doc", desc="validate", disable=None, mininterval=2) as bar:
+        for doc in corpus.documents(params.ingest):
+            bar.update()
+            if not doc.text.strip():
+                found.empty += 1  # nothing to learn or to judge, like a blank line
+                continue
+            found.documents += 1
+            found.read_chars += len(doc.text)
+            counts = {}
+            for name, pattern in patterns.items():  # on the raw text: a dropped document is still read
+                matches = list(pattern.finditer(doc.text))
+                counts[name] = len(matches)
+                if matches and name not in found.secret_examples:
+                    found.secret_examples[name] = _secret_example(doc.source, doc.text, matches[0], compiled)
+            if not doc.utf8_ok and found.utf8_example is None:
+                found.utf8_example = _drop_example(
+                    doc.source, doc.text, Verdict(None, "nonprintable", len(doc.text),
+                    len(NONPRINTABLE.findall(doc.text)) / len(doc.text)), compiled,
+                )  # fmt: skip
+            verdict = keep(doc)
+            measures.add(verdict, doc.utf8_ok, counts)
+            found.removed_paragraphs += verdict.removed_paragraphs
+            if verdict.reason:
+                found.reasons[verdict.reason] += 1
+                example = _drop_example(doc.source, doc.text, verdict, compiled)
+                found.examples.setdefault(verdict.reason, [])
+                if len(found.examples[verdict.reason]) < EXAMPLES_PER_REASON:
+                    found.examples[verdict.reason].append(example)
+                record = {"source": doc.source, "reason": verdict.reason, "chars": len(doc.text),
+                          "snippet": _snippet(_mask_all(doc.text, compiled))}  # fmt: skip
+                if verdict.duplicate_of:
+                    record["duplicate_of"] = verdict.duplicate_of
+                dropped_out.write(json.dumps(record) + "\n")
+    return measures, found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,34 +347,41 @@ def build_suite(params: Params, champion_chars: int | None = None) -> list[tuple
 
     v = params.validation
     E = gx.expectations
+    mostly = 1 - v.max_dropped_fraction
     checks = [
         (
             "min_documents",
-            E.ExpectTableRowCountToBeBetween(min_value=v.min_documents),
-            f">= {v.min_documents}",
+            E.ExpectColumnSumToBeBetween(column="kept", min_value=v.min_documents),
+            f">= {v.min_documents} kept",
         ),
         (
             "min_total_chars",
-            E.ExpectColumnSumToBeBetween(column="length", min_value=v.min_total_chars),
-            f">= {v.min_total_chars}",
-        ),
-        ("not_null", E.ExpectColumnValuesToNotBeNull(column="text"), "no null text"),
-        (
-            "doc_length",
-            E.ExpectColumnValuesToBeBetween(
-                column="length", min_value=v.min_doc_chars, max_value=v.max_doc_chars
-            ),
-            f"{v.min_doc_chars}..{v.max_doc_chars} chars per document",
+            E.ExpectColumnSumToBeBetween(column="kept_chars", min_value=v.min_total_chars),
+            f">= {v.min_total_chars} kept",
         ),
         ("utf8", E.ExpectColumnValuesToBeInSet(column="utf8_ok", value_set=[True]), "every file valid UTF-8"),
         (
+            "doc_length",
+            E.ExpectColumnValuesToBeBetween(
+                column="length", min_value=v.min_doc_chars, max_value=v.max_doc_chars, mostly=mostly
+            ),
+            f"{v.min_doc_chars}..{v.max_doc_chars} chars per document, mostly {mostly:.0%}",
+        ),
+        (
             "nonprintable_ratio",
-            E.ExpectColumnValuesToBeBetween(column="nonprintable_ratio", max_value=v.max_nonprintable_ratio),
-            f"<= {v.max_nonprintable_ratio} per document",
+            E.ExpectColumnValuesToBeBetween(
+                column="nonprintable_ratio", max_value=v.max_nonprintable_ratio, mostly=mostly
+            ),
+            f"<= {v.max_nonprintable_ratio} per document, mostly {mostly:.0%}",
+        ),
+        (
+            "dropped_fraction",
+            E.ExpectColumnMeanToBeBetween(column="dropped", max_value=v.max_dropped_fraction),
+            f"<= {v.max_dropped_fraction:.0%} of documents dropped",
         ),
         (
             "duplicate_ratio",
-            E.ExpectColumnMeanToBeBetween(column="is_duplicate", max_value=v.max_duplicate_ratio),
+            E.ExpectColumnMeanToBeBetween(column="duplicate", max_value=v.max_duplicate_ratio),
             f"<= {v.max_duplicate_ratio}",
         ),
     ]
@@ -145,16 +390,16 @@ def build_suite(params: Params, champion_chars: int | None = None) -> list[tuple
         checks.append(
             (
                 "shrinkage",
-                E.ExpectColumnSumToBeBetween(column="length", min_value=floor),
+                E.ExpectColumnSumToBeBetween(column="kept_chars", min_value=floor),
                 f">= {floor:,} chars ({v.min_fraction_of_champion:.0%} of the champion's {champion_chars:,}; "
                 "set validation.min_fraction_of_champion=0 to allow it)",
             )
         )
-    for name, pattern in v.secret_patterns.items():
+    for i, (name, pattern) in enumerate(v.secret_patterns.items()):
         checks.append(
             (
                 f"secret:{name}",
-                E.ExpectColumnValuesToNotMatchRegex(column="text", regex=pattern),
+                E.ExpectColumnValuesToBeBetween(column=f"secret_{i}", max_value=0),
                 f"no match of /{pattern}/",
             )
         )
@@ -184,21 +429,17 @@ def _ge_error(res: Any) -> str | None:
     return None
 
 
-def run_suite(
-    table: pd.DataFrame, params: Params, corpus: str, champion_chars: int | None = None
-) -> ValidationReport:
-    """Run the GE suite on the table and turn its results into named checks with examples."""
+def run_suite(table, found: Findings, params: Params, champion_chars: int | None = None) -> list[Check]:
+    """Run the GE suite on the table of measures and turn its results into named checks with examples."""
     gx = _import_gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    stats = table_stats(table)
     suite_checks = build_suite(params, champion_chars)
     if table.empty:
         # Column metrics are undefined on no rows (GE reports a mean of None as a failure), so say plainly
         # that there is nothing instead of failing every check for the wrong reason.
         why = "0 documents: every corpus file is empty or whitespace-only"
-        checks = [Check(n, e.expectation_type, False, 0, b, why) for n, e, b in suite_checks[:2]]
-        return ValidationReport(corpus, False, stats, checks)
+        return [Check(n, e.expectation_type, False, 0, b, why) for n, e, b in suite_checks[:2]]
 
     context = gx.get_context(mode="ephemeral")  # fresh per run: no "datasource already exists"
     context.variables.progress_bars = ProgressBarsConfig(globally=False)  # no tqdm bars on stderr
@@ -210,26 +451,19 @@ def run_suite(
     suite = context.suites.add(gx.ExpectationSuite("corpus"))
     for _, expectation, _ in suite_checks:
         suite.add_expectation(expectation)
-    # SUMMARY carries the first offending row indices, which is all an example needs
-    result = batch_def.get_batch(batch_parameters={"dataframe": table}).validate(
-        suite, result_format="SUMMARY"
-    )
-
+    result = batch_def.get_batch(batch_parameters={"dataframe": table}).validate(suite, result_format="BASIC")
     # GE does not keep the suite's order in its results: match them up by expectation id
     by_id = {res.expectation_config.id: res for res in result.results}
     checks = []
     for name, expectation, bound in suite_checks:
         res = by_id[expectation.id]
-        detail = res.result or {}
-        error = _ge_error(res)
-        if error:
+        if error := _ge_error(res):
             checks.append(Check(name, expectation.expectation_type, False, f"error: {error}", bound))
             continue
-        rows = list(detail.get("partial_unexpected_index_list") or [])
-        example = None if res.success else _example(name, table, rows, params)
-        observed = _observed(name, detail, table)
+        observed = _observed(name, res.result or {}, table, found)
+        example = None if res.success else _example(name, found)
         checks.append(Check(name, expectation.expectation_type, bool(res.success), observed, bound, example))
-    return ValidationReport(corpus, all(c.success for c in checks), stats, checks)
+    return checks
 
 
 def validate_corpus(
@@ -237,11 +471,43 @@ def validate_corpus(
 ) -> ValidationReport:
     """Validate the corpus at path (file or directory); name is what the report calls it (default: path).
 
-    champion_chars turns on the shrink guard (see build_suite). A CorpusError (missing, empty directory,
-    unreadable, malformed JSONL) propagates to the caller.
+    champion_chars turns on the shrink guard (see build_suite). A CorpusError (missing, nothing readable,
+    truncated, malformed records) propagates to the caller.
     """
-    table = document_table(read_documents(path, params.ingest))
-    return run_suite(table, params, name or str(path), champion_chars)
+    corpus = open_corpus(path)
+    dropped = tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+", encoding="utf-8")
+    try:
+        measures, found = measure(corpus, params, dropped)
+        table = measures.table()
+        checks = run_suite(table, found, params, champion_chars)
+    except BaseException:
+        dropped.close()
+        raise
+    summary = corpus.summary()
+    stats = {
+        "documents": found.documents,
+        "kept_documents": int(table["kept"].sum()) if len(table) else 0,
+        "dropped_documents": sum(found.reasons[r] for r in DROP_REASONS),
+        "duplicate_documents": sum(found.reasons[r] for r in DUPLICATE_REASONS),
+        "dropped_by_reason": {r: found.reasons[r] for r in (*DROP_REASONS, *DUPLICATE_REASONS) if found.reasons[r]},
+        "duplicate_paragraphs_removed": found.removed_paragraphs,
+        "empty_documents": found.empty,
+        "files": len(summary["files"]),
+        "skipped_files": len(summary["skipped"]),
+        "read_chars": found.read_chars,
+        "total_chars": int(table["kept_chars"].sum()) if len(table) else 0,
+        "non_utf8_documents": int((~table["utf8_ok"]).sum()) if len(table) else 0,
+    }  # fmt: skip
+    return ValidationReport(
+        corpus=name or str(path),
+        success=all(c.success for c in checks),
+        stats=stats,
+        checks=checks,
+        files=summary["files"],
+        skipped=summary["skipped"],
+        examples=found.examples,
+        dropped_records=dropped,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,91 +521,52 @@ def _native(value: Any) -> Any:
     return round(value, 4) if isinstance(value, float) else value
 
 
-def _observed(name: str, detail: dict, table: pd.DataFrame) -> Any:
+def _by_reason(found: Findings, reasons: tuple[str, ...]) -> str:
+    return ", ".join(f"{r} {found.reasons[r]:,}" for r in reasons if found.reasons[r])
+
+
+def _observed(name: str, detail: dict, table, found: Findings) -> Any:
+    judged = int(table["dropped"].notna().sum())
+    if name == "dropped_fraction":
+        count = sum(found.reasons[r] for r in DROP_REASONS)
+        share = f" ({count / judged:.2%})" if judged else ""
+        why = f": {_by_reason(found, DROP_REASONS)}" if count else ""
+        return f"{count:,} of {judged:,} documents{share}{why}"
+    if name == "duplicate_ratio":
+        return _native(detail.get("observed_value"))
+    if name.startswith("secret:"):
+        return f"{int(detail.get('unexpected_count') or 0)} of {len(table)} documents matching"
     if "observed_value" in detail:
         value = _native(detail["observed_value"])
-        return int(value) if name in ("min_total_chars", "shrinkage") and isinstance(value, float) else value
+        return int(value) if isinstance(value, float) else value
     count = int(detail.get("unexpected_count") or 0)
-    what = {
-        "not_null": "null",
-        "doc_length": "out of range",
-        "utf8": "from non-UTF-8 files",
-        "nonprintable_ratio": "over the bound",
-    }.get(name, "matching")
-    text = f"{count} of {len(table)} documents {what}"
-    if name == "doc_length":
-        text += f" (shortest {int(table['length'].min())}, longest {int(table['length'].max())} chars)"
-    elif name == "nonprintable_ratio":
-        text += f" (worst {float(table['nonprintable_ratio'].max()):.4f})"
-    return text
-
-
-def _snippet(text: str, start: int = 0, limit: int = SNIPPET_CHARS) -> str:
-    """ascii() of text[start:], at most limit characters in all, '...' marking a cut: terminal-safe."""
-    head = "..." if start > 0 else ""
-    piece = text[start : start + limit]
-    while True:
-        tail = "..." if start + len(piece) < len(text) else ""
-        out = f"{head}{ascii(piece)}{tail}"
-        if len(out) <= limit or not piece:
-            return out
-        piece = piece[: len(piece) - max(1, (len(out) - limit) // 4)]  # escapes make repr longer
-
-
-def _mask(secret: str) -> str:
-    """Enough to recognise the kind of secret (AKIA...), never enough to use it."""
-    keep = 4 if len(secret) >= 16 else 0
-    return secret[:keep] + "*" * min(len(secret) - keep, 20)
-
-
-def _secret_example(source: str, text: str, pattern: str, patterns: dict[str, str]) -> str:
-    match = re.search(pattern, text)
-    if not match:  # GE and re disagree on the pattern; still say where
-        return source
-    # The text just before the secret, with any other secret in it masked too; never the text after it
-    # (a private key's body follows its header).
-    before = text[max(0, match.start() - 200) : match.start()]
-    for other in patterns.values():
-        before = re.sub(other, lambda m: _mask(m.group(0)), before)
-    masked = _mask(match.group(0))
-    context = before[-40:]
-    while context and len(ascii(context + masked)) > SNIPPET_CHARS - 3:
-        context = context[1:]
-    cut = "..." if len(context) < match.start() else ""
-    return f"{source} at char {match.start()}: {cut}{ascii(context + masked)}"
-
-
-def _bad_char_example(source: str, text: str, detail: str) -> str:
-    """Show the first nonprintable character in context, not the (possibly clean) start of the document."""
-    bad = NONPRINTABLE.search(text)
-    if not bad:
-        return f"{source} {detail}: {_snippet(text)}"
-    return f"{source} {detail}, first at char {bad.start()}: {_snippet(text, max(0, bad.start() - 20))}"
-
-
-def _example(name: str, table: pd.DataFrame, rows: list[int], params: Params) -> str | None:
-    """One offending document: its source and a short snippet; a secret is masked, never echoed."""
-    if name == "duplicate_ratio":
-        dupes = table.index[table["is_duplicate"]]
-        if not len(dupes):
-            return None
-        row = table.loc[dupes[0]]
-        original = table.loc[table.index[table["sha256"] == row.sha256][0]]
-        return f"{row.source} duplicates {original.source}: {_snippet(row.text)}"
-    if not rows:
-        return None
     if name == "utf8":
-        # the first document of a non-UTF-8 file may be clean: prefer one that shows a replaced byte
-        rows = [r for r in rows if "\ufffd" in table.at[r, "text"]] or rows
-    row = table.loc[rows[0]]
-    if name.startswith("secret:"):
-        patterns = params.validation.secret_patterns
-        return _secret_example(row.source, row.text, patterns[name.split(":", 1)[1]], patterns)
-    if name in ("utf8", "nonprintable_ratio"):
-        return _bad_char_example(row.source, row.text, f"(nonprintable ratio {row.nonprintable_ratio:.3f})")
+        return f"{count} of {len(table)} documents from non-UTF-8 bytes"
     if name == "doc_length":
-        return f"{row.source} ({row.length} chars): {_snippet(row.text)}"
-    return str(row.source)
+        lengths = table["length"].dropna()
+        return f"{count} of {judged} documents out of range" + (
+            f" (shortest {int(lengths.min())}, longest {int(lengths.max())} chars)" if len(lengths) else ""
+        )
+    if name == "nonprintable_ratio":
+        return f"{count} of {judged} documents over the bound (worst {float(table['nonprintable_ratio'].max()):.4f})"
+    return count
+
+
+def _example(name: str, found: Findings) -> str | None:
+    if name.startswith("secret:"):
+        return found.secret_examples.get(name.split(":", 1)[1])
+    if name == "utf8":
+        return found.utf8_example
+    reasons = {
+        "doc_length": ("too_long", "too_short"),
+        "nonprintable_ratio": ("nonprintable",),
+        "dropped_fraction": tuple(sorted(DROP_REASONS, key=lambda r: -found.reasons[r])),
+        "duplicate_ratio": DUPLICATE_REASONS,
+    }.get(name, ())
+    for reason in reasons:
+        if found.examples.get(reason):
+            return found.examples[reason][0]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +579,34 @@ def format_failure(report: ValidationReport) -> str:
     for c in report.failed:
         example = f" (example: {c.example})" if c.example else ""
         lines.append(f"  {c.name}: observed {c.observed}, bound {c.bound}{example}")
+    return "\n".join(lines)
+
+
+def format_summary(report: ValidationReport) -> str:
+    """Kept and dropped documents by reason, with examples: what `lmforge validate` prints."""
+    s = report.stats
+    skipped = f", {s['skipped_files']} skipped ({', '.join(report.skipped[:5])})" if report.skipped else ""
+    layouts = Counter(f["layout"] for f in report.files if f["layout"])
+    layout = f"; text layout: {', '.join(f'{k} ({v} files)' for k, v in layouts.items())}" if layouts else ""
+    lines = [
+        f"{report.corpus}: {s['files']} file(s){skipped}{layout}",
+        f"  {s['documents']:,} documents read, {s['kept_documents']:,} kept ({s['total_chars']:,} chars)",
+    ]
+    for label, reasons in (("dropped", DROP_REASONS), ("duplicates", DUPLICATE_REASONS)):
+        count = sum(s["dropped_by_reason"].get(r, 0) for r in reasons)
+        if not count:
+            continue
+        share = count / max(s["documents"], 1)
+        by = ", ".join(f"{r} {s['dropped_by_reason'][r]:,}" for r in reasons if s["dropped_by_reason"].get(r))
+        lines.append(f"  {label} {count:,} ({share:.2%}): {by}")
+        for reason in reasons:
+            lines += [f"    e.g. {e}" for e in report.examples.get(reason, [])[:2]]
+    if s["duplicate_paragraphs_removed"]:
+        lines.append(
+            f"  duplicate paragraphs removed from kept documents: {s['duplicate_paragraphs_removed']:,}"
+        )
+    if s["empty_documents"]:
+        lines.append(f"  empty documents skipped: {s['empty_documents']:,}")
     return "\n".join(lines)
 
 
@@ -372,14 +627,17 @@ def _cell(value: Any) -> str:
 
 
 def write_report(report: ValidationReport, out_dir: Path) -> None:
-    """report.json for machines (and `dvc metrics`), report.md for people."""
+    """report.json for machines (and `dvc metrics`), report.md for people, dropped.jsonl for the record."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "report.json", json.dumps(asdict(report), indent=2, default=str) + "\n")
-    stats = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}" for k, v in report.stats.items())
+    data = {f.name: getattr(report, f.name) for f in fields(report) if f.name != "dropped_records"}
+    data["checks"] = [asdict(c) for c in report.checks]
+    _write_atomic(out_dir / "report.json", json.dumps(data, indent=2, default=str) + "\n")
     md = [
         f"# Corpus validation: {'passed' if report.success else 'FAILED'}",
         "",
-        f"Corpus `{report.corpus}`: {stats}.",
+        "```",
+        format_summary(report),
+        "```",
         "",
         "| check | ok | observed | bound | example |",
         "|---|---|---|---|---|",
@@ -390,16 +648,16 @@ def write_report(report: ValidationReport, out_dir: Path) -> None:
         ),
     ]
     _write_atomic(out_dir / "report.md", "\n".join(md) + "\n")
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".dropped.jsonl.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        if report.dropped_records is not None:
+            report.dropped_records.seek(0)
+            shutil.copyfileobj(report.dropped_records, fh)
+    os.replace(tmp, out_dir / "dropped.jsonl")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The DVC stage: validate data/, write artifacts/validation/report.{json,md}; exit 1 on bad data."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.validate",
-        description="Validate the workspace's data/ against params.yaml `validation:` and write "
-        "artifacts/validation/report.{json,md}. Exit 0 valid, 1 invalid, 2 unreadable corpus or bad config.",
-    )
-    parser.parse_args(argv)
+def main() -> int:
+    """The DVC stage: validate data/, write artifacts/validation/; exit 1 on a corpus that fails."""
     try:
         ws = Workspace.find()
         params = load_params(ws.root)
@@ -412,11 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # say which directory, not a traceback
         print(f"error: cannot write the report to {ws.validation_dir}: {exc}", file=sys.stderr)
         return 2
-    s = report.stats
-    print(
-        f"validate: {s['documents']:,} documents in {s['files']:,} file(s), {s['total_chars']:,} chars: "
-        f"{'passed' if report.success else 'FAILED'} ({ws.validation_dir / 'report.md'})"
-    )
+    print(format_summary(report))
+    print(f"validate: {'passed' if report.success else 'FAILED'} ({ws.validation_dir / 'report.md'})")
     if not report.success:
         print(format_failure(report), file=sys.stderr)
         return 1

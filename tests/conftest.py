@@ -84,6 +84,16 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
 
 
 REPO = Path(__file__).resolve().parents[1]
+# Real Chinese text for the corpus tests: lines of Tang poems (no spaces; the reader cuts between characters).
+POEM_LINES = [
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
+    "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
+    "红豆生南国，春来发几枝。愿君多采撷，此物最相思。",
+    "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。",
+    "慈母手中线，游子身上衣。临行密密缝，意恐迟迟归。",
+    "松下问童子，言师采药去。只在此山中，云深不知处。",
+]
 TINY = [
     "preprocess.vocab_size=300",
     "model.n_layer=1",

@@ -37,6 +37,9 @@ def test_evaluate_stage_on_a_tiny_model(tiny_workspace):
         assert 1 < metrics[f"{split}_perplexity"] < 300  # better than uniform over 300 tokens
         assert metrics[f"bigram_{split}_perplexity"] < metrics[f"unigram_{split}_perplexity"]
     assert metrics["eval_tokens_per_s"] > 0 and metrics["train_steps"] == 10
+    manifest = json.loads((ws.shards_dir / "manifest.json").read_text())
+    assert metrics["val_contamination"] == manifest["contamination"]["val"]
+    assert metrics["test_contamination"] == manifest["contamination"]["test"]
     assert json.loads((ws.eval_dir / "metrics.json").read_text()) == metrics
     samples = json.loads((ws.eval_dir / "samples.json").read_text())
     assert [s["prompt"] for s in samples] == ["the ", "a model"] and all(
@@ -47,7 +50,8 @@ def test_evaluate_stage_on_a_tiny_model(tiny_workspace):
     assert [p["step"] for p in points] == list(range(1, 11)) and "val_loss" in points[4]
 
 
-METRICS = {"val_perplexity": 20.0, "bigram_val_perplexity": 30.0}
+CLEAN = {"val_contamination": 0.001, "test_contamination": 0.002}
+METRICS = {"val_perplexity": 20.0, "bigram_val_perplexity": 30.0, **CLEAN}
 GATE = GateConfig(max_val_perplexity=100, min_gain_over_bigram=0.1, champion_tolerance=0.02)
 
 
@@ -55,8 +59,31 @@ GATE = GateConfig(max_val_perplexity=100, min_gain_over_bigram=0.1, champion_tol
     ("metrics", "champion", "promote", "failing"),
     [
         (METRICS, None, True, None),
-        ({"val_perplexity": 120.0, "bigram_val_perplexity": 300.0}, None, False, "threshold 100.000"),
-        ({"val_perplexity": 28.0, "bigram_val_perplexity": 30.0}, None, False, "bigram 30.000 less 10%"),
+        (
+            {"val_perplexity": 120.0, "bigram_val_perplexity": 300.0, **CLEAN},
+            None,
+            False,
+            "threshold 100.000",
+        ),
+        (
+            {"val_perplexity": 28.0, "bigram_val_perplexity": 30.0, **CLEAN},
+            None,
+            False,
+            "bigram 30.000 less 10%",
+        ),
+        (
+            METRICS | {"test_contamination": 0.12},
+            None,
+            False,
+            "contamination 12.00% of test n-grams seen in train > 5.00%: the perplexity was measured on leaked data",
+        ),
+        (METRICS | {"val_contamination": 0.05}, None, True, None),  # at the bound is allowed
+        (
+            {"val_perplexity": 20.0, "bigram_val_perplexity": 30.0},
+            None,
+            False,
+            "contamination was not measured",
+        ),
         (METRICS, {"metrics": {"val_perplexity": 19.8}}, True, None),  # worse, but within 2%
         (METRICS, {"metrics": {"val_perplexity": 18.0}}, False, "champion 18.000 plus 2% tolerance"),
         (METRICS, {"metrics": {"val_perplexity": 25.0}}, True, None),
@@ -65,7 +92,7 @@ GATE = GateConfig(max_val_perplexity=100, min_gain_over_bigram=0.1, champion_tol
 def test_gate_decisions(metrics, champion, promote, failing):
     decision = decide(metrics, champion, GATE)
     assert decision.promote is promote
-    assert len(decision.reasons) == 3
+    assert len(decision.reasons) == 4
     failed = [r for r in decision.reasons if r.startswith("FAIL")]
     assert (failed == []) if failing is None else (len(failed) == 1 and failing in failed[0])
     if champion is None:
@@ -86,7 +113,9 @@ def test_champion_record_in_s3(s3_server, tiny_workspace):
     )
     # a challenger is judged against the record read back from S3: its perplexity (20) sets the bar
     decision = decide(
-        {"val_perplexity": 50.0, "bigram_val_perplexity": 60.0}, read_champion(cfg, s3_server.state), GATE
+        {"val_perplexity": 50.0, "bigram_val_perplexity": 60.0, **CLEAN},
+        read_champion(cfg, s3_server.state),
+        GATE,
     )
     assert not decision.promote
     assert decision.reasons[-1] == "FAIL: val perplexity 50.000 > 20.400 (champion 20.000 plus 2% tolerance)"

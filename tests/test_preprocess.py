@@ -6,9 +6,18 @@ import random
 import numpy as np
 import pytest
 
-from pipeline.config import resolve_params
-from pipeline.ingest import CorpusError, read_documents
-from pipeline.preprocess import EOS_TOKEN, SPLITS, load_shard, preprocess, split_by_hash
+from pipeline.config import GateConfig, resolve_params
+from pipeline.corpus import CorpusError, read_documents
+from pipeline.gate import decide
+from pipeline.preprocess import (
+    EOS_TOKEN,
+    SPLITS,
+    contamination,
+    load_shard,
+    ngram_hashes,
+    preprocess,
+    split_by_hash,
+)
 
 WORDS = "the a model data shard token train loss step value river stone light quick brown fox jumps over lazy dog".split()
 
@@ -51,7 +60,7 @@ def test_preprocess_packs_every_document_with_eos(tmp_path, corpus):
     assert sum(manifest["splits"][s]["documents"] for s in SPLITS) == 120
     assert all(manifest["splits"][s]["documents"] >= 1 for s in SPLITS)
 
-    docs = [d.text for d in read_documents(corpus, PARAMS.ingest)]
+    docs = [d.text for d in read_documents(corpus, PARAMS.ingest)]  # all kept: no duplicates, no bad ones
     decoded = []
     for split in SPLITS:
         info = manifest["splits"][split]
@@ -84,3 +93,107 @@ def test_base_model_tokenizer_is_reused(tmp_path, corpus):
     manifest = preprocess(corpus, tmp_path / "tok", tmp_path / "shards", params, base_dir=tmp_path / "base")
     assert manifest["tokenizer"] == "base" and manifest["vocab_size"] == 300
     assert (tmp_path / "tok/tokenizer.json").read_bytes() == (tmp_path / "base/tokenizer.json").read_bytes()
+
+
+def test_trains_only_on_the_kept_documents(tmp_path, corpus):
+    """Two of 122 documents are bad: the shards hold the other 120, which their document counts prove."""
+    lines = (corpus / "docs.jsonl").read_text().splitlines()
+    lines[10:10] = [json.dumps({"text": "\x00\x01" * 50}), json.dumps({"text": json.loads(lines[3])["text"]})]
+    (corpus / "docs.jsonl").write_text("\n".join(lines) + "\n")  # binary noise, and a duplicate of #3
+    manifest = preprocess(corpus, tmp_path / "tok", tmp_path / "shards", PARAMS)
+    assert sum(manifest["splits"][s]["documents"] for s in SPLITS) == 120
+    with pytest.raises(CorpusError, match="120 documents kept now, but validation kept 122"):
+        preprocess(corpus, tmp_path / "tok", tmp_path / "shards", PARAMS, expected_documents=122)
+
+
+def test_tokenizer_learns_from_a_bounded_sample(tmp_path, corpus):
+    params = resolve_params({}, ["preprocess.vocab_size=300", "preprocess.tokenizer_train_chars=10000"])
+    manifest = preprocess(corpus, tmp_path / "tok", tmp_path / "shards", params)
+    train_chars = sum(len(d.text) for d in read_documents(corpus, params.ingest))
+    sample = manifest["tokenizer_sample"]
+    assert 5000 < sample["chars"] <= 10000 < train_chars / 2
+    assert 10 < sample["documents"] < manifest["splits"]["train"]["documents"] / 2
+
+
+def test_ngram_hashes_stay_inside_documents():
+    eos = 9
+    ids = np.array([1, 2, 3, 4, eos, 1, 2, 3, 4, 5], dtype=np.uint16)
+    h = ngram_hashes(ids, 3, eos)
+    assert len(h) == 2 + 3  # 1-2-3, 2-3-4 | 1-2-3, 2-3-4, 3-4-5; none across the EOS
+    assert h[0] == h[2] and h[1] == h[3] and len(set(h.tolist())) == 3
+
+
+RNG_WORDS = ["".join(random.Random(i).choices("bcdfghjklmnpqrstvwxz", k=6)) for i in range(3000)]
+
+
+def leaky_corpus(path, near: bool, shared: int = 2, own: bool = True):
+    """600 documents: a paragraph of their own (unless own=False) plus `shared` paragraphs drawn from 40
+    common ones, the common ones repeated exactly, or (near=True) with one word changed per copy."""
+    rng = random.Random(1)
+    common = [" ".join(rng.choices(RNG_WORDS, k=80)) for _ in range(40)]
+    docs = []
+    for i in range(600):
+        paras = [" ".join(rng.choices(RNG_WORDS, k=60))] if own else []
+        for k in range(shared):
+            words = common[(i * 7 + k * 13) % 40].split()
+            if near:
+                words[40] = f"copy{i}"
+            paras.append(" ".join(words))
+        docs.append("\n\n".join(paras))
+    path.mkdir()
+    (path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+LEAK_PARAMS_OVERRIDES = ["preprocess.vocab_size=400", "preprocess.val_fraction=0.1"]
+LEAK_PARAMS = resolve_params({}, LEAK_PARAMS_OVERRIDES)
+METRICS = {"val_perplexity": 20.0, "bigram_val_perplexity": 40.0}
+
+
+def test_repeated_paragraphs_are_removed_so_val_does_not_leak(tmp_path):
+    manifest = preprocess(
+        leaky_corpus(tmp_path / "c", near=False), tmp_path / "t", tmp_path / "s", LEAK_PARAMS
+    )
+    leak = manifest["contamination"]
+    assert leak["ngram"] == 13 and leak["val_ngrams"] > 1000
+    assert leak["val"] < 0.01 and leak["test"] < 0.01
+    gate = decide(METRICS | {f"{s}_contamination": leak[s] for s in ("val", "test")}, None, GateConfig())
+    assert gate.promote, gate.reasons
+
+
+def test_near_identical_paragraphs_leak_and_the_gate_refuses_with_the_figure(tmp_path):
+    manifest = preprocess(
+        leaky_corpus(tmp_path / "c", near=True), tmp_path / "t", tmp_path / "s", LEAK_PARAMS
+    )
+    leak = manifest["contamination"]
+    assert leak["val"] > 0.3 and leak["test"] > 0.3  # the common paragraphs' 13-grams are all in train
+    gate = decide(METRICS | {f"{s}_contamination": leak[s] for s in ("val", "test")}, None, GateConfig())
+    worst = max(("val", "test"), key=leak.get)
+    assert not gate.promote
+    assert (
+        f"FAIL: contamination {leak[worst]:.2%} of {worst} n-grams seen in train > 5.00%" in gate.reasons[2]
+    )
+
+
+def test_the_near_duplicate_filter_removes_that_leak(tmp_path):
+    params = resolve_params({}, [*LEAK_PARAMS_OVERRIDES, "validation.near_duplicates=true"])
+    corpus = leaky_corpus(tmp_path / "c", near=True, shared=1, own=False)  # near-identical documents
+    without = preprocess(corpus, tmp_path / "t0", tmp_path / "s0", resolve_params({}, LEAK_PARAMS_OVERRIDES))
+    manifest = preprocess(corpus, tmp_path / "t", tmp_path / "s", params)
+    assert without["contamination"]["val"] > 0.5
+    assert manifest["contamination"]["val"] < 0.05 and manifest["contamination"]["test"] < 0.05
+    kept = sum(manifest["splits"][s]["documents"] for s in SPLITS)
+    assert 40 <= kept < 60  # of 600: 15 near-copies of each of 40 documents
+
+
+def test_contamination_counts_every_train_shard(tmp_path, corpus):
+    """Train is streamed past the held-out n-grams shard by shard: a leak in the last shard counts too."""
+    params = resolve_params({}, ["preprocess.vocab_size=300", "preprocess.shard_tokens=1024"])
+    manifest = preprocess(corpus, tmp_path / "tok", tmp_path / "shards", params)
+    assert len(manifest["splits"]["train"]["shards"]) > 3
+    val = np.concatenate(load_shard(tmp_path / "shards", "val"))
+    last = tmp_path / "shards" / manifest["splits"]["train"]["shards"][-1]["file"]
+    with last.open("ab") as fh:
+        val.tofile(fh)  # the whole val split, appended to the last train shard
+    manifest["splits"]["train"]["shards"][-1]["tokens"] += len(val)
+    assert contamination(tmp_path / "shards", manifest, 13)["val"] == 1.0

@@ -9,6 +9,7 @@ function the flow's ingest task calls, and a few go through the whole flow.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -49,6 +50,14 @@ def write(path: Path, content: str | bytes) -> Path:
     return path
 
 
+def _parquet(path: Path, columns: dict) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
 # Each case writes a bad source under the given directory and returns the path to ingest; the second
 # item is what the error must say, naming the problem.
 BadCorpus = Callable[[Path], Path]
@@ -79,14 +88,32 @@ def fifo(d: Path) -> Path:
     return d / "src"
 
 
-def giant_line(d: Path) -> Path:
+def giant_record(d: Path) -> Path:
+    """One 50 MB JSONL document (a JSONL record is never cut: it is the user's own document)."""
     rng = random.Random(5)
-    words = [rng.choice("abcdefghij") * rng.randint(1, 8) for _ in range(5000)]
-    line = " ".join(words)
-    with (d / "giant.txt").open("w") as fh:  # 50 MB, no newline anywhere
-        for _ in range(50 * 2**20 // len(line)):
-            fh.write(line + " ")
-    return d / "giant.txt"
+    words = " ".join(rng.choice("abcdefghij") * rng.randint(1, 8) for _ in range(5000))
+    with (d / "giant.jsonl").open("w") as fh:
+        fh.write(json.dumps({"text": (words + " ") * (50 * 2**20 // len(words))}) + "\n")
+    return d / "giant.jsonl"
+
+
+def mostly_bad(d: Path) -> Path:
+    """20% of the documents are binary noise or far too long: dropped, and too many of them."""
+    docs = good_text(12, 100).split("\n\n")
+    for i in range(0, 100, 5):
+        docs[i] = "\x00\x01\x02\x03" * 200 if i % 10 else "y" * 2_000_000
+    return write(d / "c.jsonl", jsonl([{"text": t} for t in docs]))
+
+
+def truncated_gzip(d: Path) -> Path:
+    packed = gzip.compress(jsonl([{"text": t} for t in good_text(13).split("\n\n")]).encode())
+    return write(d / "src" / "docs.jsonl.gz", packed[: len(packed) // 2])
+
+
+def nothing_readable(d: Path) -> Path:
+    write(d / "src" / "table.csv", "a,b\n1,2\n")
+    write(d / "src" / "scan.pdf", b"%PDF-1.4")
+    return d / "src"
 
 
 BAD_CORPORA: dict[str, tuple[BadCorpus, str]] = {
@@ -98,7 +125,17 @@ BAD_CORPORA: dict[str, tuple[BadCorpus, str]] = {
         "utf8: observed",
     ),
     "mixed_encodings": (mixed_encodings, "example: b_latin1.txt"),
-    "giant_line_50mb": (giant_line, "doc_length:"),
+    "giant_record_50mb": (giant_record, "doc_length:"),
+    "mostly_bad_20pct": (
+        mostly_bad,
+        "dropped_fraction: observed 20 of 100 documents (20.00%): nonprintable 10, too_long 10",
+    ),
+    "truncated_gzip": (truncated_gzip, "docs.jsonl.gz: truncated or corrupt .jsonl.gz file"),
+    "parquet_without_the_text_column": (
+        lambda d: _parquet(d / "c.parquet", {"body": good_text(14).split("\n\n")}),
+        "c.parquet: no 'text' column (its columns: body)",
+    ),
+    "nothing_readable": (nothing_readable, "nothing readable; a corpus needs files of"),
     "duplicates_over_90pct": (
         lambda d: write(
             d / "c.txt", "\n\n".join(["one paragraph said again. " * 40] * 300 + [good_text(7, 5)])
