@@ -220,16 +220,23 @@ class Measures:
         return pd.DataFrame(columns)
 
 
+def _quoted(text: str) -> str:
+    """repr(): any script stays readable, while control, private-use and other invisible characters are
+    escaped (terminal-safe); U+FFFD too, since it marks bytes that were not UTF-8."""
+    return repr(text).replace("\ufffd", "\\ufffd")
+
+
 def _snippet(text: str, start: int = 0, limit: int = SNIPPET_CHARS) -> str:
-    """ascii() of text[start:], at most limit characters in all, '...' marking a cut: terminal-safe."""
+    """text[start:] quoted, at most limit characters in all, '...' marking a cut."""
     head = "..." if start > 0 else ""
     piece = text[start : start + limit]
     while True:
         tail = "..." if start + len(piece) < len(text) else ""
-        out = f"{head}{ascii(piece)}{tail}"
+        out = f"{head}{_quoted(piece)}{tail}"
         if len(out) <= limit or not piece:
             return out
-        piece = piece[: len(piece) - max(1, (len(out) - limit) // 4)]  # escapes make repr longer
+        # escapes make the quoted form longer than the piece: shrink in proportion, by one at least
+        piece = piece[: min(len(piece) - 1, len(piece) * (limit - 8) // len(out))]
 
 
 def _mask(secret: str) -> str:
@@ -250,10 +257,10 @@ def _secret_example(source: str, text: str, match: re.Match, patterns: list[re.P
     before = _mask_all(text[max(0, match.start() - 200) : match.start()], patterns)
     masked = _mask(match.group(0))
     context = before[-40:]
-    while context and len(ascii(context + masked)) > SNIPPET_CHARS - 3:
+    while context and len(_quoted(context + masked)) > SNIPPET_CHARS - 3:
         context = context[1:]
     cut = "..." if len(context) < match.start() else ""
-    return f"{source} at char {match.start()}: {cut}{ascii(context + masked)}"
+    return f"{source} at char {match.start()}: {cut}{_quoted(context + masked)}"
 
 
 def _drop_example(source: str, text: str, verdict: Verdict, patterns: list[re.Pattern]) -> str:
@@ -587,7 +594,8 @@ def format_summary(report: ValidationReport) -> str:
     s = report.stats
     skipped = f", {s['skipped_files']} skipped ({', '.join(report.skipped[:5])})" if report.skipped else ""
     layouts = Counter(f["layout"] for f in report.files if f["layout"])
-    layout = f"; text layout: {', '.join(f'{k} ({v} files)' for k, v in layouts.items())}" if layouts else ""
+    files = ", ".join(f"{k} ({v} file{'s' if v > 1 else ''})" for k, v in layouts.items())
+    layout = f"; text layout: {files}" if layouts else ""
     lines = [
         f"{report.corpus}: {s['files']} file(s){skipped}{layout}",
         f"  {s['documents']:,} documents read, {s['kept_documents']:,} kept ({s['total_chars']:,} chars)",

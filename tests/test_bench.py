@@ -45,7 +45,7 @@ def figures(results: dict) -> dict[str, dict]:
 
 def test_sections_ran_and_the_machine_is_recorded(results):
     data, _ = results
-    assert set(data["sections"]) == {"preprocess", "train", "serve"}
+    assert set(data["sections"]) == {"validate", "preprocess", "train", "serve"}
     assert data["skipped"] == {"pipeline": "--skip-pipeline"}
     assert data["mode"] == "quick"
     machine = data["machine"]
@@ -54,6 +54,7 @@ def test_sections_ran_and_the_machine_is_recorded(results):
     expected = {
         "preprocess.encode", "train.tokens_per_s", "train.mfu", "train.bare_mfu",
         "serve.decode", "serve.first_token", "serve.clients_4", "serve.clients_16",
+        "validate.throughput", "validate.peak_rss", "validate.preprocess_rss",
     }  # fmt: skip
     assert expected <= set(figures(data))
 
@@ -80,6 +81,12 @@ def test_timings_without_a_ratio_are_measured_too(results):
     data, _ = results
     first_token = figures(data)["serve.first_token"]
     assert first_token["lmforge"]["seconds"] > 0 and first_token["baseline"]["seconds"] > 0
+    # the validate rows ran on the bench's own large corpus, and read every document of it
+    validate = figures(data)["validate.throughput"]
+    assert validate["detail"]["bytes"] >= 32 << 20
+    assert f"{validate['detail']['documents']:,} documents read" in validate["note"]
+    for name in ("validate.peak_rss", "validate.preprocess_rss"):
+        assert figures(data)[name]["detail"]["rss_bytes"] > 50 << 20, name  # a Python process with numpy
 
 
 def test_same_work_on_both_sides(results):

@@ -29,7 +29,8 @@ def corpora_ws(tmp_path_factory, s3_server):
     root = tmp_path_factory.mktemp("e2e-corpora") / "ws"
     root.mkdir()
     ws, env, bucket = make_workspace(root, s3_server, "e2e-corpora")
-    write_overrides(ws, ["validation.min_fraction_of_champion=0"])  # each test brings a new corpus
+    # each test brings a new corpus; the gate's contamination bound is the default one (TINY lifts it)
+    write_overrides(ws, ["validation.min_fraction_of_champion=0", "gate.max_contamination=0.05"])
     return ws, env, bucket
 
 
@@ -85,13 +86,16 @@ def test_an_s3_prefix_mixing_formats_and_layouts(corpora_ws, s3_server, tmp_path
     ]
     assert report["skipped"] == ["notes.csv"]
     stats = report["stats"]
-    assert report["success"] and stats["dropped_by_reason"] == {"nonprintable": 1}
-    assert stats["files"] == 3 and stats["documents"] > 100  # the .txt was cut into many documents
-    assert trained_documents(manifest) == stats["kept_documents"] == stats["documents"] - 1
-    dropped = (ws / "artifacts/validation/dropped.jsonl").read_text().splitlines()
-    assert [json.loads(d)["source"] for d in dropped] == ["b_topics.jsonl.gz#5"]
+    # the binary record is dropped; so are documents the real text repeats (pydoc repeats a few topics)
+    assert report["success"] and stats["dropped_by_reason"]["nonprintable"] == 1
+    assert set(stats["dropped_by_reason"]) <= {"nonprintable", "duplicate"}
+    assert stats["files"] == 3 and report["files"][0]["documents"] > 20  # the .txt became many documents
+    dropped = [json.loads(d) for d in (ws / "artifacts/validation/dropped.jsonl").read_text().splitlines()]
+    assert {d["source"] for d in dropped if d["reason"] == "nonprintable"} == {"b_topics.jsonl.gz#5"}
+    assert trained_documents(manifest) == stats["kept_documents"] == stats["documents"] - len(dropped)
+    by_reason = ", ".join(f"{k} {v:,}" for k, v in stats["dropped_by_reason"].items())
     kept = summary_value(result.stdout, "documents")
-    assert kept == f"{stats['kept_documents']:,} kept of {stats['documents']:,} (dropped: nonprintable 1)"
+    assert kept == f"{stats['kept_documents']:,} kept of {stats['documents']:,} (dropped: {by_reason})"
     leak = manifest["contamination"]
     assert summary_value(result.stdout, "contamination").startswith(f"{leak['val']:.2%} of val")
 
@@ -121,6 +125,5 @@ def test_chinese_poems_with_private_use_glyphs_train(corpora_ws, tmp_path):
     gate = json.loads((ws / "artifacts/gate.json").read_text())
     assert not gate["promote"] and "REJECTED" in result.stdout
     worst = max(("val", "test"), key=leak.get)
-    assert (
-        f"FAIL: contamination {leak[worst]:.2%} of {worst} n-grams seen in train > 5.00%" in gate["reasons"]
-    )
+    expected = f"FAIL: contamination {leak[worst]:.2%} of {worst} n-grams seen in train > 5.00%: "
+    assert any(reason.startswith(expected) for reason in gate["reasons"]), gate["reasons"]
