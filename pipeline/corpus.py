@@ -27,6 +27,7 @@ import json
 import os
 import re
 import stat
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
@@ -229,10 +230,10 @@ def _read_file(cf: CorpusFile, cfg: IngestConfig) -> Iterator[Document]:
         reader = _text_documents(cf, cfg)
     try:
         yield from reader
-    except (EOFError, gzip.BadGzipFile, OSError) as exc:
-        if isinstance(exc, OSError) and not isinstance(exc, gzip.BadGzipFile) and exc.errno is not None:
-            raise CorpusError(f"{cf.rel}: cannot read ({exc.strerror})") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:  # BadGzipFile is an OSError: caught first
         raise CorpusError(f"{cf.rel}: truncated or corrupt {cf.format} file ({exc})") from None
+    except OSError as exc:
+        raise CorpusError(f"{cf.rel}: cannot read ({exc.strerror or exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------

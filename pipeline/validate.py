@@ -263,24 +263,22 @@ def _secret_example(source: str, text: str, match: re.Match, patterns: list[re.P
     return f"{source} at char {match.start()}: {cut}{_quoted(context + masked)}"
 
 
+def _bad_char_example(source: str, text: str, ratio: float) -> str:
+    """The first non-printable character in context, not the possibly clean start of the document."""
+    bad = NONPRINTABLE.search(text)
+    start = max(0, bad.start() - 20) if bad else 0
+    where = f", first at char {bad.start()}" if bad else ""
+    return f"{source} (nonprintable ratio {ratio:.3f}{where}): {_snippet(text, start)}"
+
+
 def _drop_example(source: str, text: str, verdict: Verdict, patterns: list[re.Pattern]) -> str:
-    """The dropped document's source, why, and a short masked snippet (the first bad character in context
-    for non-printable text, not the possibly clean start of the document)."""
+    """The dropped document's source, why, and a short masked snippet."""
     text = _mask_all(text, patterns)
     if verdict.reason == "duplicate":
-        of = (
-            f" duplicates {verdict.duplicate_of}"
-            if verdict.duplicate_of
-            else " (every paragraph seen before)"
-        )
+        of = f" duplicates {verdict.duplicate_of}" if verdict.duplicate_of else " (every paragraph seen before)"
         return f"{source}{of}: {_snippet(text)}"
     if verdict.reason == "nonprintable":
-        bad = NONPRINTABLE.search(text)
-        start = max(0, bad.start() - 20) if bad else 0
-        where = f", first at char {bad.start()}" if bad else ""
-        return (
-            f"{source} (nonprintable ratio {verdict.nonprintable_ratio:.3f}{where}): {_snippet(text, start)}"
-        )
+        return _bad_char_example(source, text, verdict.nonprintable_ratio)
     return f"{source} ({verdict.length} chars, {verdict.reason}): {_snippet(text)}"
 
 
@@ -319,10 +317,8 @@ def measure(corpus: Corpus, params: Params, dropped_out: IO[str]) -> tuple[Measu
                 if matches and name not in found.secret_examples:
                     found.secret_examples[name] = _secret_example(doc.source, doc.text, matches[0], compiled)
             if not doc.utf8_ok and found.utf8_example is None:
-                found.utf8_example = _drop_example(
-                    doc.source, doc.text, Verdict(None, "nonprintable", len(doc.text),
-                    len(NONPRINTABLE.findall(doc.text)) / len(doc.text)), compiled,
-                )  # fmt: skip
+                ratio = len(NONPRINTABLE.findall(doc.text)) / len(doc.text)
+                found.utf8_example = _bad_char_example(doc.source, _mask_all(doc.text, compiled), ratio)
             verdict = keep(doc)
             measures.add(verdict, doc.utf8_ok, counts)
             found.removed_paragraphs += verdict.removed_paragraphs

@@ -219,6 +219,14 @@ def test_truncated_compressed_file_is_refused_not_half_read(tmp_path, suffix):
         texts(tmp_path)
 
 
+def test_a_file_that_is_not_what_its_name_says_is_refused(tmp_path):
+    (tmp_path / "c.jsonl.gz").write_bytes(b'{"text": "plain JSONL, not gzip"}\n')
+    with pytest.raises(
+        CorpusError, match=r"c.jsonl.gz: truncated or corrupt .jsonl.gz file \(Not a gzipped file"
+    ):
+        texts(tmp_path)
+
+
 def test_truncated_parquet_is_refused(tmp_path):
     pq.write_table(pa.table({"text": POEMS * 100}), tmp_path / "p.parquet")
     data = (tmp_path / "p.parquet").read_bytes()
