@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import ConfigError, EvaluateConfig, Params, Workspace, load_params
 from pipeline.generation import context_length
-from pipeline.preprocess import MANIFEST, load_shard
+from pipeline.preprocess import MANIFEST, load_shard, sorted_unique
 from pipeline.train import fixed_windows, mean_loss
 
 # ---------------------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ class NGramBaseline:
             self.prev_counts += np.bincount(ids[:-1], minlength=vocab_size)
             pair_codes.append(ids[:-1] * vocab_size + ids[1:])
         # Sparse bigram counts: a dense V x V table would be 8k x 8k (or 32k x 32k) integers.
-        self.pairs, self.pair_counts = np.unique(
+        self.pairs, self.pair_counts = sorted_unique(
             np.concatenate(pair_codes) if pair_codes else np.array([], np.int64), return_counts=True
         )
         self.total = int(self.unigram.sum())

@@ -256,34 +256,47 @@ def ngram_hashes(ids: np.ndarray, n: int, eos: int) -> np.ndarray:
     return h[eos_seen[n:] == eos_seen[:count]]
 
 
+def sorted_unique(values: np.ndarray, return_counts: bool = False):
+    """np.unique by sort and compare: numpy 2.4's np.unique takes 23 s on 16 M uint64 here, np.sort 0.5 s."""
+    ordered = np.sort(values)
+    first = np.concatenate([[True], ordered[1:] != ordered[:-1]]) if len(ordered) else np.empty(0, bool)
+    unique = ordered[first]
+    if not return_counts:
+        return unique
+    return unique, np.diff(np.append(np.flatnonzero(first), len(ordered)))
+
+
 def contamination(shards_dir: Path, manifest: dict, n: int) -> dict:
     """The share of val and test n-grams (GPT-3's check, n=13) that also occur in train.
 
     Memory follows val and test, not train: their hashes are kept sorted, and train streams past them
-    in chunks that overlap by n-1 tokens.
+    in chunks that overlap by n-1 tokens; every lookup is a merge of two sorted arrays.
     """
     dtype, eos = np.dtype(manifest["dtype"]), manifest["eos_token_id"]
 
-    def split_ids(split: str) -> list[np.ndarray]:
-        return [np.fromfile(shards_dir / s["file"], dtype=dtype) for s in manifest["splits"][split]["shards"]]
+    def split_ids(split: str) -> np.ndarray:
+        parts = [
+            np.fromfile(shards_dir / s["file"], dtype=dtype) for s in manifest["splits"][split]["shards"]
+        ]
+        return np.concatenate(parts) if parts else np.empty(0, dtype)
 
     held_out = {
-        s: ngram_hashes(np.concatenate(split_ids(s) or [np.empty(0, dtype)]), n, eos) for s in ("val", "test")
+        s: sorted_unique(ngram_hashes(split_ids(s), n, eos), return_counts=True) for s in ("val", "test")
     }
-    unique = np.unique(np.concatenate(list(held_out.values())))
-    seen = np.zeros(len(unique), bool)
+    wanted = sorted_unique(np.concatenate([unique for unique, _ in held_out.values()]))
+    found = []
     for shard in manifest["splits"]["train"]["shards"]:
         ids = np.memmap(shards_dir / shard["file"], dtype=dtype, mode="r")
         for start in range(0, max(len(ids) - n + 1, 0), TRAIN_CHUNK_TOKENS):
             h = ngram_hashes(np.asarray(ids[start : start + TRAIN_CHUNK_TOKENS + n - 1]), n, eos)
-            if len(unique) and len(h):
-                idx = np.minimum(np.searchsorted(unique, h), len(unique) - 1)
-                seen[idx[unique[idx] == h]] = True
+            found.append(np.intersect1d(wanted, sorted_unique(h), assume_unique=True))
+    seen = sorted_unique(np.concatenate(found)) if found else np.empty(0, np.uint64)
     result: dict = {"ngram": n}
-    for split, h in held_out.items():
-        hit = seen[np.searchsorted(unique, h)] if len(h) else np.empty(0, bool)
-        result[split] = round(float(hit.mean()), 6) if len(h) else 0.0
-        result[f"{split}_ngrams"] = int(len(h))
+    for split, (unique, counts) in held_out.items():
+        _, hit, _ = np.intersect1d(unique, seen, assume_unique=True, return_indices=True)
+        total = int(counts.sum())
+        result[split] = round(float(counts[hit].sum() / total), 6) if total else 0.0
+        result[f"{split}_ngrams"] = total
     return result
 
 

@@ -275,7 +275,11 @@ def _drop_example(source: str, text: str, verdict: Verdict, patterns: list[re.Pa
     """The dropped document's source, why, and a short masked snippet."""
     text = _mask_all(text, patterns)
     if verdict.reason == "duplicate":
-        of = f" duplicates {verdict.duplicate_of}" if verdict.duplicate_of else " (every paragraph seen before)"
+        of = (
+            f" duplicates {verdict.duplicate_of}"
+            if verdict.duplicate_of
+            else " (every paragraph seen before)"
+        )
         return f"{source}{of}: {_snippet(text)}"
     if verdict.reason == "nonprintable":
         return _bad_char_example(source, text, verdict.nonprintable_ratio)

@@ -16,6 +16,7 @@ from pipeline.preprocess import (
     load_shard,
     ngram_hashes,
     preprocess,
+    sorted_unique,
     split_by_hash,
 )
 
@@ -113,6 +114,14 @@ def test_tokenizer_learns_from_a_bounded_sample(tmp_path, corpus):
     sample = manifest["tokenizer_sample"]
     assert 5000 < sample["chars"] <= 10000 < train_chars / 2
     assert 10 < sample["documents"] < manifest["splits"]["train"]["documents"] / 2
+
+
+def test_sorted_unique_matches_numpy():
+    values = np.random.default_rng(0).integers(0, 50, 1000).astype(np.uint64)
+    unique, counts = sorted_unique(values, return_counts=True)
+    expected = np.unique(values, return_counts=True)
+    assert unique.tolist() == expected[0].tolist() and counts.tolist() == expected[1].tolist()
+    assert sorted_unique(np.empty(0, np.uint64)).tolist() == []
 
 
 def test_ngram_hashes_stay_inside_documents():
