@@ -239,11 +239,14 @@ def preprocess(
 
 
 NGRAM_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial hash wraps mod 2**64
-TRAIN_CHUNK_TOKENS = 1 << 24
+CHUNK_TOKENS = 1 << 22  # tokens hashed at a time: about 150 MB of temporaries
+# At most this many val+test n-grams are kept for the estimate (a hash-based sample, so memory stays
+# bounded however large the splits are; a sampled n-gram is sampled in every split, train included).
+HELD_OUT_SAMPLE = 1 << 23
 
 
 def ngram_hashes(ids: np.ndarray, n: int, eos: int) -> np.ndarray:
-    """A 64-bit hash of every n-gram of ids that lies inside one document (no EOS in it)."""
+    """A mixed 64-bit hash of every n-gram of ids that lies inside one document (no EOS in it)."""
     if len(ids) < n:
         return np.empty(0, np.uint64)
     ids = ids.astype(np.uint64)
@@ -252,8 +255,24 @@ def ngram_hashes(ids: np.ndarray, n: int, eos: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         for j in range(n):
             h = h * NGRAM_HASH_BASE + ids[j : j + count]
+        # splitmix64's finalizer: every bit of the result depends on every token, so a threshold on
+        # the hash is a uniform sample
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
     eos_seen = np.concatenate([[0], np.cumsum(ids == eos)])
     return h[eos_seen[n:] == eos_seen[:count]]
+
+
+def split_ngram_hashes(shards_dir: Path, manifest: dict, split: str, n: int) -> Iterator[np.ndarray]:
+    """The split's n-gram hashes, chunk by chunk (chunks overlap by n-1 tokens; shards are read apart)."""
+    dtype, eos = np.dtype(manifest["dtype"]), manifest["eos_token_id"]
+    for shard in manifest["splits"][split]["shards"]:
+        ids = np.memmap(shards_dir / shard["file"], dtype=dtype, mode="r")
+        for start in range(0, max(len(ids) - n + 1, 0), CHUNK_TOKENS):
+            yield ngram_hashes(np.asarray(ids[start : start + CHUNK_TOKENS + n - 1]), n, eos)
 
 
 def sorted_unique(values: np.ndarray, return_counts: bool = False):
@@ -269,29 +288,25 @@ def sorted_unique(values: np.ndarray, return_counts: bool = False):
 def contamination(shards_dir: Path, manifest: dict, n: int) -> dict:
     """The share of val and test n-grams (GPT-3's check, n=13) that also occur in train.
 
-    Memory follows val and test, not train: their hashes are kept sorted, and train streams past them
-    in chunks that overlap by n-1 tokens; every lookup is a merge of two sorted arrays.
+    Memory is bounded: at most HELD_OUT_SAMPLE held-out n-grams are kept (sorted), and train streams
+    past them chunk by chunk; every lookup is a merge of two sorted arrays.
     """
-    dtype, eos = np.dtype(manifest["dtype"]), manifest["eos_token_id"]
+    held_tokens = sum(manifest["splits"][s]["tokens"] for s in ("val", "test"))
+    rate = min(1.0, HELD_OUT_SAMPLE / max(held_tokens, 1))
+    cut = np.uint64(min(2**64 - 1, int(rate * 2**64)))
 
-    def split_ids(split: str) -> np.ndarray:
-        parts = [
-            np.fromfile(shards_dir / s["file"], dtype=dtype) for s in manifest["splits"][split]["shards"]
-        ]
-        return np.concatenate(parts) if parts else np.empty(0, dtype)
+    def sampled(split: str) -> Iterator[np.ndarray]:
+        for h in split_ngram_hashes(shards_dir, manifest, split, n):
+            yield h if rate >= 1 else h[h < cut]
 
     held_out = {
-        s: sorted_unique(ngram_hashes(split_ids(s), n, eos), return_counts=True) for s in ("val", "test")
+        s: sorted_unique(np.concatenate([np.empty(0, np.uint64), *sampled(s)]), return_counts=True)
+        for s in ("val", "test")
     }
     wanted = sorted_unique(np.concatenate([unique for unique, _ in held_out.values()]))
-    found = []
-    for shard in manifest["splits"]["train"]["shards"]:
-        ids = np.memmap(shards_dir / shard["file"], dtype=dtype, mode="r")
-        for start in range(0, max(len(ids) - n + 1, 0), TRAIN_CHUNK_TOKENS):
-            h = ngram_hashes(np.asarray(ids[start : start + TRAIN_CHUNK_TOKENS + n - 1]), n, eos)
-            found.append(np.intersect1d(wanted, sorted_unique(h), assume_unique=True))
-    seen = sorted_unique(np.concatenate(found)) if found else np.empty(0, np.uint64)
-    result: dict = {"ngram": n}
+    found = [np.intersect1d(wanted, sorted_unique(h), assume_unique=True) for h in sampled("train")]
+    seen = sorted_unique(np.concatenate([np.empty(0, np.uint64), *found]))
+    result: dict = {"ngram": n, "sample_rate": round(rate, 6)}
     for split, (unique, counts) in held_out.items():
         _, hit, _ = np.intersect1d(unique, seen, assume_unique=True, return_indices=True)
         total = int(counts.sum())

@@ -184,6 +184,23 @@ def test_near_identical_paragraphs_leak_and_the_gate_refuses_with_the_figure(tmp
     )
 
 
+def test_a_sampled_estimate_agrees_with_the_exact_figure(tmp_path, monkeypatch):
+    """On splits too large to keep every held-out n-gram, a hash-based sample of them estimates the share."""
+    import pipeline.preprocess as pre
+
+    manifest = preprocess(
+        leaky_corpus(tmp_path / "c", near=True), tmp_path / "t", tmp_path / "s", LEAK_PARAMS
+    )
+    exact = manifest["contamination"]
+    assert exact["sample_rate"] == 1.0
+    monkeypatch.setattr(pre, "HELD_OUT_SAMPLE", (exact["val_ngrams"] + exact["test_ngrams"]) // 10)
+    estimate = contamination(tmp_path / "s", manifest, 13)
+    assert 0.05 < estimate["sample_rate"] < 0.15
+    assert estimate["val_ngrams"] < exact["val_ngrams"] / 4
+    for split in ("val", "test"):
+        assert abs(estimate[split] - exact[split]) < 0.05, (split, estimate, exact)
+
+
 def test_the_near_duplicate_filter_removes_that_leak(tmp_path):
     params = resolve_params({}, [*LEAK_PARAMS_OVERRIDES, "validation.near_duplicates=true"])
     corpus = leaky_corpus(tmp_path / "c", near=True, shared=1, own=False)  # near-identical documents
