@@ -4,7 +4,8 @@ One reader for ingest, validate and preprocess, so what is validated is exactly 
 
 Formats (by file name; a directory may mix them, and files of other kinds are listed as skipped):
   .txt .md           text, cut into documents by the layout below
-  .jsonl             one JSON object per line, the document in `ingest.text_field` (other fields are allowed)
+  .jsonl             one JSON object per line, the document in `ingest.text_field` (other fields are allowed;
+                     a list of strings is joined line by line)
   .parquet           the `ingest.text_field` column, read in record batches
   + .gz / .zst       gzip or zstd compression of the text formats (.txt.gz, .jsonl.zst, ...)
 
@@ -262,6 +263,8 @@ def _jsonl_documents(cf: CorpusFile, cfg: IngestConfig) -> Iterator[Document]:
             text = record[key]
             if text is None:
                 text = ""  # an empty record: skipped like a blank line
+            elif isinstance(text, list) and all(isinstance(line, str) for line in text):
+                text = "\n".join(text)  # a poem's or a dialogue's lines, as some datasets store them
             if not isinstance(text, str):
                 raise CorpusError(f"{cf.rel}:{lineno}: {key!r} must be a string, got {type(text).__name__}")
             yield Document(f"{cf.rel}#{lineno - 1}", text, utf8_ok)

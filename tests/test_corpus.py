@@ -185,8 +185,11 @@ def test_parquet_with_a_content_field_is_streamed_in_batches(tmp_path):
 
 
 def test_jsonl_text_field_and_bad_records_name_file_and_line(tmp_path):
-    (tmp_path / "c.jsonl").write_bytes(jsonl([{"content": "ok", "other": 1}, {"content": None}]))
-    assert texts(tmp_path, IngestConfig(text_field="content")) == ["ok", ""]  # null: an empty document
+    (tmp_path / "c.jsonl").write_bytes(
+        jsonl([{"content": "ok", "other": 1}, {"content": None}, {"content": POEMS[:2]}])
+    )
+    # null is an empty document; a list of lines (how some poetry datasets store a poem) is joined
+    assert texts(tmp_path, IngestConfig(text_field="content")) == ["ok", "", "\n".join(POEMS[:2])]
     (tmp_path / "c.jsonl").write_bytes(jsonl([{"content": "ok", "other": 1}, {"body": "x"}]))
     with pytest.raises(
         CorpusError, match=r"c.jsonl:2: JSONL record has no 'content' field \(its fields: body\)"
@@ -200,6 +203,7 @@ def test_jsonl_text_field_and_bad_records_name_file_and_line(tmp_path):
     ("content", "message"),
     [
         ('{"text": 42}\n', "c.jsonl:1: 'text' must be a string, got int"),
+        ('{"text": ["a", 1]}\n', "c.jsonl:1: 'text' must be a string, got list"),
         ('{"text": "ok"}\n{"text": "trunc', "c.jsonl:2: not valid JSON"),
         ('["a list"]\n', "c.jsonl:1: JSONL record has no 'text' field"),
     ],
