@@ -286,12 +286,18 @@ def _parquet_documents(cf: CorpusFile, cfg: IngestConfig) -> Iterator[Document]:
             "set ingest.text_field to the column that holds the text"
         )
     kind = schema.field(key).type
+    if pa.types.is_dictionary(kind):  # pandas writes a categorical column so
+        kind = kind.value_type
+    lines = pa.types.is_list(kind) or pa.types.is_large_list(kind)  # a poem's lines, say: joined
+    if lines:
+        kind = kind.value_type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
-        raise CorpusError(f"{cf.rel}: column {key!r} must hold strings, it holds {kind}")
+        raise CorpusError(f"{cf.rel}: column {key!r} must hold strings, it holds {schema.field(key).type}")
     row = 0
     try:
         for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[key]):
             for text in batch.column(0).to_pylist():
+                text = "\n".join(t for t in text if t is not None) if lines and text else text
                 yield Document(f"{cf.rel}#{row}", text or "")
                 row += 1
     except pa.ArrowException as exc:

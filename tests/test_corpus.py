@@ -179,6 +179,12 @@ def test_parquet_with_a_content_field_is_streamed_in_batches(tmp_path):
     assert [d.text for d in docs] == rows and docs[4999].source == "poems.parquet#4999"
     with pytest.raises(CorpusError, match=r"poems.parquet: no 'text' column \(its columns: content\)"):
         list(read_documents(tmp_path, IngestConfig()))
+    categorical = pa.array(["a", "b", "a"]).dictionary_encode()  # how pandas writes a category column
+    pq.write_table(pa.table({"content": categorical}), tmp_path / "poems.parquet")
+    assert texts(tmp_path, IngestConfig(text_field="content")) == ["a", "b", "a"]
+    lines = pa.array([POEMS[:2], None, POEMS[2:3]], pa.list_(pa.string()))
+    pq.write_table(pa.table({"content": lines}), tmp_path / "poems.parquet")
+    assert texts(tmp_path, IngestConfig(text_field="content")) == ["\n".join(POEMS[:2]), "", POEMS[2]]
     pq.write_table(pa.table({"content": [1, 2]}), tmp_path / "poems.parquet")
     with pytest.raises(CorpusError, match="column 'content' must hold strings, it holds int64"):
         list(read_documents(tmp_path, IngestConfig(text_field="content")))
