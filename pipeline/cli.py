@@ -21,7 +21,7 @@ Typical session:
 
 \b
   lmforge up                     start the embedded S3 server (SeaweedFS, 127.0.0.1)
-  lmforge validate PATH          check a corpus before ingesting it (exit 0/1)
+  lmforge validate SRC           what a corpus keeps and drops, and why (exit 0/1)
   lmforge ingest --source SRC    builtin | file or dir | s3://b/prefix (.txt .md .jsonl,
                                  their .gz/.zst, .parquet)
   lmforge run                    the whole flow: ingest, dvc repro (validate, preprocess,
@@ -140,7 +140,9 @@ def status() -> None:
 
 @app.command()
 def validate(
-    path: Annotated[Path, typer.Argument(help="A corpus file or directory; data/ is not touched")],
+    source: Annotated[
+        str, typer.Argument(help="A corpus file or directory, or s3://bucket/prefix; data/ is not touched")
+    ],
     overrides: Overrides = None,
     report_dir: Annotated[
         Path | None, typer.Option(help="Also write report.json, report.md and dropped.jsonl here")
@@ -149,13 +151,22 @@ def validate(
     """Filter and check any corpus: kept and dropped documents by reason, with examples.
 
     Exit 0 when the corpus passes after filtering, 1 when it does not (or cannot be read)."""
+    import tempfile
+
     from pipeline.corpus import CorpusError
+    from pipeline.ingest import fetch_source
+    from pipeline.storage import StorageError
     from pipeline.validate import format_failure, format_summary, validate_corpus, write_report
 
-    _, params = _workspace_and_params(overrides)
+    ws, params = _workspace_and_params(overrides)
     try:
-        report = validate_corpus(path, params)
-    except CorpusError as exc:
+        if source.startswith("s3://"):  # the same path as ingest: fetched into a scratch dir, then read
+            with tempfile.TemporaryDirectory(prefix="lmforge-validate-") as scratch:
+                fetch_source(source, Path(scratch), params.ingest, (params.storage, ws.state))
+                report = validate_corpus(Path(scratch), params, name=source)
+        else:
+            report = validate_corpus(Path(source).expanduser(), params)
+    except (CorpusError, StorageError) as exc:
         _fail(str(exc))
     if report_dir:
         write_report(report, report_dir)

@@ -275,12 +275,22 @@ def test_ingest_from_s3_prefix_and_its_failures(workspace, s3_server, tmp_path):
     assert (ws / "data.dvc").read_text() == data_dvc
 
 
-def test_lmforge_validate_checks_a_corpus_without_touching_data(workspace, tmp_path):
-    ws, env, _ = workspace
+def test_lmforge_validate_checks_a_corpus_without_touching_data(workspace, s3_server, tmp_path):
+    ws, env, bucket = workspace
     good = words_corpus(tmp_path / "good")
     ok = run([BIN / "lmforge", "validate", good, "--report-dir", tmp_path / "report"], ws, env, check=False)
-    assert ok.returncode == 0 and "60 documents" in ok.stdout
+    assert ok.returncode == 0 and "60 documents read, 60 kept" in ok.stdout
     assert json.loads((tmp_path / "report" / "report.json").read_text())["success"] is True
+    # an s3:// prefix goes through the same reader (fetched into a scratch dir that is removed after)
+    client = s3_client(s3_server.cfg, s3_server.state)
+    client.upload_file(str(good / "docs.jsonl"), bucket, "check/v1/docs.jsonl")
+    client.put_object(Bucket=bucket, Key="check/v1/README.pdf", Body=b"%PDF-1.4")
+    from_s3 = run([BIN / "lmforge", "validate", f"s3://{bucket}/check/v1"], ws, env, check=False)
+    assert from_s3.returncode == 0, from_s3.stderr
+    assert f"s3://{bucket}/check/v1: 1 file(s), 1 skipped (README.pdf)" in from_s3.stdout
+    assert "60 documents read, 60 kept" in from_s3.stdout
+    missing = run([BIN / "lmforge", "validate", f"s3://{bucket}/check/none"], ws, env, check=False)
+    assert missing.returncode == 1 and "no objects under that prefix" in missing.stderr
     dup = tmp_path / "dup.txt"
     BAD_CORPORA["duplicates"][0](dup)
     bad = run([BIN / "lmforge", "validate", dup], ws, env, check=False)
