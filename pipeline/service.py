@@ -1,4 +1,5 @@
-"""The Bento service: `POST /generate`, OpenAI-compatible `POST /v1/completions` and `GET /v1/models`.
+"""The Bento service: `POST /generate`, OpenAI-compatible `POST /v1/completions` and `GET /v1/models`,
+plus vLLM's `POST /tokenize` and `/detokenize`, and the minimal `POST /predict`.
 
 BentoML 1.4 provides /readyz, /livez and Prometheus /metrics. Each worker loads the model once (from
 the BentoML model store, safetensors only) into a batching Engine (pipeline/generation.py), so
@@ -107,6 +108,13 @@ class CompletionRequest(BaseModel):
     presence_penalty: float = Field(0.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, allow_inf_nan=False)
     user: str | None = None
+    # vLLM's sampling extras: top_k works; the others are refused by name until the engine has them
+    top_k: int = Field(-1, ge=-1)  # vLLM's "no cut" is -1 (0 is accepted too)
+    min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)
+    logit_bias: dict[str, float] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
 
     @field_validator("prompt")
     @classmethod
@@ -129,6 +137,10 @@ class CompletionRequest(BaseModel):
             return "best_of is not supported"
         if self.presence_penalty or self.frequency_penalty:
             return "presence_penalty and frequency_penalty are not supported"
+        for name, off in (("min_p", 0.0), ("repetition_penalty", 1.0), ("logit_bias", None),
+                          ("stop_token_ids", None), ("ignore_eos", False)):  # fmt: skip
+            if getattr(self, name) not in (off, {}, []):
+                return f"{name} is not supported"
         if self.n * (1 if isinstance(self.prompt, str) else len(self.prompt)) > MAX_BATCH_SIZE:
             return f"n x prompts must be at most {MAX_BATCH_SIZE}"
         return None
@@ -320,9 +332,51 @@ class LMForge:
             "model": self.tag,
         }
 
+    @bentoml.api(route="/predict")
+    async def predict(
+        self, text: Annotated[str, Field(min_length=1), AfterValidator(_check_unicode)]
+    ) -> dict:
+        """The minimal form: {"text": ...} -> {"result": ...}, with /generate's defaults."""
+        params = SamplingParams(max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.8)
+        try:
+            ids = await self._prepare(text, params)
+        except GenerationError as exc:
+            raise bentoml.exceptions.InvalidArgument(str(exc)) from None
+        return {"result": (await self._complete(ids, params)).text}
+
+    @bentoml.api(route="/tokenize")
+    async def tokenize(
+        self,
+        prompt: Annotated[str, AfterValidator(_check_unicode)],
+        model: str | None = None,
+        add_special_tokens: bool = True,
+    ) -> dict:
+        """vLLM's shape: {"count", "max_model_len", "tokens"}."""
+        if len(prompt) > self.engine.max_prompt_chars:
+            raise bentoml.exceptions.InvalidArgument(
+                f"prompt: {len(prompt):,} characters cannot fit the model's context of {self.engine.context} tokens"
+            )
+        tokens = self.engine.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+        return {"count": len(tokens), "max_model_len": self.engine.context, "tokens": tokens}
+
+    @bentoml.api(route="/detokenize")
+    async def detokenize(
+        self, tokens: Annotated[list[int], Field(max_length=1 << 16)], model: str | None = None
+    ) -> dict:
+        """vLLM's shape: {"prompt"}; an id outside the vocabulary is a 400 that names it."""
+        vocab = len(self.engine.tokenizer)
+        if bad := [t for t in tokens if not 0 <= t < vocab]:
+            raise bentoml.exceptions.InvalidArgument(
+                f"tokens: {bad[0]} is not in the vocabulary (0..{vocab - 1})"
+            )
+        return {"prompt": self.engine.tokenizer.decode(tokens)}
+
     @openai_app.get("/models")
     async def models(self) -> dict:
-        card = {"id": self.tag, "object": "model", "created": self.created, "owned_by": "lmforge"}
+        card = {
+            "id": self.tag, "object": "model", "created": self.created, "owned_by": "lmforge",
+            "max_model_len": self.engine.context,
+        }  # fmt: skip
         return {"object": "list", "data": [card | {"lineage": self.labels}]}
 
     @openai_app.post("/completions")
@@ -336,7 +390,8 @@ class LMForge:
             for k in range(body.n):
                 params = SamplingParams(
                     max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                    seed=None if body.seed is None else body.seed + k, stop=body.stop,
+                    top_k=max(body.top_k, 0), seed=None if body.seed is None else body.seed + k,
+                    stop=body.stop,
                 )  # fmt: skip
                 ids = ids or await self._prepare(prompt, params)
                 jobs.append((p * body.n + k, prompt, ids, params))
@@ -350,7 +405,7 @@ class LMForge:
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(
-                self._stream(jobs, head, body.echo, include_usage),
+                self._stream(jobs, head, body.echo, include_usage, body.n),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -360,9 +415,9 @@ class LMForge:
              "finish_reason": done.finish_reason}
             for (index, prompt, _, _), done in zip(jobs, results, strict=True)
         ]  # fmt: skip
-        return head | {"choices": choices, "usage": _usage(results)}
+        return head | {"choices": choices, "usage": _usage(results, body.n)}
 
-    async def _stream(self, jobs, head: dict, echo: bool, include_usage: bool) -> AsyncIterator[str]:
+    async def _stream(self, jobs, head: dict, echo: bool, include_usage: bool, n: int) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, every choice interleaved, then [DONE]."""
         merged: asyncio.Queue = asyncio.Queue()
 
@@ -396,15 +451,16 @@ class LMForge:
                     choice = {"index": index, "text": event, "logprobs": None, "finish_reason": None}
                 yield _sse(head | {"choices": [choice]})
             if include_usage:
-                yield _sse(head | {"choices": [], "usage": _usage(finished)})
+                yield _sse(head | {"choices": [], "usage": _usage(finished, n)})
             yield "data: [DONE]\n\n"
         finally:
             for task in tasks:
                 task.cancel()
 
 
-def _usage(results: list[Completion]) -> dict:
-    prompt = sum(r.prompt_tokens for r in results)
+def _usage(results: list[Completion], n: int) -> dict:
+    """Token counts as OpenAI reports them: each prompt once, however many of its n choices there are."""
+    prompt = sum(r.prompt_tokens for r in results) // n
     completion = sum(r.completion_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 

@@ -229,6 +229,41 @@ def test_openai_client_completion_and_stream(server, bento):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == done.choices[0].finish_reason
 
 
+def test_tokenize_detokenize_predict_and_usage(server):
+    """vLLM's /tokenize and /detokenize, the minimal /predict, the model card's context, and usage that
+    counts a prompt once however many choices it has."""
+    tokenized = post(server, "/tokenize", {"prompt": PROMPT}).json()
+    assert tokenized["count"] == len(tokenized["tokens"]) > 1 and tokenized["max_model_len"] == 64
+    assert post(server, "/detokenize", {"tokens": tokenized["tokens"]}).json() == {"prompt": PROMPT}
+    bad = post(server, "/detokenize", {"tokens": [1, 10**6]})
+    assert bad.status_code == 400 and "1000000 is not in the vocabulary" in bad.text
+    card = httpx.get(f"{server}/v1/models", timeout=30).json()["data"][0]
+    assert card["max_model_len"] == 64
+
+    predicted = post(server, "/predict", {"text": PROMPT})
+    assert predicted.status_code == 200 and isinstance(predicted.json()["result"], str)
+    assert post(server, "/predict", {"text": ""}).status_code == 400
+
+    body = {"prompt": PROMPT, "max_tokens": 6, "n": 3, "temperature": 1.0, "seed": 1}
+    done = post(server, "/v1/completions", body).json()
+    assert len(done["choices"]) == 3
+    assert done["usage"]["prompt_tokens"] == tokenized["count"]  # once, not three times
+    assert done["usage"]["completion_tokens"] > 6  # the three choices' tokens together
+
+
+def test_top_k_works_and_unsupported_extras_are_named(server):
+    greedy = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}).json()
+    top1 = {"prompt": PROMPT, "max_tokens": 12, "temperature": 1.5, "top_k": 1, "seed": 3}
+    assert post(server, "/v1/completions", top1).json()["choices"][0]["text"] == greedy["choices"][0]["text"]
+    for field, value in (("min_p", 0.1), ("repetition_penalty", 1.2), ("logit_bias", {"5": -100}),
+                         ("stop_token_ids", [3]), ("ignore_eos", True)):  # fmt: skip
+        refused = post(server, "/v1/completions", {"prompt": PROMPT, field: value})
+        assert refused.status_code == 400 and f"{field} is not supported" in refused.text, (
+            field,
+            refused.text,
+        )
+
+
 def test_stream_ends_with_done_in_openai_format(server):
     with httpx.stream(
         "POST",
