@@ -116,12 +116,11 @@ class DocumentFilter:
         self.cfg = cfg
         self.seen_paragraphs: set[int] = set()
         self.first_source: dict[int, str] = {}  # whole-document key -> the first kept document's source
-        self.lsh = None
+        self.lsh, self.sketched = None, 0  # sketched: the next LSH key
         if cfg.near_duplicates:
             from datasketch import MinHashLSH
 
             self.lsh = MinHashLSH(threshold=cfg.near_duplicate_threshold, num_perm=cfg.minhash_permutations)
-            self.kept = 0
 
     def __call__(self, doc: Document) -> Verdict:
         whole = _key(doc.text)
@@ -162,8 +161,8 @@ class DocumentFilter:
         sketch.update_batch([s.encode("utf-8", "surrogatepass") for s in shingles])
         if self.lsh.query(sketch):
             return True
-        self.lsh.insert(self.kept, sketch)
-        self.kept += 1
+        self.lsh.insert(self.sketched, sketch)
+        self.sketched += 1
         return False
 
 
