@@ -381,7 +381,7 @@ def generate(
     seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """A quick local check: continue PROMPT with the trained model, in this process."""
-    from pipeline.generation import GenerationError, SamplingParams, load_engine
+    from pipeline.generation import Delta, GenerationError, SamplingParams, load_engine
 
     ws, _ = _workspace_and_params()
     model_dir = model or ws.model_dir
@@ -391,8 +391,8 @@ def generate(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     try:
         for event in engine.stream(prompt, params):
-            if isinstance(event, str):
-                typer.echo(event, nl=False)
+            if isinstance(event, Delta):
+                typer.echo(event.text, nl=False)
     except GenerationError as exc:
         _fail(str(exc), 2)
     typer.echo()

@@ -12,6 +12,7 @@ This module imports no lmforge config: it travels inside the Bento on its own.
 
 from __future__ import annotations
 
+import inspect
 import math
 import queue
 import threading
@@ -27,15 +28,40 @@ class GenerationError(ValueError):
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 64
+    """One request's settings, with vLLM's meanings. Penalties and logit_bias shape the logits before
+    the pick (greedy included); logprobs are always those of the model's own distribution."""
+
+    max_new_tokens: int = 64  # 0: no new token, only the prompt's logprobs (scoring)
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
+    min_p: float = 0.0  # drop tokens less likely than min_p x the likeliest
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # end like EOS; the token is not in the text
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per time a token was generated
+    repetition_penalty: float = 1.0  # divides (or multiplies, if negative) logits of prompt and output tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits
+    logprobs: int | None = None  # per new token: its logprob, and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def shapes_logits(self) -> bool:
+        return bool(
+            self.logit_bias or self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+        )
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the likeliest tokens at this position, best first
 
 
 @dataclass
@@ -43,11 +69,22 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS, a stop string or a stop token) or "length"
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token; the first is None
 
 
-# A stream yields text deltas, then one Completion at the end.
-Event = str | Completion | BaseException
+@dataclass
+class Delta:
+    """New final text of a streamed request, with the logprobs of the tokens decoded since the last one."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+# A stream yields Deltas, then one Completion at the end.
+Event = Delta | Completion | BaseException
 
 
 @dataclass
@@ -62,26 +99,64 @@ class _Request:
 class _Row:
     """Decoding state of one request inside a batch."""
 
-    def __init__(self, request: _Request, tokenizer, budget: int):
+    def __init__(self, request: _Request, tokenizer, budget: int, vocab: int):
         self.request, self.tokenizer = request, tokenizer
-        self.params = request.params
+        self.params = p = request.params
         self.budget = budget  # new tokens allowed: max_new_tokens, cut to what the context holds
         self.ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.sent = 0  # characters of text already emitted
+        self.sent_logprobs = 0
         self.text = ""
         self.decoded = 0  # how many of ids the text reflects
-        self.finish: str | None = None
+        self.stop_scan = 0  # stop strings cannot start before this character of text
+        self.finish: str | None = None if budget > 0 else "length"
         self.generator = None
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
+        if p.seed is not None:
+            self.generator = torch.Generator().manual_seed(p.seed)
         # text that could still become a stop string is held back until it cannot
-        self.holdback = max((len(s) for s in self.params.stop), default=1) - 1
+        self.holdback = max((len(s) for s in p.stop), default=1) - 1
+        self.ends = set(p.stop_token_ids)
+        # logit shaping state, only for rows that ask for it: a bias vector, output counts, seen tokens
+        self.bias = self.counts = self.seen = None
+        if p.logit_bias:
+            self.bias = torch.zeros(vocab)
+            self.bias[list(p.logit_bias)] = torch.tensor(list(p.logit_bias.values()))
+        if p.presence_penalty or p.frequency_penalty:
+            self.counts = torch.zeros(vocab)
+        if p.repetition_penalty != 1:
+            self.seen = torch.zeros(vocab, dtype=torch.bool)
+            self.seen[request.prompt_ids] = True
 
-    def push(self, token: int, eos_id: int | None) -> None:
-        if token == eos_id:
+    def shape(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits the pick sees: bias, then the repetition, frequency and presence penalties."""
+        p = self.params
+        if not p.shapes_logits:
+            return logits
+        logits = logits.float()
+        if self.bias is not None:
+            logits = logits + self.bias[: logits.numel()]
+        if self.seen is not None:
+            seen = self.seen[: logits.numel()]
+            penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+            logits = torch.where(seen, penalised, logits)
+        if self.counts is not None:
+            counts = self.counts[: logits.numel()]
+            logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
+        return logits
+
+    def push(self, token: int, eos_id: int | None, logprob: TokenLogprob | None = None) -> None:
+        if token in self.ends or (token == eos_id and not self.params.ignore_eos):
             self.finish = "stop"
             return
         self.ids.append(token)
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if self.counts is not None:
+            self.counts[token] += 1
+        if self.seen is not None:
+            self.seen[token] = True
         if len(self.ids) >= self.budget:
             self.finish = "length"
         # A request without deltas or stop strings needs its text only at the end: decoding the whole
@@ -92,11 +167,13 @@ class _Row:
     def _decode(self) -> None:
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         self.decoded = len(self.ids)
-        for stop in self.params.stop:
-            cut = self.text.find(stop)
-            if cut != -1:
-                self.text, self.finish = self.text[:cut], "stop"
-                break
+        if not self.params.stop:
+            return
+        # only the new text, and the stop-length tail before it, can hold a stop string not seen yet
+        cuts = [c for s in self.params.stop if (c := self.text.find(s, self.stop_scan)) != -1]
+        if cuts:
+            self.text, self.finish = self.text[: min(cuts)], "stop"
+        self.stop_scan = max(0, len(self.text) - self.holdback - 4)  # 4: a multi-byte character completing
 
     def flush(self) -> None:
         """Emit the text that is final: all of it when done, else all but a possible stop string's
@@ -109,21 +186,43 @@ class _Row:
         if not self.finish:
             while end > self.sent and self.text[end - 1] == "\ufffd":
                 end -= 1
-        if end > self.sent:
-            self.request.emit(self.text[self.sent : end])
-            self.sent = end
+        if end > self.sent or (self.finish and self.sent_logprobs < len(self.logprobs)):
+            self.request.emit(Delta(self.text[self.sent : end], self.logprobs[self.sent_logprobs :]))
+            self.sent, self.sent_logprobs = end, len(self.logprobs)
         if self.finish:
-            self.request.emit(Completion(self.text, len(self.request.prompt_ids), len(self.ids), self.finish))
+            self.request.emit(self.completion())
+
+    def completion(self) -> Completion:
+        p = self.params
+        return Completion(
+            self.text, len(self.request.prompt_ids), len(self.ids), self.finish or "length", list(self.ids),
+            self.logprobs if p.logprobs is not None else None, self.prompt_logprobs,
+        )  # fmt: skip
+
+
+def top_logprobs(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """Each row's chosen token's logprob and the k likeliest, from raw logits [rows, vocab]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    ids = chosen.tolist()
+    if k:
+        values, indices = logp.topk(min(k, logp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(), strict=True)]
+    else:
+        tops = [[] for _ in ids]
+    return [TokenLogprob(t, lp, top) for t, lp, top in zip(ids, picked, tops, strict=True)]
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator) -> int:
-    """One token from one row's logits: greedy at temperature 0, else temperature, top-k, top-p."""
+    """One token from one row's logits: greedy at temperature 0, else temperature, min-p, top-k, top-p."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
     # float64, and the max subtracted before dividing: a tiny temperature (1e-45 is a float32 zero)
     # then sends the other logits to -inf instead of making inf/inf = NaN probabilities
     logits = logits.double()
     logits = (logits - logits.max()) / params.temperature
+    if params.min_p > 0:  # the max is now 0, so min_p x p_max is a logit cut at log(min_p)
+        logits = logits.masked_fill(logits < math.log(params.min_p), -math.inf)
     if params.top_k and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -158,7 +257,12 @@ class Engine:
         self.max_prompt_chars = self.context * max(len(t) for t in tokenizer.get_vocab())
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_id or 0)
+        self.vocab = len(tokenizer)  # token ids a request may name
+        self.logits_width = model.get_output_embeddings().weight.shape[0]
         self.max_batch_size = max_batch_size
+        self._token_texts: dict[int, str] = {}
+        # a prefill that needs no prompt logprobs computes the last position's logits only
+        self.keep_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.queue: queue.Queue[_Request] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
         self.thread.start()
@@ -175,13 +279,17 @@ class Engine:
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise GenerationError("prompt: must not be empty")
-        if len(prompt_ids) >= self.context:
+        if bad := [t for t in prompt_ids if not 0 <= t < self.vocab]:
+            raise GenerationError(f"prompt: token id {bad[0]} is not in the vocabulary (0..{self.vocab - 1})")
+        # scoring (prompt logprobs) may fill the context; generating needs room for one new token
+        room = 0 if params.prompt_logprobs is not None else 1
+        if len(prompt_ids) + room > self.context:
             raise GenerationError(
-                f"prompt: {len(prompt_ids)} tokens, but the model's context is {self.context} tokens "
-                f"(the prompt must leave room for at least one new token)"
+                f"prompt: {len(prompt_ids)} tokens, but the model's context is {self.context} tokens"
+                + (" (the prompt must leave room for at least one new token)" if room else "")
             )
-        if params.max_new_tokens < 1:
-            raise GenerationError("max_new_tokens: must be at least 1")
+        if params.max_new_tokens < 0 or (params.max_new_tokens == 0 and params.prompt_logprobs is None):
+            raise GenerationError("max_new_tokens: must be at least 1 (0 only to score the prompt)")
         # a bad setting fails this request here, not the whole batch it would join in the engine
         if not (math.isfinite(params.temperature) and params.temperature >= 0):
             raise GenerationError("temperature: must be a finite number, at least 0")
@@ -189,6 +297,30 @@ class Engine:
             raise GenerationError("top_p: must be in (0, 1]")
         if params.top_k < 0:
             raise GenerationError("top_k: must be at least 0")
+        if not 0 <= params.min_p <= 1:
+            raise GenerationError("min_p: must be in [0, 1]")
+        if not (math.isfinite(params.repetition_penalty) and params.repetition_penalty > 0):
+            raise GenerationError("repetition_penalty: must be a finite number above 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not math.isfinite(getattr(params, name)):
+                raise GenerationError(f"{name}: must be a finite number")
+        for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
+            if bad := [t for t in ids if not 0 <= t < self.vocab]:
+                raise GenerationError(
+                    f"{name}: token id {bad[0]} is not in the vocabulary (0..{self.vocab - 1})"
+                )
+        if not all(math.isfinite(b) for b in params.logit_bias.values()):
+            raise GenerationError("logit_bias: values must be finite numbers")
+        for name in ("logprobs", "prompt_logprobs"):
+            if (value := getattr(params, name)) is not None and value < 0:
+                raise GenerationError(f"{name}: must be at least 0")
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text on its own (a byte-level piece of a character reads as U+FFFD)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def submit(
         self,
@@ -197,7 +329,7 @@ class Engine:
         emit: Callable[[Event], None],
         deltas: bool = True,
     ):
-        """Queue one request; emit() gets text deltas (unless deltas=False), then a Completion (or an
+        """Queue one request; emit() gets Deltas (unless deltas=False), then a Completion (or an
         exception)."""
         self.check(prompt_ids, params)
         request = _Request(list(prompt_ids), params, emit, deltas)
@@ -205,7 +337,7 @@ class Engine:
         return request
 
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[Event]:
-        """Blocking iterator of text deltas then the Completion, for callers without an event loop."""
+        """Blocking iterator of Deltas then the Completion, for callers without an event loop."""
         events: queue.Queue[Event] = queue.Queue()
         request = self.submit(self.encode(prompt), params, events.put)
         try:
@@ -259,9 +391,15 @@ class Engine:
 
     @torch.inference_mode()
     def _admit(self, active: _Batch, requests: list[_Request]) -> None:
-        """Prefill the requests together, then join their rows to the decoding batch."""
+        """Prefill the requests together, score the prompts that ask for it, then join the rows that
+        generate to the decoding batch; a scoring-only row is done here."""
         rows = [
-            _Row(r, self.tokenizer, min(r.params.max_new_tokens, self.context - len(r.prompt_ids)))
+            _Row(
+                r,
+                self.tokenizer,
+                min(r.params.max_new_tokens, self.context - len(r.prompt_ids)),
+                self.logits_width,
+            )
             for r in requests
         ]
         width = max(len(r.prompt_ids) for r in requests)
@@ -273,8 +411,25 @@ class Engine:
             mask[i, width - len(r.prompt_ids) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        active.join(rows, out.past_key_values, mask, positions[:, -1:] + 1, out.logits[:, -1, :])
+        scoring = [i for i, r in enumerate(requests) if r.params.prompt_logprobs is not None]
+        extra = {"logits_to_keep": 1} if self.keep_last_logits and not scoring else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+        for i in scoring:
+            self._score_prompt(rows[i], out.logits[i, width - len(requests[i].prompt_ids) : -1])
+        fresh = _Batch()
+        fresh.join(rows, out.past_key_values, mask, positions[:, -1:] + 1, out.logits[:, -1, :])
+        done = [row for row in rows if row.finish]
+        fresh.keep([i for i, row in enumerate(rows) if not row.finish])
+        for row in done:
+            row.flush()
+        if fresh.rows:
+            active.join(fresh.rows, fresh.cache, fresh.mask, fresh.positions, fresh.logits)
+
+    def _score_prompt(self, row: _Row, logits: torch.Tensor) -> None:
+        """The teacher-forced logprob of each prompt token after the first, from the prefill's logits."""
+        targets = torch.tensor(row.request.prompt_ids[1:], device=logits.device)
+        scored = top_logprobs(logits, targets, row.params.prompt_logprobs) if len(targets) else []
+        row.prompt_logprobs = [None, *scored]
 
     @torch.inference_mode()
     def _step(self, active: _Batch) -> None:
@@ -284,8 +439,12 @@ class Engine:
             if row.request.cancelled.is_set():
                 row.finish = "cancelled"
                 continue
-            token = sample_next(active.logits[i], row.params, row.generator)
-            row.push(token, self.eos_id)
+            logits = active.logits[i]
+            token = sample_next(row.shape(logits), row.params, row.generator)
+            logprob = None
+            if row.params.logprobs is not None:
+                (logprob,) = top_logprobs(logits.unsqueeze(0), torch.tensor([token]), row.params.logprobs)
+            row.push(token, self.eos_id, logprob)
             row.flush()
             if row.finish is None:
                 next_inputs[i] = token

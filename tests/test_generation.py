@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.generation import Completion, Engine, SamplingParams
+from pipeline.generation import Completion, Delta, Engine, SamplingParams, _Request
 from pipeline.model import build_model
 from pipeline.preprocess import train_tokenizer
 
@@ -69,8 +69,8 @@ def test_requests_joining_mid_decode_get_their_solo_output(engine_parts):
     seen = []
 
     def join_more(event):
-        if isinstance(event, str):
-            seen.append(event)
+        if isinstance(event, Delta):
+            seen.append(event.text)
             for i in schedule.get(len(seen), []):
                 prompt, params = (PROMPTS[1], sampled) if i == 4 else (PROMPTS[i], greedy[i])
                 t = threading.Thread(
@@ -108,3 +108,98 @@ def test_a_full_batch_admits_the_next_request_when_a_row_finishes(engine_parts):
         t.join(120)
     assert [with_threads[i].completion_tokens for i in range(4)] == [50, 3, 3, 3]
     assert sum(sizes) == 4 and max(sizes) <= 2
+
+
+def teacher_forced(model, ids: list[int]) -> torch.Tensor:
+    """log p(ids[j] | ids[:j]) for j >= 1, from one plain forward pass of the sequence alone."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+
+
+def test_prompt_logprobs_are_the_teacher_forced_ones_even_in_a_padded_batch(engine_parts):
+    """Scoring requests of different lengths, one of them the whole context, prefilled together."""
+    model, tokenizer = engine_parts
+    sizes: list[int] = []
+    engine = Engine(model, tokenizer, max_batch_size=8, on_batch=sizes.append)
+    prompts = [engine.encode(p) for p in PROMPTS]
+    prompts.append((prompts[1] * 20)[: engine.context])  # fills the context: allowed when only scoring
+    assert len(prompts[-1]) == engine.context
+    results: list[queue.Queue] = [queue.Queue() for _ in prompts]
+    engine.queue.mutex.acquire()  # hold the queue so that all five are admitted in one prefill
+    for ids, out in zip(prompts, results, strict=True):
+        engine.queue.queue.append(
+            _Request(ids, SamplingParams(max_new_tokens=0, prompt_logprobs=2), out.put, False)
+        )
+    engine.queue.not_empty.notify()
+    engine.queue.mutex.release()
+    for ids, out in zip(prompts, results, strict=True):
+        done = out.get(timeout=60)
+        assert isinstance(done, Completion), done
+        assert (done.completion_tokens, done.finish_reason, done.text) == (0, "length", "")
+        assert done.prompt_logprobs[0] is None and len(done.prompt_logprobs) == len(ids)
+        got = torch.tensor([lp.logprob for lp in done.prompt_logprobs[1:]])
+        torch.testing.assert_close(got, teacher_forced(model, ids), atol=1e-4, rtol=1e-4)
+        assert [lp.token_id for lp in done.prompt_logprobs[1:]] == ids[1:]
+        for lp in done.prompt_logprobs[1:]:
+            assert len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1] and lp.top[0][1] >= lp.logprob - 1e-6
+    assert sizes == [5]
+
+
+def test_generated_logprobs_are_the_models_own_and_the_greedy_pick_is_the_top(engine_parts):
+    model, tokenizer = engine_parts
+    engine = Engine(model, tokenizer)
+    prompt = engine.encode(PROMPTS[0])
+    done = collect(engine, PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=0, logprobs=3))
+    assert len(done.logprobs) == len(done.token_ids) == 12
+    assert [lp.token_id for lp in done.logprobs] == done.token_ids
+    assert all(lp.top[0][0] == lp.token_id and len(lp.top) == 3 for lp in done.logprobs)
+    expected = teacher_forced(model, prompt + done.token_ids)[len(prompt) - 1 :]
+    torch.testing.assert_close(
+        torch.tensor([lp.logprob for lp in done.logprobs]), expected, atol=1e-4, rtol=1e-4
+    )
+    # a sampled row's logprobs are also the model's, not the temperature-scaled distribution's
+    hot = collect(engine, PROMPTS[0], SamplingParams(max_new_tokens=12, temperature=1.7, seed=3, logprobs=0))
+    expected = teacher_forced(model, prompt + hot.token_ids)[len(prompt) - 1 :]
+    torch.testing.assert_close(
+        torch.tensor([lp.logprob for lp in hot.logprobs]), expected, atol=1e-4, rtol=1e-4
+    )
+
+
+def test_logit_bias_penalties_min_p_and_stops_change_the_output_as_vllm_defines(engine_parts):
+    model, tokenizer = engine_parts
+    engine = Engine(model, tokenizer)
+
+    def greedy(**kw) -> Completion:
+        return collect(engine, PROMPTS[2], SamplingParams(max_new_tokens=30, temperature=0, **kw))
+
+    plain = greedy()
+    assert len(set(plain.token_ids)) < len(plain.token_ids)  # this model repeats itself when greedy
+    forced = engine.encode(" fox")[0]
+    assert set(greedy(logit_bias={forced: 100.0}).token_ids) == {forced}
+    banned = greedy(logit_bias={plain.token_ids[0]: -100.0})
+    assert banned.token_ids[0] != plain.token_ids[0]
+    for penalty in ({"frequency_penalty": 50.0}, {"presence_penalty": 50.0}):
+        ids = greedy(**penalty).token_ids
+        assert len(set(ids)) == len(ids), penalty  # every repeat is pushed below the fresh tokens
+    repeated = greedy(repetition_penalty=100.0).token_ids
+    assert not set(repeated) & set(engine.encode(PROMPTS[2])) and len(set(repeated)) > len(
+        set(plain.token_ids)
+    )
+    # min_p 1 keeps only the likeliest token: sampling becomes greedy
+    hot = collect(engine, PROMPTS[2], SamplingParams(max_new_tokens=30, temperature=1.5, seed=1, min_p=1.0))
+    assert hot.token_ids == plain.token_ids
+    # a stop token ends the row without appearing; EOS can be ignored
+    stopped = greedy(stop_token_ids=[plain.token_ids[5]])
+    assert (
+        stopped.finish_reason == "stop"
+        and stopped.token_ids == plain.token_ids[: plain.token_ids.index(plain.token_ids[5])]
+    )
+    eos = tokenizer.eos_token_id
+    assert greedy(logit_bias={eos: 100.0}).completion_tokens == 0
+    ignoring = greedy(logit_bias={eos: 100.0}, ignore_eos=True)
+    assert (ignoring.completion_tokens, ignoring.finish_reason, ignoring.text) == (30, "length", "")
+    # many stop strings: the one that matches first in the text wins, whatever its place in the list
+    later = plain.text[len(plain.text) // 2 :][:4]
+    many = greedy(stop=[f"never{i}" for i in range(200)] + [later])
+    assert many.finish_reason == "stop" and many.text == plain.text[: plain.text.index(later)]
