@@ -217,6 +217,8 @@ class ServeConfig(Section):
     default_max_new_tokens: int = Field(64, ge=1)
     max_batch_size: int = Field(16, ge=1, le=256)
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_logprobs: int = Field(20, ge=0, le=1000)
+    chat_template: str | None = None  # a Jinja template, or a file holding one; overrides the tokenizer's
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> ServeConfig:

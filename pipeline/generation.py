@@ -81,6 +81,7 @@ class Delta:
 
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first Delta of a scored prompt
 
 
 # A stream yields Deltas, then one Completion at the end.
@@ -430,6 +431,8 @@ class Engine:
         targets = torch.tensor(row.request.prompt_ids[1:], device=logits.device)
         scored = top_logprobs(logits, targets, row.params.prompt_logprobs) if len(targets) else []
         row.prompt_logprobs = [None, *scored]
+        if row.request.deltas:  # a stream that echoes its prompt shows these before any new text
+            row.request.emit(Delta("", [], row.prompt_logprobs))
 
     @torch.inference_mode()
     def _step(self, active: _Batch) -> None:

@@ -91,6 +91,18 @@ A small causal language model trained by lmforge.
 """
 
 
+def chat_template(setting: str | None, root: Path) -> str | None:
+    """serve.chat_template as the Bento carries it: a template file's text, or the template itself."""
+    if not setting:
+        return None
+    path = Path(setting) if Path(setting).is_absolute() else root / setting
+    if "{" not in setting and path.is_file():
+        return path.read_text()
+    if "{{" not in setting and "{%" not in setting:
+        raise PackageError(f"serve.chat_template: {setting!r} is neither a file nor a Jinja template")
+    return setting
+
+
 def _build_context(ws: Workspace, card: str) -> Path:
     """A directory with bentofile.yaml, the service code and the model card: what the Bento contains."""
     ctx = Path(tempfile.mkdtemp(prefix="lmforge-bento-"))
@@ -136,6 +148,8 @@ def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
                     "default_max_new_tokens": serve.default_max_new_tokens,
                     "max_batch_size": serve.max_batch_size,
                     "max_body_bytes": serve.max_body_bytes,
+                    "max_logprobs": serve.max_logprobs,
+                    "chat_template": chat_template(serve.chat_template, ws.root),
                 },
             )
     except Exception as exc:  # noqa: BLE001 - BentoML raises many kinds; the model entry is undone below

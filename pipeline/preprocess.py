@@ -58,6 +58,14 @@ def _digest(doc: Document) -> bytes:
     return hashlib.sha256(doc.text.encode("utf-8", errors="replace")).digest()
 
 
+# A model pre-trained from scratch has no chat format of its own: this plain one ("User: hi", blank
+# line, ..., "Assistant:") lets /v1/chat/completions work out of the box. A base model keeps its own.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] | trim }}\n\n"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
 def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int, length: int | None = None):
     """A GPT-2 style byte-level BPE, so any input byte can be encoded and nothing is ever <unk>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -74,13 +82,15 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int, l
         show_progress=sys.stderr.isatty(),
     )
     tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=EOS_TOKEN,
         bos_token=EOS_TOKEN,
         unk_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
     )
+    fast.chat_template = PLAIN_CHAT_TEMPLATE
+    return fast
 
 
 def load_base_tokenizer(base_dir: Path):

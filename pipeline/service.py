@@ -17,7 +17,8 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import bentoml
 from fastapi import FastAPI, Request
@@ -25,7 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.generation import Completion, Engine, GenerationError, SamplingParams, load_engine
+from pipeline.generation import Completion, Delta, Engine, GenerationError, SamplingParams, load_engine
 
 ARGS = bentoml.use_arguments()
 MODEL_TAG = str(getattr(ARGS, "model_tag", None) or os.environ.get("LMFORGE_MODEL_TAG", "lmforge-lm:latest"))
@@ -33,11 +34,16 @@ MAX_NEW_TOKENS_CAP = int(getattr(ARGS, "max_new_tokens_cap", 256))
 DEFAULT_MAX_NEW_TOKENS = int(getattr(ARGS, "default_max_new_tokens", 64))
 MAX_BATCH_SIZE = int(getattr(ARGS, "max_batch_size", 16))
 MAX_BODY_BYTES = int(getattr(ARGS, "max_body_bytes", 1 << 20))
-MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = int(getattr(ARGS, "max_logprobs", 20))  # vLLM's default cap on logprobs / top_logprobs
+CHAT_TEMPLATE: str | None = getattr(ARGS, "chat_template", None) or None  # overrides the tokenizer's
+# vLLM sets no number; harnesses send a task's stops plus EOS. Each is searched in the new text only.
+MAX_STOP_STRINGS = 256
 INLINE_ENCODE_CHARS = 4096
 
 Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+Seed = Annotated[int | None, Field(ge=0, lt=2**63)]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
 
 
 def _check_unicode(text: str) -> str:
@@ -60,14 +66,16 @@ def _check_stop(stop: str | list[str] | None) -> list[str]:
     return stops
 
 
-def _check_max_tokens(value: int) -> int:
-    if value > MAX_NEW_TOKENS_CAP:
+def _check_max_tokens(value: int | None) -> int | None:
+    if value is not None and value > MAX_NEW_TOKENS_CAP:
         raise ValueError(f"at most {MAX_NEW_TOKENS_CAP} new tokens per request (got {value})")
     return value
 
 
+Text = Annotated[str, AfterValidator(_check_unicode)]
 MaxTokens = Annotated[int, Field(ge=1), AfterValidator(_check_max_tokens)]
 Stop = Annotated[str | list[str] | None, AfterValidator(_check_stop)]
+TokenIds = Annotated[list[int], Field(min_length=1, max_length=1 << 16)]
 
 # ---------------------------------------------------------------------------------------------
 # request bodies
@@ -81,69 +89,145 @@ class GenerateRequest(BaseModel):
     temperature: Temperature = 0.8
     top_p: TopP = 1.0
     top_k: int = Field(0, ge=0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: Seed = None
     stop: Stop = None
 
 
-class CompletionRequest(BaseModel):
-    """OpenAI's /v1/completions body. Fields a client may send but this server cannot honour are
-    rejected by name rather than silently ignored."""
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """What OpenAI's completions and chat bodies share, with vLLM's sampling extras. A field a client
+    may send but this server cannot honour is refused by name (`unsupported`), never ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    prompt: str | list[str]
-    max_tokens: MaxTokens = 16
     temperature: Temperature = 1.0
     top_p: TopP = 1.0
     n: int = Field(1, ge=1, le=16)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     stop: Stop = None
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    echo: bool = False
-    logprobs: int | None = None
-    suffix: str | None = None
-    best_of: int | None = None
-    presence_penalty: float = Field(0.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, allow_inf_nan=False)
+    seed: Seed = None
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: dict[int, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     user: str | None = None
-    # vLLM's sampling extras: top_k works; the others are refused by name until the engine has them
     top_k: int = Field(-1, ge=-1)  # vLLM's "no cut" is -1 (0 is accepted too)
     min_p: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
-    repetition_penalty: float = Field(1.0, gt=0, allow_inf_nan=False)
-    logit_bias: dict[str, float] | None = None
-    stop_token_ids: list[int] | None = None
+    repetition_penalty: float = Field(1.0, gt=0, le=100, allow_inf_nan=False)
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_STRINGS)] | None = None
     ignore_eos: bool = False
+
+    def sampling(
+        self, max_tokens: int, choice: int, logprobs: int | None, prompt_logprobs: int | None = None
+    ):
+        """The engine's settings for choice k of a prompt: the n choices differ only in their seed."""
+        return SamplingParams(
+            max_new_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
+            min_p=self.min_p, seed=None if self.seed is None else self.seed + choice, stop=self.stop,
+            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logit_bias=dict(self.logit_bias or {}),
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        )  # fmt: skip
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def too_many(self, prompts: int) -> str | None:
+        if self.n * prompts > MAX_BATCH_SIZE:
+            return f"n x prompts must be at most {MAX_BATCH_SIZE}"
+        return None
+
+
+class CompletionRequest(SamplingFields):
+    """OpenAI's /v1/completions body, as vLLM takes it: the prompt may be text or token ids."""
+
+    prompt: str | list[str] | TokenIds | list[TokenIds]
+    max_tokens: Annotated[int, Field(ge=0), AfterValidator(_check_max_tokens)] = 16
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    suffix: str | None = None
+    best_of: int | None = None
 
     @field_validator("prompt")
     @classmethod
-    def _prompts_not_empty(cls, value: str | list[str]) -> str | list[str]:
-        prompts = [value] if isinstance(value, str) else value
+    def _prompts_not_empty(cls, value):
+        prompts = _prompt_list(value)
         if not prompts or any(not p for p in prompts):
             raise ValueError("prompt must not be empty")
-        if len(prompts) > 16:
-            raise ValueError("at most 16 prompts per request")
+        if len(prompts) > MAX_BATCH_SIZE:
+            raise ValueError(f"at most {MAX_BATCH_SIZE} prompts per request")
         for p in prompts:
-            _check_unicode(p)
+            if isinstance(p, str):
+                _check_unicode(p)
         return value
 
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        return _prompt_list(self.prompt)
+
     def unsupported(self) -> str | None:
-        if self.logprobs:
-            return "logprobs is not supported"
         if self.suffix:
             return "suffix is not supported"
         if self.best_of not in (None, self.n):
             return "best_of is not supported"
-        if self.presence_penalty or self.frequency_penalty:
-            return "presence_penalty and frequency_penalty are not supported"
-        for name, off in (("min_p", 0.0), ("repetition_penalty", 1.0), ("logit_bias", None),
-                          ("stop_token_ids", None), ("ignore_eos", False)):  # fmt: skip
-            if getattr(self, name) not in (off, {}, []):
-                return f"{name} is not supported"
-        if self.n * (1 if isinstance(self.prompt, str) else len(self.prompt)) > MAX_BATCH_SIZE:
-            return f"n x prompts must be at most {MAX_BATCH_SIZE}"
-        return None
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens: 0 generates nothing; it is only for scoring the prompt, with echo"
+        return self.too_many(len(self.prompts))
+
+
+def _prompt_list(value) -> list[str | list[int]]:
+    """A string, a list of strings, a list of token ids, or a list of such lists: one list of prompts."""
+    if isinstance(value, str) or (value and isinstance(value[0], int)):
+        return [value]
+    return list(value)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # "name" and the like ride along unused
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, AfterValidator(_check_unicode)] | list[TextPart] | None = None
+
+    def render(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        return {"role": self.role, "content": text}
+
+
+class ChatRequest(SamplingFields):
+    """OpenAI's /v1/chat/completions body (text only)."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @property
+    def budget(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or MAX_NEW_TOKENS_CAP
+
+    def unsupported(self) -> str | None:
+        if self.tools or self.functions:
+            return "tools are not supported"
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            return "response_format is not supported (only text)"
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs needs logprobs: true"
+        return self.too_many(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,12 +356,137 @@ async def _events(
         request.cancelled.set()
 
 
+@dataclass
+class Job:
+    """One choice of one prompt: what the engine decodes."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    prompt_text: str = ""  # what echo shows
+
+
+def _logprob(value: float) -> float:
+    return max(value, -9999.0)  # vLLM's floor: JSON has no -inf
+
+
+class CompletionShape:
+    """Choices and stream chunks of /v1/completions; logprobs in OpenAI's legacy form (tokens,
+    token_logprobs, top_logprobs, text_offset), the top including the chosen token, as vLLM does."""
+
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl"
+
+    def __init__(self, engine: Engine, echo: bool, logprobs: int | None):
+        self.engine, self.echo, self.logprobs = engine, echo, logprobs
+        self.offsets: dict[int, int] = {}  # per streamed choice: characters sent so far
+
+    def _logprobs(self, index: int, pairs) -> dict:
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        offset = self.offsets.get(index, 0)
+        for token_id, scored in pairs:
+            text = self.engine.token_text(token_id)
+            out["tokens"].append(text)
+            out["text_offset"].append(offset)
+            offset += len(text)
+            if scored is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            out["token_logprobs"].append(_logprob(scored.logprob))
+            top = {self.engine.token_text(t): _logprob(lp) for t, lp in scored.top[: self.logprobs]}
+            top.setdefault(text, _logprob(scored.logprob))
+            out["top_logprobs"].append(top)
+        self.offsets[index] = offset
+        return out
+
+    def choice(self, job: Job, done: Completion) -> dict:
+        text, pairs = done.text, list(zip(done.token_ids, done.logprobs or [], strict=False))
+        if self.echo:
+            text = job.prompt_text + text
+            pairs = (
+                list(zip(job.prompt_ids, done.prompt_logprobs or [None] * len(job.prompt_ids), strict=True))
+                + pairs
+            )
+        logprobs = self._logprobs(job.index, pairs) if self.logprobs is not None else None
+        return {"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": done.finish_reason}
+
+    def opening(self, job: Job) -> list[dict]:
+        if self.echo and self.logprobs is None:  # with logprobs, the prompt goes out once it is scored
+            return [self._chunk(job, job.prompt_text)]
+        return []
+
+    def delta(self, job: Job, delta: Delta) -> list[dict]:
+        if delta.prompt_logprobs is not None:
+            if not self.echo:
+                return []
+            pairs = zip(job.prompt_ids, delta.prompt_logprobs, strict=True)
+            return [self._chunk(job, job.prompt_text, self._logprobs(job.index, pairs))]
+        logprobs = None
+        if self.logprobs is not None:
+            logprobs = self._logprobs(job.index, ((lp.token_id, lp) for lp in delta.logprobs))
+        return [self._chunk(job, delta.text, logprobs)]
+
+    def ending(self, job: Job, done: Completion) -> dict:
+        return self._chunk(job, "", None, done.finish_reason)
+
+    @staticmethod
+    def _chunk(job: Job, text: str, logprobs: dict | None = None, finish: str | None = None) -> dict:
+        return {"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+class ChatShape:
+    """Choices and stream chunks of /v1/chat/completions; logprobs in OpenAI's chat form."""
+
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def __init__(self, engine: Engine, logprobs: bool, top_logprobs: int):
+        self.engine, self.logprobs, self.top = engine, logprobs, top_logprobs
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text = self.engine.token_text(token_id)
+        return {"token": text, "logprob": _logprob(logprob), "bytes": list(text.encode())}
+
+    def _logprobs(self, scored) -> dict | None:
+        if not self.logprobs:
+            return None
+        content = [
+            self._entry(lp.token_id, lp.logprob)
+            | {"top_logprobs": [self._entry(t, v) for t, v in lp.top[: self.top]]}
+            for lp in scored
+        ]
+        return {"content": content}
+
+    def choice(self, job: Job, done: Completion) -> dict:
+        message = {"role": "assistant", "content": done.text}
+        return {"index": job.index, "message": message, "logprobs": self._logprobs(done.logprobs or []),
+                "finish_reason": done.finish_reason}  # fmt: skip
+
+    def opening(self, job: Job) -> list[dict]:
+        return [{"index": job.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                 "finish_reason": None}]  # fmt: skip
+
+    def delta(self, job: Job, delta: Delta) -> list[dict]:
+        if not delta.text and not (self.logprobs and delta.logprobs):
+            return []
+        return [{"index": job.index, "delta": {"content": delta.text}, "logprobs": self._logprobs(delta.logprobs),
+                 "finish_reason": None}]  # fmt: skip
+
+    def ending(self, job: Job, done: Completion) -> dict:
+        return {"index": job.index, "delta": {}, "logprobs": None, "finish_reason": done.finish_reason}
+
+
+READY = False  # set once this worker's model is loaded: GET /health answers 200 from then on
+
+
 @bentoml.asgi_app(openai_app, path="/v1")
 @bentoml.service(name="lmforge", traffic={"timeout": 300}, workers=1)
 class LMForge:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
+        global READY
         stored = self.model_ref
         self.tag = str(stored.tag)
         self.labels = dict(stored.info.labels)
@@ -294,12 +503,16 @@ class LMForge:
         self.engine = load_engine(
             stored.path, max_batch_size=MAX_BATCH_SIZE, threads=os.cpu_count(), on_batch=batch_sizes.observe
         )
+        self.chat_template = CHAT_TEMPLATE or self.engine.tokenizer.chat_template
         self.created = int(time.time())
+        READY = True
 
-    async def _prepare(self, prompt: str, params: SamplingParams) -> list[int]:
+    async def _prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         # Tokenizing a long prompt takes a while: off the event loop, so other requests keep flowing.
         # A short one takes microseconds, less than the hop to a thread.
-        if len(prompt) <= INLINE_ENCODE_CHARS:
+        if not isinstance(prompt, str):
+            ids = list(prompt)
+        elif len(prompt) <= INLINE_ENCODE_CHARS:
             ids = self.engine.encode(prompt)
         else:
             ids = await asyncio.to_thread(self.engine.encode, prompt)
@@ -383,73 +596,97 @@ class LMForge:
     async def completions(self, body: CompletionRequest):
         if problem := body.unsupported():
             return JSONResponse(_error_body(problem), status_code=400)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        jobs = []  # (choice index, prompt, prompt ids, params)
-        for p, prompt in enumerate(prompts):
-            ids = None  # one prompt, tokenized once for its n choices (they differ only in the seed)
+        # echo with logprobs scores the prompt, in the same prefill as the generation
+        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        jobs = []
+        for p, prompt in enumerate(body.prompts):
+            ids = None  # one prompt, tokenized once for its n choices
             for k in range(body.n):
-                params = SamplingParams(
-                    max_new_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                    top_k=max(body.top_k, 0), seed=None if body.seed is None else body.seed + k,
-                    stop=body.stop,
-                )  # fmt: skip
+                params = body.sampling(body.max_tokens, k, body.logprobs, prompt_logprobs)
                 ids = ids or await self._prepare(prompt, params)
-                jobs.append((p * body.n + k, prompt, ids, params))
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
-        head = {
-            "id": completion_id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.tag,
-        }
+                text = (
+                    prompt
+                    if isinstance(prompt, str)
+                    else self.engine.tokenizer.decode(ids)
+                    if body.echo
+                    else ""
+                )
+                jobs.append(Job(p * body.n + k, ids, params, text))
+        return await self._respond(jobs, CompletionShape(self.engine, body.echo, body.logprobs), body)
+
+    @openai_app.post("/chat/completions")
+    async def chat_completions(self, body: ChatRequest):
+        if problem := body.unsupported():
+            return JSONResponse(_error_body(problem), status_code=400)
+        prompt = self._render_chat(body.messages)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        jobs = []
+        for k in range(body.n):
+            params = body.sampling(body.budget, k, logprobs)
+            ids = jobs[0].prompt_ids if jobs else await self._prepare(prompt, params)
+            jobs.append(Job(k, ids, params))
+        return await self._respond(jobs, ChatShape(self.engine, body.logprobs, body.top_logprobs or 0), body)
+
+    def _render_chat(self, messages: list[ChatMessage]) -> str:
+        """The messages through the chat template (serve.chat_template, else the tokenizer's own)."""
+        if not self.chat_template:
+            raise GenerationError(
+                "this model has no chat template: set serve.chat_template in params.yaml (a Jinja template) "
+                "and package again, or use /v1/completions"
+            )
+        from jinja2 import TemplateError
+
+        try:
+            return self.engine.tokenizer.apply_chat_template(
+                [m.render() for m in messages], chat_template=self.chat_template, tokenize=False,
+                add_generation_prompt=True,
+            )  # fmt: skip
+        except (TemplateError, TypeError, ValueError) as exc:
+            raise GenerationError(f"messages: the chat template cannot render them ({exc})") from None
+
+    async def _respond(self, jobs: list[Job], shape, body: SamplingFields):
+        head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "object": shape.object,
+                "created": int(time.time()), "model": self.tag}  # fmt: skip
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(
-                self._stream(jobs, head, body.echo, include_usage, body.n),
+                self._stream(jobs, shape, head | {"object": shape.chunk_object}, body.include_usage, body.n),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        results = await asyncio.gather(*(self._complete(ids, params) for _, _, ids, params in jobs))
-        choices = [
-            {"index": index, "text": (prompt if body.echo else "") + done.text, "logprobs": None,
-             "finish_reason": done.finish_reason}
-            for (index, prompt, _, _), done in zip(jobs, results, strict=True)
-        ]  # fmt: skip
+        results = await asyncio.gather(*(self._complete(job.prompt_ids, job.params) for job in jobs))
+        choices = [shape.choice(job, done) for job, done in zip(jobs, results, strict=True)]
         return head | {"choices": choices, "usage": _usage(results, body.n)}
 
-    async def _stream(self, jobs, head: dict, echo: bool, include_usage: bool, n: int) -> AsyncIterator[str]:
+    async def _stream(
+        self, jobs: list[Job], shape, head: dict, include_usage: bool, n: int
+    ) -> AsyncIterator[str]:
         """Server-sent events in OpenAI's chunk format, every choice interleaved, then [DONE]."""
         merged: asyncio.Queue = asyncio.Queue()
 
-        async def pump(index: int, prompt: str, ids: list[int], params: SamplingParams) -> None:
+        async def pump(job: Job) -> None:
             try:
-                if echo:
-                    await merged.put((index, prompt))
-                async for event in _events(self.engine, ids, params):
-                    await merged.put((index, event))
+                async for event in _events(self.engine, job.prompt_ids, job.params):
+                    await merged.put((job, event))
             except Exception as exc:  # noqa: BLE001 - reported in the stream, not as a dropped socket
-                await merged.put((index, exc))
+                await merged.put((job, exc))
 
-        tasks = [asyncio.create_task(pump(*job)) for job in jobs]
+        for job in jobs:
+            for choice in shape.opening(job):
+                yield _sse(head | {"choices": [choice]})
+        tasks = [asyncio.create_task(pump(job)) for job in jobs]
         finished: list[Completion] = []
         try:
             while len(finished) < len(jobs):
-                index, event = await merged.get()
+                job, event = await merged.get()
                 if isinstance(event, BaseException):
                     yield _sse(_error_body(f"generation failed: {event}", "generation_error"))
                     finished.append(Completion("", 0, 0, "error"))
-                    continue
-                if isinstance(event, Completion):
+                elif isinstance(event, Completion):
                     finished.append(event)
-                    choice = {
-                        "index": index,
-                        "text": "",
-                        "logprobs": None,
-                        "finish_reason": event.finish_reason,
-                    }
+                    yield _sse(head | {"choices": [shape.ending(job, event)]})
                 else:
-                    choice = {"index": index, "text": event, "logprobs": None, "finish_reason": None}
-                yield _sse(head | {"choices": [choice]})
+                    for choice in shape.delta(job, event):
+                        yield _sse(head | {"choices": [choice]})
             if include_usage:
                 yield _sse(head | {"choices": [], "usage": _usage(finished, n)})
             yield "data: [DONE]\n\n"
@@ -469,5 +706,21 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, allow_nan=False)}\n\n"
 
 
+class Health:
+    """vLLM's GET /health: 200 with an empty body once the model is loaded, 503 before."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/health" and scope["method"] in ("GET", "HEAD"):
+            await send({"type": "http.response.start", "status": 200 if READY else 503,
+                        "headers": [(b"content-length", b"0")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await self.app(scope, receive, send)
+
+
 LMForge.add_asgi_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 LMForge.add_asgi_middleware(JsonOnly)
+LMForge.add_asgi_middleware(Health)

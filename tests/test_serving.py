@@ -229,6 +229,119 @@ def test_openai_client_completion_and_stream(server, bento):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == done.choices[0].finish_reason
 
 
+def test_openai_client_chat_streamed_and_not_agree_and_carry_logprobs(server, trained):
+    from openai import OpenAI
+
+    from pipeline.preprocess import PLAIN_CHAT_TEMPLATE
+
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    done = client.chat.completions.create(
+        model="lmforge",
+        messages=messages,
+        max_completion_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    choice = done.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    # the plain template the from-scratch tokenizer ships: the prompt is exactly its rendering
+    rendered = "System: Be brief.\n\nUser: the quick brown\n\nAssistant:"
+    assert "{{ message['role'] | capitalize }}" in PLAIN_CHAT_TEMPLATE
+    assert done.usage.prompt_tokens == post(server, "/tokenize", {"prompt": rendered}).json()["count"]
+    entries = choice.logprobs.content
+    assert len(entries) == done.usage.completion_tokens <= 12
+    assert "".join(e.token for e in entries) == choice.message.content
+    for e in entries:  # greedy: the chosen token is the likeliest
+        assert len(e.top_logprobs) == 2 and e.top_logprobs[0].token == e.token
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob) and e.logprob <= 0
+
+    chunks = list(
+        client.chat.completions.create(
+            model="lmforge", messages=messages, max_tokens=12, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == choice.finish_reason
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    assert chunks[-1].object == "chat.completion.chunk"
+
+    many = client.chat.completions.create(
+        model="lmforge", messages=messages, max_tokens=8, temperature=1.0, n=3, seed=5,
+        stop=[choice.message.content[3:5]],
+    )  # fmt: skip
+    again = client.chat.completions.create(
+        model="lmforge", messages=messages, max_tokens=8, temperature=1.0, n=3, seed=5,
+        stop=[choice.message.content[3:5]],
+    )  # fmt: skip
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert [c.message.content for c in many.choices] == [c.message.content for c in again.choices]
+    assert len({c.message.content for c in many.choices}) > 1  # the seed differs per choice
+    assert many.usage.prompt_tokens == done.usage.prompt_tokens
+
+
+def test_echo_with_logprobs_scores_the_prompt_exactly_and_token_prompts_work(server, trained):
+    """What evaluation harnesses do: echo + logprobs with max_tokens 0, prompts as text or token ids; the
+    logprobs are the model's teacher-forced ones, computed in this process."""
+    import torch
+    from openai import OpenAI
+    from transformers import AutoModelForCausalLM
+
+    ws, _ = trained
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    text = "the quick brown fox jumps over the lazy dog. a river of stone"
+    ids = post(server, "/tokenize", {"prompt": text}).json()["tokens"]
+    model = AutoModelForCausalLM.from_pretrained(ws.model_dir, use_safetensors=True).eval()
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    expected = [logp[j - 1, ids[j]].item() for j in range(1, len(ids))]
+
+    scored = client.completions.create(model="lmforge", prompt=text, max_tokens=0, echo=True, logprobs=1)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == text and "".join(lp.tokens) == text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == len(ids)
+    for j in range(1, len(ids)):  # the top-1 alternative, plus the token itself when it is not the top
+        best = logp[j - 1].argmax().item()
+        assert max(lp.top_logprobs[j].values()) == pytest.approx(logp[j - 1, best].item(), abs=1e-4)
+
+    # the same prompt as token ids, twice in one request, one continued: the batch scores both alike
+    both = post(server, "/v1/completions", {"prompt": [ids, ids], "max_tokens": 3, "echo": True,
+                                            "logprobs": 0, "temperature": 0}).json()  # fmt: skip
+    for choice in both["choices"]:
+        assert choice["text"].startswith(text) and len(choice["logprobs"]["tokens"]) == len(ids) + 3
+        assert choice["logprobs"]["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    # a prompt that fills the whole context can be scored (not continued)
+    full = (ids * 10)[:64]
+    filled = post(server, "/v1/completions", {"prompt": full, "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert filled.status_code == 200, filled.text
+    assert len(filled.json()["choices"][0]["logprobs"]["token_logprobs"]) == 64
+
+    # streamed echo: the scored prompt comes first, then the new tokens, with the same numbers
+    stream = client.completions.create(model="lmforge", prompt=text, max_tokens=4, echo=True, logprobs=2,
+                                       temperature=0, stream=True)  # fmt: skip
+    chunks = [c.choices[0] for c in stream if c.choices]
+    assert chunks[0].text == text and chunks[0].logprobs.token_logprobs[1:] == pytest.approx(
+        expected, abs=1e-4
+    )
+    whole = client.completions.create(
+        model="lmforge", prompt=text, max_tokens=4, echo=True, logprobs=2, temperature=0
+    )
+    assert "".join(c.text for c in chunks) == whole.choices[0].text
+    streamed_offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    assert streamed_offsets == whole.choices[0].logprobs.text_offset
+
+
+def test_health_answers_once_ready(server):
+    response = httpx.get(f"{server}/health", timeout=10)
+    assert (response.status_code, response.content) == (200, b"")
+
+
 def test_tokenize_detokenize_predict_and_usage(server):
     """vLLM's /tokenize and /detokenize, the minimal /predict, the model card's context, and usage that
     counts a prompt once however many choices it has."""
@@ -251,17 +364,34 @@ def test_tokenize_detokenize_predict_and_usage(server):
     assert done["usage"]["completion_tokens"] > 6  # the three choices' tokens together
 
 
-def test_top_k_works_and_unsupported_extras_are_named(server):
-    greedy = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "temperature": 0}).json()
-    top1 = {"prompt": PROMPT, "max_tokens": 12, "temperature": 1.5, "top_k": 1, "seed": 3}
-    assert post(server, "/v1/completions", top1).json()["choices"][0]["text"] == greedy["choices"][0]["text"]
-    for field, value in (("min_p", 0.1), ("repetition_penalty", 1.2), ("logit_bias", {"5": -100}),
-                         ("stop_token_ids", [3]), ("ignore_eos", True)):  # fmt: skip
-        refused = post(server, "/v1/completions", {"prompt": PROMPT, field: value})
-        assert refused.status_code == 400 and f"{field} is not supported" in refused.text, (
-            field,
-            refused.text,
-        )
+def test_vllm_sampling_extras_work_and_unsupported_fields_are_named(server):
+    def complete(**extra) -> dict:
+        body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0} | extra
+        response = post(server, "/v1/completions", body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]
+
+    greedy = complete()
+    ids = post(server, "/tokenize", {"prompt": greedy["text"]}).json()["tokens"]
+    assert complete(temperature=1.5, top_k=1, seed=3)["text"] == greedy["text"]
+    assert complete(temperature=1.5, min_p=1.0, seed=3)["text"] == greedy["text"]
+    forced = post(server, "/tokenize", {"prompt": " the"}).json()["tokens"][0]
+    assert set(complete(logit_bias={str(forced): 100})["text"].split()) == {"the"}
+    assert complete(logit_bias={str(ids[0]): -100})["text"] != greedy["text"]
+    stopped = complete(stop_token_ids=[ids[2]])
+    assert stopped["finish_reason"] == "stop" and greedy["text"].startswith(stopped["text"])
+    assert len(stopped["text"]) < len(greedy["text"])
+    assert (
+        complete(repetition_penalty=2.0, frequency_penalty=1.5, presence_penalty=1.0)["text"]
+        != greedy["text"]
+    )
+    assert complete(ignore_eos=True, max_tokens=20)["finish_reason"] == "length"
+    for body, phrase in (
+        ({"suffix": "x"}, "suffix is not supported"),
+        ({"best_of": 3}, "best_of is not supported"),
+    ):
+        refused = post(server, "/v1/completions", {"prompt": PROMPT} | body)
+        assert refused.status_code == 400 and phrase in refused.text, refused.text
 
 
 def test_stream_ends_with_done_in_openai_format(server):
@@ -302,9 +432,41 @@ BAD_REQUESTS = [
     ("/v1/completions", b'{"prompt": "the", "temperature": NaN}', 400, "temperature"),
     ("/v1/completions", {"prompt": "the", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "the", "top_p": 2}, 400, "top_p"),
-    ("/v1/completions", {"prompt": "the", "logprobs": 3}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "the", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "the", "n": 100}, 400, "n"),
-    ("/v1/completions", {"prompt": "the", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "the", "stop": [f"s{i}" for i in range(257)]}, 400, "at most 256 stop"),
+    ("/v1/completions", {"prompt": [5, 10**6]}, 400, "1000000 is not in the vocabulary"),
+    ("/v1/completions", {"prompt": [[5, 6], []]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [5] * 64}, 400, "context"),
+    ("/v1/completions", {"prompt": "the", "max_tokens": 0}, 400, "only for scoring"),
+    ("/v1/completions", {"prompt": "the", "logit_bias": {"99999": 5}}, 400, "logit_bias: token id 99999"),
+    ("/v1/completions", {"prompt": "the", "logit_bias": {"5": 500}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "the", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "the", "presence_penalty": 3}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "the", "min_p": 1.5}, 400, "min_p"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "text",
+    ),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": {"a": 1}}]}, 400, "content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 300}]}, 400, "context"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{}]}, 400, "tools"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+        400,
+        "needs logprobs",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 49},
+        400,
+        "at most 48",
+    ),
     ("/generate", b'{"prompt": "' + b"a" * (2 << 20) + b'"}', 413, "larger than"),
     ("/v1/completions", b'{"prompt": "' + b"a" * (2 << 20) + b'"}', 413, "larger than"),
 ]
