@@ -309,6 +309,8 @@ def test_echo_with_logprobs_scores_the_prompt_exactly_and_token_prompts_work(ser
     for j in range(1, len(ids)):  # the top-1 alternative, plus the token itself when it is not the top
         best = logp[j - 1].argmax().item()
         assert max(lp.top_logprobs[j].values()) == pytest.approx(logp[j - 1, best].item(), abs=1e-4)
+        assert lp.top_logprobs[j][lp.tokens[j]] == pytest.approx(lp.token_logprobs[j])
+    assert any(len(top) == 2 for top in lp.top_logprobs[1:])  # some prompt token is not the model's top
 
     # the same prompt as token ids, twice in one request, one continued: the batch scores both alike
     both = post(server, "/v1/completions", {"prompt": [ids, ids], "max_tokens": 3, "echo": True,
