@@ -66,7 +66,12 @@ def assert_service_works(served: Served) -> None:
 def assert_sound(response: httpx.Response, path: str) -> None:
     """Never a 5xx; a 200 carries a whole answer, not an error in disguise."""
     assert 200 <= response.status_code < 500, (response.status_code, response.text[:500])
-    if response.status_code != 200 or path not in ("/generate", "/v1/completions", "/v1/models"):
+    if response.status_code != 200 or path not in (
+        "/generate",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+    ):
         return
     if path == "/v1/models":
         assert response.json()["data"][0]["id"], response.text[:500]
@@ -139,13 +144,72 @@ COMPLETION_FIELDS = {
     "stop": stops,
     "seed": st.integers(0, 2**63 - 1),
     "echo": st.booleans(),
-    "logprobs": st.sampled_from([None, 0]),
+    "logprobs": st.one_of(st.none(), st.integers(0, 5)),
     "suffix": st.sampled_from([None, ""]),
     "best_of": st.none(),
-    "presence_penalty": st.just(0.0),
-    "frequency_penalty": st.just(0.0),
     "user": texts,
 }
+# token ids near and past the vocabulary's ends (the test model's is a few hundred)
+token_ids = st.lists(
+    st.one_of(st.integers(0, 300), st.sampled_from([-1, 10**6, 2**63])), min_size=1, max_size=8
+)
+SAMPLING_FIELDS = {
+    "presence_penalty": st.floats(-2, 2),
+    "frequency_penalty": st.floats(-2, 2),
+    "repetition_penalty": st.floats(0.5, 3),
+    "min_p": st.floats(0, 1),
+    "top_k": st.integers(-1, 400),
+    "logit_bias": st.dictionaries(st.integers(-5, 400).map(str), st.floats(-100, 100), max_size=4),
+    "stop_token_ids": token_ids,
+    "ignore_eos": st.booleans(),
+}
+COMPLETION_FIELDS |= SAMPLING_FIELDS | {
+    "prompt": st.one_of(
+        short_prompts,
+        st.lists(short_prompts, min_size=1, max_size=4),
+        token_ids,
+        st.lists(token_ids, max_size=3),
+    ),
+    "max_tokens": st.integers(0, 4),
+}
+
+
+def chat_messages(roles: list[str], contents: st.SearchStrategy) -> st.SearchStrategy:
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(roles), "content": contents}, optional={"name": plain_texts}
+    )
+    return st.lists(message, min_size=1, max_size=4)
+
+
+text_parts = st.lists(
+    st.fixed_dictionaries({"type": st.just("text"), "text": plain_texts}), min_size=1, max_size=3
+)
+messages = chat_messages(["system", "developer", "user", "assistant"], st.one_of(plain_texts, text_parts))
+# wrong roles, content that is not text, huge content, nested junk: each must be a 4xx
+hostile_messages = st.one_of(
+    chat_messages(["tool", "function", "", "USER", "ipython"], plain_texts),
+    chat_messages(["user"], st.lists(st.fixed_dictionaries(
+        {"type": st.sampled_from(["image_url", "input_audio", "file"]), "image_url": texts}), min_size=1)),
+    chat_messages(["user"], st.one_of(st.just("hi " * 5000), st.just("\ud800"), values)),
+    st.lists(values, max_size=3),
+)  # fmt: skip
+CHAT_FIELDS = {
+    "model": texts,
+    "messages": messages,
+    "max_tokens": st.integers(1, 4),
+    "max_completion_tokens": st.integers(1, 4),
+    "temperature": st.floats(0, 2),
+    "top_p": st.floats(0, 1, exclude_min=True),
+    "n": st.integers(1, 4),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
+    "stop": stops,
+    "seed": st.integers(0, 2**63 - 1),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(0, 5),
+    "tools": st.sampled_from([None, []]),
+    "response_format": st.sampled_from([None, {"type": "text"}, {"type": "json_object"}]),
+} | SAMPLING_FIELDS
 
 
 @st.composite
@@ -153,7 +217,7 @@ def bodies(draw, fields: dict[str, st.SearchStrategy]) -> dict:
     """A plausible body (prompt and a small token budget always, other fields sometimes), then up to two
     of its fields replaced by anything at all, and sometimes unknown keys: each hostile value meets its
     validator."""
-    always = ("prompt", "max_new_tokens", "max_tokens")
+    always = ("prompt", "messages", "max_new_tokens", "max_tokens")
     body = {k: draw(v) for k, v in fields.items() if k in always or draw(st.booleans())}
     for key in draw(st.lists(st.sampled_from(sorted(fields)), max_size=2, unique=True)):
         body[key] = draw(values)
@@ -178,7 +242,8 @@ CONTENT_TYPES = [
     "application/octet-stream", "application/xml", "APPLICATION/JSON", "application/json, text/plain",
 ]  # fmt: skip
 METHODS = ["GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "PROPFIND", "FOO"]
-PATHS = ["/generate", "/v1/completions", "/v1/models"]
+PATHS = ["/generate", "/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
+         "/predict", "/health"]  # fmt: skip
 content_types = st.sampled_from(CONTENT_TYPES).map(lambda ct: {"content-type": ct} if ct else {})
 
 
@@ -195,12 +260,22 @@ json_requests = st.one_of(
     st.builds(
         Req, st.just("POST"), st.just("/v1/completions"), encoded(bodies(COMPLETION_FIELDS)), st.just(JSON)
     ),
+    st.builds(
+        Req, st.just("POST"), st.just("/v1/chat/completions"), encoded(bodies(CHAT_FIELDS)), st.just(JSON)
+    ),
+    st.builds(
+        Req,
+        st.just("POST"),
+        st.just("/v1/chat/completions"),
+        encoded(bodies(CHAT_FIELDS | {"messages": hostile_messages})),
+        st.just(JSON),
+    ),  # fmt: skip
 )
 
 
 @st.composite
 def malformed_json(draw) -> bytes:
-    good = draw(encoded(bodies(COMPLETION_FIELDS | GENERATE_FIELDS)))
+    good = draw(encoded(bodies(COMPLETION_FIELDS | GENERATE_FIELDS | CHAT_FIELDS)))
     return draw(
         st.one_of(
             st.binary(max_size=200),
@@ -242,9 +317,13 @@ def huge_bodies(draw) -> Req:
     """A prompt of one repeated character (or escape) sized to land just below or above the body limit."""
     unit = draw(st.sampled_from(["a", "é", "\\u0000", "\\ud800", "the ", "\U0001f600"]))
     size = draw(st.integers(MAX_BODY_BYTES - 2000, MAX_BODY_BYTES + 2000))
-    head = b'{"max_tokens": 2, "max_new_tokens": 2, "prompt": "'
-    filler = unit.encode() * ((size - len(head) - 2) // len(unit.encode()))
-    return Req("POST", draw(st.sampled_from(PATHS[:2])), head + filler + b'"}', JSON)
+    path = draw(st.sampled_from(PATHS[:3]))
+    if path == "/v1/chat/completions":
+        head, tail = b'{"max_tokens": 2, "messages": [{"role": "user", "content": "', b'"}]}'
+    else:
+        head, tail = b'{"max_tokens": 2, "max_new_tokens": 2, "prompt": "', b'"}'
+    filler = unit.encode() * ((size - len(head) - len(tail)) // len(unit.encode()))
+    return Req("POST", path, head + filler + tail, JSON)
 
 
 FUZZ_SETTINGS = dict(
@@ -266,7 +345,7 @@ def test_fuzzed_hostile_requests_never_get_a_5xx(served):
         statuses[(route, response.status_code)] += 1
         assert_sound(response, route)
 
-    @settings(max_examples=700, **FUZZ_SETTINGS)
+    @settings(max_examples=1000, **FUZZ_SETTINGS)
     @given(json_requests)
     def fuzz_fields(req: Req) -> None:
         send(req)
@@ -276,7 +355,7 @@ def test_fuzzed_hostile_requests_never_get_a_5xx(served):
     def fuzz_shapes(req: Req) -> None:
         send(req)
 
-    @settings(max_examples=6, **FUZZ_SETTINGS)
+    @settings(max_examples=9, **FUZZ_SETTINGS)
     @given(huge_bodies())
     def fuzz_huge(req: Req) -> None:
         send(req)
@@ -296,7 +375,7 @@ def test_fuzzed_hostile_requests_never_get_a_5xx(served):
     print(f"fuzz: by route and status {dict(sorted(statuses.items()))}")
     assert sent >= 1000
     # the fuzz reached the model, and the validation, on every generating route
-    for path in ("/generate", "/v1/completions"):
+    for path in ("/generate", "/v1/completions", "/v1/chat/completions"):
         assert statuses[(path, 200)] >= 20 and statuses[(path, 400)] >= 20, statuses
     assert statuses[("/v1/models", 200)] >= 20 and by_status[413] >= 1 and by_status[415] >= 1
     assert_service_works(served)
