@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from pipeline.config import Workspace, load_params, write_overrides
@@ -524,3 +526,140 @@ def test_sixteen_concurrent_clients_are_batched(server):
     batches, requests = batch_metric(server)
     assert requests - requests_before == 16
     assert batches - batches_before < 16, "every request ran alone: nothing was batched"
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-evaluation-harness, a real client: `lm_eval --model local-completions` against the served model
+
+LM_EVAL_TASKS = {
+    "lmforge_mc": {
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "label",
+        "metric_list": [{"metric": "acc"}],
+    },
+    "lmforge_ppl": {
+        "output_type": "loglikelihood_rolling",
+        "doc_to_text": "",
+        "doc_to_target": "{{text}}",
+        "metric_list": [
+            {"metric": "word_perplexity"},
+            {"metric": "byte_perplexity"},
+            {"metric": "bits_per_byte"},
+        ],
+    },
+    "lmforge_gen": {
+        "output_type": "generate_until",
+        "doc_to_text": "{{question}}",
+        "doc_to_target": "{{answer}}",
+        "generation_kwargs": {
+            "until": ["\n\n", " lazy"],
+            "do_sample": False,
+            "temperature": 0.0,
+            "max_gen_toks": 24,
+        },
+        "metric_list": [{"metric": "exact_match"}],
+    },
+}
+
+
+def write_lm_eval_tasks(root: Path, ppl_docs: list[str]) -> Path:
+    import yaml
+
+    docs = {
+        "lmforge_mc": [
+            {
+                "question": "the quick brown",
+                "choices": [" fox jumps", " stone light", " model data"],
+                "label": 0,
+            },
+            {"question": "the lazy", "choices": [" dog .", " river .", " token ."], "label": 0},
+            {"question": "the data shard", "choices": [" train loss", " the quick", " value ."], "label": 1},
+        ],
+        "lmforge_ppl": [{"text": t} for t in ppl_docs],
+        "lmforge_gen": [
+            {"question": "the quick brown fox", "answer": "jumps"},
+            {"question": "the model", "answer": "data"},
+        ],
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, task in LM_EVAL_TASKS.items():
+        data = root / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in docs[name]))
+        spec = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+                "test_split": "test", **task}  # fmt: skip
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    return root
+
+
+def test_lm_evaluation_harness_runs_against_the_server(server, trained, tmp_path):
+    """Three local tasks through `lm_eval --model local-completions` (token-id prompts, echo + logprobs,
+    stop strings with EOS added): the numbers are the model's own, computed here in process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.train import mean_loss
+
+    ws, _ = trained
+    tokenizer = AutoTokenizer.from_pretrained(ws.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(ws.model_dir, use_safetensors=True).eval()
+    # rolling-perplexity documents that fit one window each (EOS + the text within the 64-token context)
+    corpus = [json.loads(line)["text"] for line in (ws.data / "docs.jsonl").read_text().splitlines()[-3:]]
+    ppl_docs = [tokenizer.decode(tokenizer(t)["input_ids"][:40]).rsplit(" ", 1)[0] for t in corpus]
+    tasks = write_lm_eval_tasks(tmp_path / "tasks", ppl_docs)
+    args = (f"model=lmforge,base_url={server}/v1/completions,tokenizer={ws.model_dir},tokenizer_backend=huggingface,"
+            "max_length=64,num_concurrent=1,max_retries=1,tokenized_requests=True")  # fmt: skip
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    run = subprocess.run(
+        [BIN / "lm_eval", "run", "--model", "local-completions", "--model_args", args, "--batch_size", "4",
+         "--include_path", str(tasks), "--tasks", ",".join(LM_EVAL_TASKS), "--output_path", str(tmp_path / "out"),
+         "--log_samples"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    print(run.stdout[-1500:])
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    results = json.loads(results_file.read_text())["results"]
+
+    def samples(task: str) -> list[dict]:
+        (path,) = (tmp_path / "out").rglob(f"samples_{task}_*.jsonl")
+        return sorted((json.loads(line) for line in path.read_text().splitlines()), key=lambda s: s["doc_id"])
+
+    # rolling perplexity: lmforge's evaluation (mean_loss over windows of EOS + the document's tokens)
+    eos = tokenizer.eos_token_id
+    total_ll, total_tokens = 0.0, 0
+    for doc in ppl_docs:
+        window = torch.tensor([[eos, *tokenizer(doc)["input_ids"]]])
+        loss, count = mean_loss(model, window, 1, torch.device("cpu"))
+        total_ll, total_tokens = total_ll - loss * count, total_tokens + count
+    harness_ll = sum(float(np.ravel(s["filtered_resps"])[0]) for s in samples("lmforge_ppl"))
+    lmforge_ppl, harness_ppl = math.exp(-total_ll / total_tokens), math.exp(-harness_ll / total_tokens)
+    assert harness_ppl == pytest.approx(lmforge_ppl, rel=0.01), (harness_ppl, lmforge_ppl)
+    words = sum(len(d.split()) for d in ppl_docs)
+    assert results["lmforge_ppl"]["word_perplexity,none"] == pytest.approx(
+        math.exp(-total_ll / words), rel=0.01
+    )
+
+    # multiple choice: each choice's log-likelihood and greedy flag, as the model gives them
+    for sample in samples("lmforge_mc"):
+        context = tokenizer(sample["doc"]["question"])["input_ids"]
+        for choice, (ll, greedy) in zip(sample["doc"]["choices"], sample["filtered_resps"], strict=True):
+            # the harness joins context and choice with its default target_delimiter, a space
+            cont = tokenizer(sample["doc"]["question"] + " " + choice)["input_ids"][len(context) :]
+            with torch.inference_mode():
+                logp = torch.log_softmax(
+                    model(input_ids=torch.tensor([context + cont])).logits[0].float(), -1
+                )
+            picks = logp[len(context) - 1 : -1]
+            expected = float(picks.gather(1, torch.tensor(cont).unsqueeze(1)).sum())
+            assert float(ll) == pytest.approx(expected, abs=1e-3), (choice, ll, expected)
+            assert greedy == str(bool((picks.argmax(-1) == torch.tensor(cont)).all()))
+    assert 0 <= results["lmforge_mc"]["acc,none"] <= 1
+
+    # generate_until: the server cut the text at the first stop string (the harness does not)
+    for sample in samples("lmforge_gen"):
+        generated = sample["resps"][0][0]
+        direct = post(server, "/v1/completions", {"prompt": sample["doc"]["question"], "max_tokens": 24,
+                                                  "temperature": 0, "stop": ["\n\n", " lazy"]}).json()  # fmt: skip
+        assert generated == direct["choices"][0]["text"] and " lazy" not in generated
