@@ -663,3 +663,42 @@ def test_lm_evaluation_harness_runs_against_the_server(server, trained, tmp_path
         direct = post(server, "/v1/completions", {"prompt": sample["doc"]["question"], "max_tokens": 24,
                                                   "temperature": 0, "stop": ["\n\n", " lazy"]}).json()  # fmt: skip
         assert generated == direct["choices"][0]["text"] and " lazy" not in generated
+
+
+def test_chat_template_sources_and_a_model_without_one(trained, tmp_path):
+    """serve.chat_template (a file or the template) overrides the tokenizer's; a tokenizer without a template
+    and no setting gives chat a clear error (the routes turn it into a 400, as for every GenerationError)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from pipeline.generation import GenerationError
+    from pipeline.package import PackageError, chat_template
+    from pipeline.service import ChatMessage, LMForge
+
+    ws, _ = trained
+    (tmp_path / "chat.jinja").write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    )
+    assert chat_template("chat.jinja", tmp_path).startswith("{% for m in messages %}<")
+    assert chat_template("{{ messages[0]['content'] }}", tmp_path) == "{{ messages[0]['content'] }}"
+    assert chat_template(None, tmp_path) is None
+    with pytest.raises(PackageError, match="neither a file nor a Jinja template"):
+        chat_template("missing.jinja", tmp_path)
+
+    tokenizer = AutoTokenizer.from_pretrained(ws.model_dir)
+    messages = [ChatMessage(role="user", content="hi")]
+    render = LMForge.inner._render_chat
+    plain = SimpleNamespace(
+        engine=SimpleNamespace(tokenizer=tokenizer), chat_template=tokenizer.chat_template
+    )
+    assert render(plain, messages) == "User: hi\n\nAssistant:"
+    custom = SimpleNamespace(engine=plain.engine, chat_template=chat_template("chat.jinja", tmp_path))
+    assert render(custom, messages) == "<user>hi"
+    strict = SimpleNamespace(engine=plain.engine, chat_template="{{ raise_exception('only users here') }}")
+    with pytest.raises(GenerationError, match="only users here"):
+        render(strict, messages)
+    tokenizer.chat_template = None
+    bare = SimpleNamespace(engine=plain.engine, chat_template=tokenizer.chat_template)
+    with pytest.raises(GenerationError, match="this model has no chat template: set serve.chat_template"):
+        render(bare, messages)
