@@ -601,6 +601,15 @@ def _http_first_token(client, url: str, prompt: str, max_new_tokens: int) -> flo
     return first
 
 
+def _http_score(client, url: str, windows: torch.Tensor) -> float:
+    body = {"prompt": windows.tolist(), "max_tokens": 0, "echo": True, "logprobs": 1}
+    start = time.perf_counter()
+    response = client.post(f"{url}/v1/completions", json=body, timeout=600)
+    response.raise_for_status()
+    assert len(response.json()["choices"]) == windows.shape[0]
+    return time.perf_counter() - start
+
+
 def _aggregate(url: str, clients: int, requests_each: int, max_new_tokens: int) -> tuple[int, float]:
     """(completion tokens, wall seconds) of `clients` clients each sending requests one after another."""
     from concurrent.futures import ThreadPoolExecutor
@@ -633,6 +642,8 @@ def bench_serve(b: Bench) -> dict:
     from pipeline.generation import context_length
     from pipeline.model import load_model
     from pipeline.package import use_bentoml_home
+    from pipeline.preprocess import load_shard
+    from pipeline.train import fixed_windows
 
     ws, params = b.ws, b.params
     use_bentoml_home(ws.state)  # unless the caller chose a store, the bench's own
@@ -676,6 +687,25 @@ def bench_serve(b: Bench) -> dict:
     direct_first = [generate(PROMPTS[i], 1)[1] for i in range(repeats)]
     torch.set_num_threads(threads)
 
+    # prompt scoring, as evaluation harnesses do it: full-context windows of val tokens, one batch
+    windows = fixed_windows(
+        load_shard(ws.shards_dir, "val"), context_length(model), params.serve.max_batch_size
+    )
+
+    def score_in_process() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            batch = windows.to(device)
+            logp = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), -1)
+            logp.gather(2, batch[:, 1:].unsqueeze(2)).tolist(), logp.topk(1, dim=-1).values.tolist()
+        return time.perf_counter() - start
+
+    b.log("serve: teacher-forced scoring in-process")
+    torch.set_num_threads(os.cpu_count() or 1)
+    score_in_process()  # warm-up
+    direct_score = [score_in_process() for _ in range(repeats)]
+    torch.set_num_threads(threads)
+
     b.log(f"serve: bentoml serve {tag}")
     proc, url = _start_bento(tag)
     try:
@@ -683,6 +713,8 @@ def bench_serve(b: Bench) -> dict:
             _http_generate(session, url, PROMPTS[0], new)  # warm-up
             http = [_http_generate(session, url, PROMPTS[i], new) for i in range(repeats)]
             first = [_http_first_token(session, url, PROMPTS[i], new) for i in range(repeats)]
+            _http_score(session, url, windows)  # warm-up
+            http_score = [_http_score(session, url, windows) for _ in range(repeats)]
         concurrent = {c: _aggregate(url, c, 1 if b.quick else 3, new) for c in (1, 4, 16)}
     finally:
         _stop(proc)
@@ -696,7 +728,15 @@ def bench_serve(b: Bench) -> dict:
         return sum(t for t, _ in runs), sum(s for _, s in runs)
 
     one = side("1 client over HTTP", concurrent[1][0], "tokens", concurrent[1][1])
+    scored = repeats * windows.shape[0] * (windows.shape[1] - 1)
     return {
+        "score": figure(
+            "serve: prompt scoring tokens/s (echo + logprobs, max_tokens 0)",
+            side("POST /v1/completions, token-id prompts", scored, "tokens", sum(http_score)),
+            side("teacher-forced forward + log-softmax, in-process", scored, "tokens", sum(direct_score)),
+            ("ratio", ">=", 0.8),
+            note=f"{repeats} requests of {windows.shape[0]} prompts x {windows.shape[1]} tokens; logprobs 1",
+        ),
         "decode": figure(
             "serve: single-stream tokens/s",
             side("POST /generate, greedy", total(http)[0], "tokens", total(http)[1]),

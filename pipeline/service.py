@@ -1,5 +1,6 @@
-"""The Bento service: `POST /generate`, OpenAI-compatible `POST /v1/completions` and `GET /v1/models`,
-plus vLLM's `POST /tokenize` and `/detokenize`, and the minimal `POST /predict`.
+"""The Bento service: `POST /generate`; OpenAI-compatible `POST /v1/completions` (logprobs, echo scoring,
+token-id prompts), `POST /v1/chat/completions` and `GET /v1/models`, answered in vLLM's shapes; vLLM's
+`POST /tokenize`, `/detokenize` and `GET /health`; and the minimal `POST /predict`.
 
 BentoML 1.4 provides /readyz, /livez and Prometheus /metrics. Each worker loads the model once (from
 the BentoML model store, safetensors only) into a batching Engine (pipeline/generation.py), so

@@ -53,7 +53,7 @@ def test_sections_ran_and_the_machine_is_recorded(results):
     assert machine["torch"] and machine["date"]
     expected = {
         "preprocess.encode", "train.tokens_per_s", "train.mfu", "train.bare_mfu",
-        "serve.decode", "serve.first_token", "serve.clients_4", "serve.clients_16",
+        "serve.score", "serve.decode", "serve.first_token", "serve.clients_4", "serve.clients_16",
         "validate.throughput", "validate.peak_rss", "validate.preprocess_rss",
     }  # fmt: skip
     assert expected <= set(figures(data))
