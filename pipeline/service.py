@@ -656,7 +656,8 @@ class LMForge:
             )
         results = await asyncio.gather(*(self._complete(job.prompt_ids, job.params) for job in jobs))
         choices = [shape.choice(job, done) for job, done in zip(jobs, results, strict=True)]
-        return head | {"choices": choices, "usage": _usage(results, body.n)}
+        # a JSONResponse, not a dict: FastAPI's jsonable_encoder walks every logprob entry of a dict
+        return JSONResponse(head | {"choices": choices, "usage": _usage(results, body.n)})
 
     async def _stream(
         self, jobs: list[Job], shape, head: dict, include_usage: bool, n: int
