@@ -702,3 +702,25 @@ def test_chat_template_sources_and_a_model_without_one(trained, tmp_path):
     bare = SimpleNamespace(engine=plain.engine, chat_template=tokenizer.chat_template)
     with pytest.raises(GenerationError, match="this model has no chat template: set serve.chat_template"):
         render(bare, messages)
+
+
+def test_a_model_without_a_chat_template_answers_chat_with_a_clear_400(trained, tmp_path):
+    """The same model packaged with its tokenizer's template removed and no serve.chat_template."""
+    from pipeline.package import package
+
+    ws, params = trained
+    root = tmp_path / "ws"
+    shutil.copytree(ws.root, root, ignore=shutil.ignore_patterns(".lmforge"))
+    bare = Workspace(root)
+    (bare.model_dir / "chat_template.jinja").unlink()
+    config = json.loads((bare.model_dir / "tokenizer_config.json").read_text())
+    assert "chat_template" not in config
+    bento = package(bare, params, data_md5="0123456789abcdef0123456789abcdef.dir")
+    proc, url = serve_bento(bento["bento_tag"], tmp_path / "bentoml-serve.log")
+    try:
+        chat = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400, chat.text
+        assert "this model has no chat template: set serve.chat_template" in chat.json()["error"]["message"]
+        assert post(url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+    finally:
+        stop_group(proc)
