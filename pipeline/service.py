@@ -597,8 +597,11 @@ class LMForge:
     async def completions(self, body: CompletionRequest):
         if problem := body.unsupported():
             return JSONResponse(_error_body(problem), status_code=400)
-        # echo with logprobs scores the prompt, in the same prefill as the generation
-        prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+        # echo with logprobs scores the prompt, in the same prefill as the generation; echo with
+        # max_tokens 0 and no logprobs is a scoring request too (it only shows the prompt back)
+        prompt_logprobs = None
+        if body.echo and (body.logprobs is not None or body.max_tokens == 0):
+            prompt_logprobs = body.logprobs or 0
         jobs = []
         for p, prompt in enumerate(body.prompts):
             ids = None  # one prompt, tokenized once for its n choices

@@ -320,6 +320,11 @@ def test_echo_with_logprobs_scores_the_prompt_exactly_and_token_prompts_work(ser
     for choice in both["choices"]:
         assert choice["text"].startswith(text) and len(choice["logprobs"]["tokens"]) == len(ids) + 3
         assert choice["logprobs"]["token_logprobs"][1 : len(ids)] == pytest.approx(expected, abs=1e-4)
+    # echo with max_tokens 0 and no logprobs shows the prompt back, logprobs null
+    shown = post(server, "/v1/completions", {"prompt": text, "max_tokens": 0, "echo": True}).json()[
+        "choices"
+    ][0]
+    assert (shown["text"], shown["logprobs"], shown["finish_reason"]) == (text, None, "length")
     # a prompt that fills the whole context can be scored (not continued)
     full = (ids * 10)[:64]
     filled = post(server, "/v1/completions", {"prompt": full, "max_tokens": 0, "echo": True, "logprobs": 0})
