@@ -710,7 +710,8 @@ def test_chat_template_sources_and_a_model_without_one(trained, tmp_path):
 
 
 def test_a_model_without_a_chat_template_answers_chat_with_a_clear_400(trained, tmp_path):
-    """The same model packaged with its tokenizer's template removed and no serve.chat_template."""
+    """The same model packaged with its tokenizer's template removed: no serve.chat_template gives a 400, and
+    serve.chat_template set in params gives chat with that template."""
     from pipeline.package import package
 
     ws, params = trained
@@ -727,5 +728,24 @@ def test_a_model_without_a_chat_template_answers_chat_with_a_clear_400(trained, 
         assert chat.status_code == 400, chat.text
         assert "this model has no chat template: set serve.chat_template" in chat.json()["error"]["message"]
         assert post(url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+    finally:
+        stop_group(proc)
+
+    # serve.chat_template, a file in the workspace, travels in the Bento and gives the same model chat
+    (root / "chat.jinja").write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}>"
+    )
+    templated = params.model_copy(
+        update={"serve": params.serve.model_copy(update={"chat_template": "chat.jinja"})}
+    )
+    bento = package(bare, templated, data_md5="0123456789abcdef0123456789abcdef.dir")
+    proc, url = serve_bento(bento["bento_tag"], tmp_path / "bentoml-serve-templated.log")
+    try:
+        chat = post(
+            url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        )
+        assert chat.status_code == 200, chat.text
+        expected = post(url, "/tokenize", {"prompt": "[user] hi\n>"}).json()["count"]
+        assert chat.json()["usage"]["prompt_tokens"] == expected
     finally:
         stop_group(proc)
