@@ -10,11 +10,21 @@ TORCH_WHEELS ?= /opt/wheels
 TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 UV_INSTALL   := $(BIN)/uv pip install --python $(BIN)/python $(TORCH_SOURCE)
 
-.PHONY: demo test install lock clean browser
+.PHONY: demo test install lock clean browser record
 
 demo: $(STAMP)
 	$(BIN)/lmforge up
 	$(BIN)/lmforge run --source builtin
+
+# The run record in git (dvc.lock, data.dvc and the small outputs) from `make demo` in a fresh clone of
+# HEAD: commit the code first, then `make record`, then commit what it copied here.
+RECORD := .record
+record:
+	rm -rf $(RECORD) && git clone -q . $(RECORD)
+	$(MAKE) -C $(RECORD) demo; status=$$?; cd $(RECORD) && .venv/bin/lmforge down; exit $$status
+	cd $(RECORD) && git ls-files --others --modified --exclude-standard | grep -E '^(dvc\.lock|data\.dvc|artifacts/)' \
+	  | xargs cp --parents -t $(CURDIR)
+	rm -rf $(RECORD)
 
 test: $(STAMP) browser
 	$(BIN)/ruff check .

@@ -87,3 +87,30 @@ def lineage(record: dict) -> None:
         key="lineage",
         description="Lineage of the promoted model",
     )
+
+
+COMPARED = ["val_perplexity", "test_perplexity", "bigram_val_perplexity", "val_contamination", "test_contamination",
+            "train_tokens_per_s"]  # fmt: skip
+
+
+def comparison(ws: Workspace, decision: dict) -> None:
+    """Challenger against champion: the metrics side by side and both loss curves in one picture."""
+    from pipeline.evaluate import plot_curves, read_curve
+
+    challenger, champion = decision["challenger"], decision.get("champion") or {}
+    theirs = champion.get("metrics") or {}
+    rows = ["| metric | challenger | champion |", "|---|---|---|"]
+    rows += [f"| {key} | {challenger.get(key, '—')} | {theirs.get(key, '—')} |" for key in COMPARED]
+    curves = {"challenger": read_curve(ws.eval_dir)}
+    if champion.get("loss_curve"):
+        curves["champion"] = champion["loss_curve"]
+    png = ws.eval_dir / "comparison.png"
+    plot_curves(curves, png, "challenger against champion")
+    data = base64.b64encode(png.read_bytes()).decode()
+    png.unlink()  # a picture for the UI only: not a DVC out
+    head = f"# Challenger against champion `{champion.get('bento_tag')}`" if champion else "# No champion yet"
+    create_markdown_artifact(
+        f"{head}\n\n" + "\n".join(rows) + f"\n\n![loss curves](data:image/png;base64,{data})\n",
+        key="comparison",
+        description="The challenger's metrics and loss curves beside the champion's",
+    )

@@ -6,6 +6,9 @@ The DVC stages run through `dvc repro <stage>`, one Prefect task each, so DVC ow
 caching, and the UI shows every stage with its logs. The flow adds new data, retries where a retry can
 help, artifacts (validation, metrics, loss curve, gate decision, Bento, lineage), and promotes only
 after the model it names is safely in the remote. Unchanged data and params end in "no change".
+
+The run's final state names its outcome (Completed, named "Promoted", "Rejected" or "No change"), and
+its tags name the data md5, the params hash and the profile, so the UI's runs list tells runs apart.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run
+from prefect.states import Completed, State
 
 from flows import artifacts
 from pipeline.config import Params, Workspace, load_params
@@ -140,22 +144,47 @@ def unchanged_champion(ws: Workspace, params: Params, data_md5: str) -> dict | N
     return None
 
 
+def tag_run(params: Params, data_md5: str) -> None:
+    """Tags on this flow run that say what it trained on: searchable in the UI's runs list."""
+    from prefect.client.orchestration import get_client
+
+    from pipeline.package import params_hash
+
+    if not flow_run.id:
+        return
+    tags = [
+        f"data:{data_md5.removesuffix('.dir')[:12]}",
+        f"params:{params_hash(params)}",
+        f"profile:{params.profile}",
+    ]
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, tags=sorted({*flow_run.tags, *tags}))
+
+
+def outcome(result: dict) -> State:
+    """The final state: Completed, named for what happened to the challenger."""
+    name = "No change" if result["no_change"] else "Promoted" if result["promoted"] else "Rejected"
+    return Completed(name=name, message=f"{name}: " + "; ".join(result["reasons"]), data=result)
+
+
 @flow(name="lmforge-retrain", log_prints=True)
-def retrain(source: str | None = None, root: str | None = None) -> dict:
+def retrain(source: str | None = None, root: str | None = None) -> State:
+    """Returns the outcome state; calling the flow gives its data, the run summary (a dict)."""
     ws = Workspace(Path(root)) if root else Workspace.find()
     params = load_params(ws.root)
     logger = get_run_logger()
     with workspace_lock(ws.state, on_wait=logger.info):  # one run per workspace at a time
         storage_check_task(params, ws)
         md5 = ingest_task(source or params.ingest.source, ws, params)
+        tag_run(params, md5)
         # One `dvc status` up front: stages before the first stale one are skipped without a `dvc repro`
         # each; from the first stale stage on, every stage goes through `dvc repro`, which decides.
         stale = stale_stages(ws.root) - {"gate"}  # the gate is always_changed
         first_stale = next((i for i, s in enumerate(DVC_STAGES) if s in stale), len(DVC_STAGES))
         if first_stale == len(DVC_STAGES) and (champion := unchanged_champion(ws, params, md5)):
             logger.info(f"no change: same data and model as the champion {champion.get('bento_tag')}")
-            return summary(ws, params, md5, {"promote": True, "reasons": ["no change"], "challenger":
-                           champion["metrics"]}, record=None, no_change=True)  # fmt: skip
+            return outcome(summary(ws, params, md5, {"promote": True, "reasons": ["no change"], "challenger":
+                           champion["metrics"]}, record=None, no_change=True))  # fmt: skip
         for i, stage in enumerate(DVC_STAGES):
             STAGE_TASKS[stage](stage, ws, up_to_date=i < first_stale and stage != "gate")
             if stage == "validate":
@@ -165,6 +194,7 @@ def retrain(source: str | None = None, root: str | None = None) -> dict:
                 artifacts.loss_curve(ws)
         decision = json.loads(ws.gate_file.read_text())
         artifacts.gate(decision)
+        artifacts.comparison(ws, decision)
         for reason in decision["reasons"]:
             logger.info(reason)
 
@@ -186,7 +216,7 @@ def retrain(source: str | None = None, root: str | None = None) -> dict:
             logger.info("gate rejected the challenger: nothing packaged, the champion stays as it is")
             push_task(ws, params)
 
-    return summary(ws, params, md5, decision, record, no_change)
+    return outcome(summary(ws, params, md5, decision, record, no_change))
 
 
 def summary(

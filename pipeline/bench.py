@@ -771,14 +771,9 @@ def bench_serve(b: Bench) -> dict:
 
 def _project_copy(dest: Path, source_root: Path) -> None:
     """A git workspace holding the project's files (the stages run the code in it), without its data."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=SOURCE_ROOT, check=True, capture_output=True, text=True,
-    ).stdout.split()  # fmt: skip
-    for rel in files:
-        if (SOURCE_ROOT / rel).is_file() and rel not in ("data.dvc", "dvc.lock"):
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(SOURCE_ROOT / rel, dest / rel)
+    from pipeline.versioning import copy_project
+
+    copy_project(SOURCE_ROOT, dest)
     shutil.copy2(source_root / "params.yaml", dest / "params.yaml")
 
 

@@ -85,6 +85,7 @@ def up(
         typer.echo(
             f"storage.embedded is false: using {params.storage.endpoint_url or 'AWS S3'}; nothing to start"
         )
+        _restore_data(ws)
         return
     try:
         typer.echo(EmbeddedS3(params.storage, ws.state).start())
@@ -92,6 +93,21 @@ def up(
     except StorageError as exc:
         _fail(str(exc))
     typer.echo(f"DVC remote: {params.storage.dvc_remote_url} at {params.storage.endpoint_url}")
+    _restore_data(ws)
+
+
+def _restore_data(ws) -> None:
+    """data/ for a fresh clone, so that `dvc repro` has its input."""
+    from pipeline.corpus import CorpusError
+    from pipeline.ingest import restore_data
+    from pipeline.versioning import CommandError
+
+    try:
+        how = restore_data(ws, on_line=lambda line: None)
+    except (CorpusError, CommandError) as exc:
+        _fail(str(exc))
+    if how:
+        typer.echo(f"data/: {how}")
 
 
 @app.command("prefect-server")
@@ -201,6 +217,33 @@ def ingest(
     typer.echo(f"dataset md5 {md5}")
     if push:
         typer.echo(f"in S3 at    {remote_object_url(params.storage.dvc_remote_url, md5)}")
+
+
+@app.command()
+def sweep(
+    grid: Annotated[
+        list[str], typer.Option("-p", "--param", help="A param and its values: section.key=v1,v2,...")
+    ],
+    jobs: Annotated[int, typer.Option(min=1, help="Experiments run at once by DVC's queue")] = 1,
+) -> None:
+    """One DVC experiment per point of the grid (`dvc exp run --queue -S`, then `dvc queue start`), and a
+    table of their results. Nothing is promoted: `dvc exp apply NAME`, then `lmforge run` gates it."""
+    from pipeline.config import ConfigError
+    from pipeline.experiments import experiments, ranked, sweep, table
+    from pipeline.versioning import CommandError
+
+    ws, _ = _workspace_and_params()
+    try:
+        names = sweep(ws, grid, jobs, on_line=typer.echo)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    except CommandError as exc:
+        _fail(str(exc))
+    found = [e for e in experiments(ws) if e["name"] in names]
+    typer.echo("\n" + table(found, grid))
+    if found:
+        best = ranked(found)[0]["name"]
+        typer.echo(f"\nto ship the best through the gate: dvc exp apply {best} && lmforge run")
 
 
 @app.command()

@@ -93,36 +93,50 @@ def generate_samples(model, tokenizer, cfg: EvaluateConfig, device: torch.device
     return samples
 
 
-def plot_loss_curve(log_path: Path, png: Path, points_json: Path) -> None:
-    """The train and val loss against step: a PNG for people, a JSON list for `dvc plots`."""
+TRAIN_CURVE, VAL_CURVE = "loss_curve.json", "val_curve.json"
+
+
+def plot_loss_curve(log_path: Path, eval_dir: Path) -> None:
+    """The train and val loss against step: a PNG for people, and for `dvc plots` one JSON list per
+    series (DVC cannot plot a list whose records lack a field, and val is measured only every few steps)."""
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
+    train = [{"step": r["step"], "train_loss": r["train_loss"]} for r in records]
+    val = [{"step": r["step"], "val_loss": r["val_loss"]} for r in records if "val_loss" in r]
+    (eval_dir / TRAIN_CURVE).write_text(json.dumps(train) + "\n")
+    (eval_dir / VAL_CURVE).write_text(json.dumps(val) + "\n")
+    plot_curves({"": read_curve(eval_dir)}, eval_dir / "loss_curve.png", "lmforge training loss")
+
+
+def read_curve(eval_dir: Path) -> list[dict]:
+    """Both series merged by step: {"step", "train_loss"[, "val_loss"]}, as plot_curves takes them."""
+    points = {p["step"]: dict(p) for p in json.loads((eval_dir / TRAIN_CURVE).read_text())}
+    val_file = eval_dir / VAL_CURVE
+    for p in json.loads(val_file.read_text()) if val_file.is_file() else []:
+        points.setdefault(p["step"], {"step": p["step"]}).update(p)
+    return [points[step] for step in sorted(points)]
+
+
+def plot_curves(curves: dict[str, list[dict]], png: Path, title: str) -> None:
+    """Train and val loss against step, one pair of lines per named curve, on one set of axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
-    points = [
-        {
-            "step": r["step"],
-            "train_loss": r["train_loss"],
-            **({"val_loss": r["val_loss"]} if "val_loss" in r else {}),
-        }
-        for r in records
-    ]
-    points_json.write_text(json.dumps(points) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(
-        [p["step"] for p in points],
-        [p["train_loss"] for p in points],
-        label="train loss",
-        linewidth=1,
-        alpha=0.8,
-    )
-    val = [p for p in points if "val_loss" in p]
-    ax.plot([p["step"] for p in val], [p["val_loss"] for p in val], "o-", label="val loss", linewidth=2)
+    for name, points in curves.items():
+        prefix = f"{name}: " if name else ""
+        (line,) = ax.plot(
+            [p["step"] for p in points], [p["train_loss"] for p in points], label=f"{prefix}train loss",
+            linewidth=1, alpha=0.8,
+        )  # fmt: skip
+        val = [p for p in points if "val_loss" in p]
+        style = {"color": line.get_color()} if name else {}
+        ax.plot([p["step"] for p in val], [p["val_loss"] for p in val], "o-", label=f"{prefix}val loss",
+                linewidth=2, **style)  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("lmforge training loss")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -177,7 +191,7 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     ws.eval_dir.mkdir(parents=True, exist_ok=True)
     samples = generate_samples(model, tokenizer, cfg, device)
     (ws.eval_dir / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
-    plot_loss_curve(ws.train_log, ws.eval_dir / "loss_curve.png", ws.eval_dir / "loss_curve.json")
+    plot_loss_curve(ws.train_log, ws.eval_dir)
     tmp = ws.eval_dir / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=2) + "\n")
     os.replace(tmp, ws.eval_dir / "metrics.json")

@@ -22,6 +22,9 @@ class Decision:
     champion: dict | None
 
 
+GATE_METRICS = "gate_metrics.json"
+
+
 def decide(metrics: dict, champion: dict | None, cfg: GateConfig) -> Decision:
     ppl, bigram = metrics["val_perplexity"], metrics["bigram_val_perplexity"]
     checks = []
@@ -82,9 +85,17 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     decision = decide(metrics, champion, params.gate)
-    tmp = ws.gate_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(decision), indent=2) + "\n")
-    os.replace(tmp, ws.gate_file)
+    # gate_metrics.json: the decision as DVC metrics, so `dvc exp show` has a column for it
+    summary = {
+        "promote": decision.promote,
+        "checks_passed": sum(r.startswith("pass: ") for r in decision.reasons),
+        "checks": len(decision.reasons),
+        "champion_val_perplexity": (champion or {}).get("metrics", {}).get("val_perplexity"),
+    }
+    for path, payload in ((ws.gate_file, asdict(decision)), (ws.artifacts / GATE_METRICS, summary)):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, path)
     print(f"gate: {'PROMOTE' if decision.promote else 'REJECT'}")
     for reason in decision.reasons:
         print(f"  {reason}")

@@ -133,3 +133,31 @@ def ingest(source: str, ws, params, on_line=print) -> str:
         discard(staging)
     dvc(["add", "--quiet", "data"], ws.root, on_line)
     return data_md5(ws.root)
+
+
+def restore_data(ws, on_line=print) -> str | None:
+    """A fresh clone has data.dvc but no data/: fetch the dataset from the remote, or, when the remote
+    does not have it and it is the builtin corpus, rebuild that (it is the same bytes every time).
+    Returns how data/ was restored, or None when there was nothing to do."""
+    from pipeline.versioning import CommandError, dvc
+
+    pointer = ws.root / "data.dvc"
+    if ws.data.exists() or not pointer.is_file():
+        return None
+    try:
+        dvc(["pull", "--quiet", "data.dvc"], ws.root, on_line)
+        return "pulled from the DVC remote"
+    except CommandError:
+        pass  # not in this remote (a new one, as on a fresh machine's embedded S3)
+    recorded = pointer.read_text()
+    fetch_source("builtin", ws.data, None)  # the layout `lmforge ingest --source builtin` makes
+    dvc(["add", "--quiet", "data"], ws.root, on_line)
+    if pointer.read_text() != recorded:  # data.dvc named some other corpus: put it back, say so
+        pointer.write_text(recorded)
+        shutil.rmtree(ws.data)
+        raise CorpusError(
+            "data.dvc names a dataset that is neither in the DVC remote nor the builtin corpus: "
+            "`dvc pull` it from the remote that has it, or `lmforge ingest --source SRC`"
+        )
+    dvc(["push", "--quiet", "data.dvc"], ws.root, on_line)
+    return "rebuilt from the builtin corpus (the remote did not have it) and pushed"

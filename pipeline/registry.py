@@ -94,6 +94,17 @@ def promote(record: dict, cfg: StorageConfig, state: Path, judged_against: dict 
     return record
 
 
+def loss_curve_points(ws: Workspace, most: int = 400) -> list[dict]:
+    """The evaluate stage's loss-curve points, thinned to at most `most` train points (every val point kept)."""
+    from pipeline.evaluate import TRAIN_CURVE, read_curve
+
+    if not (ws.eval_dir / TRAIN_CURVE).is_file():
+        return []
+    points = read_curve(ws.eval_dir)
+    every = max(1, -(-len(points) // most))
+    return [p for i, p in enumerate(points) if i % every == 0 or "val_loss" in p or i == len(points) - 1]
+
+
 def champion_record(
     ws: Workspace,
     params: Params,
@@ -115,6 +126,8 @@ def champion_record(
         "data_stats": json.loads(report.read_text())["stats"] if report.is_file() else None,
         "git_sha": git_sha(ws.root),
         "profile": params.profile,
+        # so that the next challenger's comparison can overlay this model's curve on its own
+        "loss_curve": loss_curve_points(ws),
     }
     if bento:
         record |= {

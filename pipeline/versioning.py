@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,3 +171,20 @@ def stage_out_md5(root: Path, stage: str, path: str) -> str:
         if out["path"] == path:
             return out["md5"]
     raise KeyError(f"dvc.lock has no out {path} for stage {stage}")
+
+
+# A run's record in git: the data's pointer, the lock and the small outputs. A new workspace made from
+# the project starts without them, so its first run records its own.
+RUN_RECORD = ("data.dvc", "dvc.lock", "artifacts/")
+
+
+def copy_project(src: Path, dest: Path) -> None:
+    """The project's files (git's view of src) into dest, without the record of src's last run."""
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=src, check=True, capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    for rel in files:
+        if (src / rel).is_file() and not rel.startswith(RUN_RECORD):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, dest / rel)

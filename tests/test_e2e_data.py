@@ -10,7 +10,6 @@ import filecmp
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +24,7 @@ import pytest
 from pipeline.config import write_overrides
 from pipeline.registry import read_champion
 from pipeline.storage import s3_client
+from pipeline.versioning import copy_project
 
 from .conftest import TINY, lag2_corpus, listening_in_tree
 
@@ -57,17 +57,7 @@ def git(ws: Path, *args: str) -> str:
 
 def make_workspace(ws: Path, s3_server, name: str) -> tuple[Path, dict, str]:
     """A git workspace at ws holding this repo's files, pointed at its own bucket on the test S3 server."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file() and rel not in ("data.dvc", "dvc.lock"):
-            (ws / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, ws / rel)
+    copy_project(REPO, ws)
     bucket = f"ws-{abs(hash(name)) % 10**8}-{random.Random().randint(0, 10**6)}"
     # tiny model and run, but real torchrun DDP with 2 processes; the preprocess vocab stays large enough
     tiny = [o for o in TINY if not o.startswith("preprocess.vocab_size")] + [

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.e2e
 
 STAGE_TASKS = {"check-storage", "ingest", "validate", "preprocess", "train", "evaluate", "gate", "package", "push",
                "publish"}  # fmt: skip
-ARTIFACTS = {"validation-report", "metrics", "loss-curve", "gate-decision", "bento", "lineage"}
+ARTIFACTS = {"validation-report", "metrics", "loss-curve", "gate-decision", "comparison", "bento", "lineage"}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,10 @@ def test_the_flow_run_shows_every_stage_its_logs_and_artifacts(operated):
     api_url = operated["api"]
     assert "gate          PROMOTED" in operated["first"].stdout  # no PREFECT_API_URL given: found by the CLI
     [flow_run] = flow_runs(api_url)
-    assert flow_run["state_type"] == "COMPLETED"
+    assert (flow_run["state_type"], flow_run["state_name"]) == ("COMPLETED", "Promoted")
+    champion = read_champion(operated["cfg"], operated["state"])
+    assert {f"data:{champion['data_md5'][:12]}", f"params:{champion['lineage']['params_hash']}",
+            "profile:demo"} <= set(flow_run["tags"]), flow_run["tags"]  # fmt: skip
     tasks = api(f"{api_url}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
     assert {t["name"].rsplit("-", 1)[0] for t in tasks} == STAGE_TASKS
     assert all(t["state_type"] == "COMPLETED" for t in tasks)
@@ -91,6 +94,8 @@ def test_the_flow_run_shows_every_stage_its_logs_and_artifacts(operated):
     )
     assert flow_run["id"] in by_key["lineage"]["data"] and champion["data_md5"] in by_key["lineage"]["data"]
     assert "# Gate: PROMOTE" in by_key["gate-decision"]["data"]
+    assert by_key["comparison"]["data"].startswith("# No champion yet")
+    assert "![loss curves](data:image/png;base64,iVBOR" in by_key["comparison"]["data"]
 
 
 def test_a_rerun_on_unchanged_data_is_a_quick_no_change(operated):
@@ -100,8 +105,37 @@ def test_a_rerun_on_unchanged_data_is_a_quick_no_change(operated):
     elapsed = time.monotonic() - start
     assert "no change" in again.stdout
     assert read_champion(operated["cfg"], operated["state"]) == champion  # nothing re-promoted
-    assert flow_runs(operated["api"])[-1]["state_type"] == "COMPLETED"
+    last = flow_runs(operated["api"])[-1]
+    assert (last["state_type"], last["state_name"]) == ("COMPLETED", "No change")
     assert elapsed < 30, f"the no-change rerun took {elapsed:.1f} s"
+
+
+def test_a_rejected_challenger_ends_in_a_state_named_rejected_with_a_comparison(operated):
+    """A 40-step challenger loses to the 400-step champion: the run's state says so, and its comparison
+    artifact puts the two side by side."""
+    champion = read_champion(operated["cfg"], operated["state"])
+    ws, env = operated["ws"], operated["env"]
+    short = ["train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=40"]
+    try:
+        rejected = run([BIN / "lmforge", "run", "--source", operated["corpus"], *(a for o in short for a in ("-p", o))],
+                       ws, env)  # fmt: skip
+    finally:
+        write_overrides(ws, PASSING_TRAINING)
+    assert "gate          REJECTED" in rejected.stdout, rejected.stdout[-2000:]
+    last = flow_runs(operated["api"])[-1]
+    assert (last["state_type"], last["state_name"]) == ("COMPLETED", "Rejected")
+    assert "FAIL: val perplexity" in last["state"]["message"]
+    assert read_champion(operated["cfg"], operated["state"]) == champion
+    artifacts = api(
+        f"{operated['api']}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [last["id"]]}}}
+    )
+    compared = next(a["data"] for a in artifacts if a["key"] == "comparison")
+    assert compared.startswith(f"# Challenger against champion `{champion['bento_tag']}`")
+    challenger = json.loads((ws / "artifacts" / "eval" / "metrics.json").read_text())["val_perplexity"]
+    assert challenger > champion["metrics"]["val_perplexity"]
+    assert f"| val_perplexity | {challenger} | {champion['metrics']['val_perplexity']} |" in compared
+    assert "![loss curves](data:image/png;base64,iVBOR" in compared
+    assert champion["loss_curve"][-1]["step"] == 400 and any("val_loss" in p for p in champion["loss_curve"])
 
 
 def chromium() -> str | None:

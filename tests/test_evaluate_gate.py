@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.config import GateConfig
-from pipeline.evaluate import NGramBaseline, evaluate
+from pipeline.evaluate import NGramBaseline, evaluate, read_curve
 from pipeline.gate import decide
 from pipeline.registry import champion_record, promote, read_champion, record_name
 from pipeline.train import train
@@ -46,8 +46,15 @@ def test_evaluate_stage_on_a_tiny_model(tiny_workspace):
         s["greedy"] and s["sampled"] for s in samples
     )
     assert (ws.eval_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    points = json.loads((ws.eval_dir / "loss_curve.json").read_text())
-    assert [p["step"] for p in points] == list(range(1, 11)) and "val_loss" in points[4]
+    train_points = json.loads((ws.eval_dir / "loss_curve.json").read_text())
+    val_points = json.loads((ws.eval_dir / "val_curve.json").read_text())
+    assert [p["step"] for p in train_points] == list(range(1, 11)) and [p["step"] for p in val_points] == [
+        5,
+        10,
+    ]
+    assert all(set(p) == {"step", "train_loss"} for p in train_points)
+    assert all(set(p) == {"step", "val_loss"} for p in val_points)
+    assert [p["step"] for p in read_curve(ws.eval_dir) if "val_loss" in p] == [5, 10]
 
 
 CLEAN = {"val_contamination": 0.001, "test_contamination": 0.002}
