@@ -44,7 +44,7 @@ def experiments(swept) -> dict[int, dict]:
     """max_steps -> the experiment's name, rev and eval metrics, from `dvc exp show --json`."""
     shown = json.loads(run([BIN / "dvc", "exp", "show", "--json"], swept["ws"], swept["env"]).stdout)
     found = {}
-    for group in shown[0]["experiments"] or []:
+    for group in (g for commit in shown for g in commit.get("experiments") or []):  # the workspace, then HEAD
         for rev in group["revs"]:
             data = rev["data"]
             steps = data["params"]["params.yaml"]["data"]["train"]["max_steps"]
@@ -64,7 +64,8 @@ def test_a_sweep_records_both_experiments_in_dvc(swept):
         assert exp["gate"]["checks"] == 4 and isinstance(exp["gate"]["promote"], bool)
     assert found[400]["metrics"]["val_perplexity"] < found[200]["metrics"]["val_perplexity"]
     # lmforge sweep's own table: best first, and the way to ship it
-    assert out.index(found[400]["name"]) < out.index(found[200]["name"])
+    table = out[out.rindex("\nexperiment ") :]
+    assert table.index(found[400]["name"]) < table.index(found[200]["name"])
     assert f"dvc exp apply {found[400]['name']} && lmforge run" in out
 
     diff = json.loads(run([BIN / "dvc", "metrics", "diff", "HEAD", found[400]["rev"], "--json"],
