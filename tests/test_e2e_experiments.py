@@ -74,10 +74,14 @@ def test_a_sweep_records_both_experiments_in_dvc(swept):
     champion_val = swept["champion"]["metrics"]["val_perplexity"]
     assert val["old"] == champion_val and val["new"] == found[400]["metrics"]["val_perplexity"]
     assert val["diff"] < 0  # 400 steps beat 100
-    plots = run(
-        [BIN / "dvc", "plots", "diff", "HEAD", found[400]["rev"], "--json"], swept["ws"], swept["env"]
-    )
-    assert "artifacts/eval/loss_curve.json" in plots.stdout
+    plots = json.loads(run([BIN / "dvc", "plots", "diff", "HEAD", found[400]["rev"], "--json"],
+                           swept["ws"], swept["env"]).stdout)  # fmt: skip
+    assert not plots.get("errors"), plots["errors"]
+    [loss] = plots["data"]["loss"]  # the train and val series of both revisions, in one vega plot
+    assert loss["revisions"] == ["HEAD", found[400]["rev"]]
+    values = loss["content"]["data"]["values"]
+    assert {v["rev"] for v in values} == {"HEAD", found[400]["rev"]}
+    assert max(v["step"] for v in values if v["rev"] == "HEAD") == 100
     # the sweep promoted nothing, and left the workspace on the champion's params
     assert read_champion(swept["cfg"], swept["state"]) == swept["champion"]
     assert yaml.safe_load((swept["ws"] / "params.yaml").read_text())["train"]["max_steps"] == 100
