@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-import yaml
+from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "dvc.lock"
@@ -16,6 +16,10 @@ LOCK = REPO / "dvc.lock"
 
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()  # DVC 3's file hash: the bytes as they are
+
+
+def load(path: Path):
+    return YAML(typ="safe").load(path.read_text())  # YAML 1.2, as DVC reads it (6e-05 is a float)
 
 
 def lookup(params: dict, dotted: str):
@@ -29,11 +33,11 @@ def lookup(params: dict, dotted: str):
 def lock() -> dict:
     if not LOCK.is_file():
         pytest.skip("no dvc.lock in this checkout")
-    return yaml.safe_load(LOCK.read_text())["stages"]
+    return load(LOCK)["stages"]
 
 
 def test_dvc_lock_records_this_code_and_these_params(lock):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = load(REPO / "params.yaml")
     stale = []
     for stage, entry in lock.items():
         for dep in entry.get("deps", []):
@@ -55,5 +59,5 @@ def test_the_small_outputs_in_git_are_the_ones_dvc_lock_records(lock):
             "artifacts/eval/loss_curve.json"} <= small, small  # fmt: skip
     for out in recorded:
         assert md5(REPO / out["path"]) == out["md5"], f"{out['path']} is not the output dvc.lock records"
-    data = yaml.safe_load((REPO / "data.dvc").read_text())["outs"][0]["md5"]
+    data = load(REPO / "data.dvc")["outs"][0]["md5"]
     assert all(d["md5"] == data for e in lock.values() for d in e.get("deps", []) if d["path"] == "data")
