@@ -33,7 +33,9 @@ HEAVY = [*PASSING_TRAINING, "model.n_embd=256", "model.n_layer=4", "train.max_st
 
 
 def objects(server: S3Server) -> int:
-    client = s3_client(server.cfg, server.state, attempts=1, read_timeout=5)
+    # polled every 50 ms while a push loads the server: a reset connection is retried (boto's standard
+    # mode), so that only the kill below, not a busy moment, ends a poll
+    client = s3_client(server.cfg, server.state, attempts=3, read_timeout=5)
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=server.cfg.bucket)
     return sum(page.get("KeyCount", 0) for page in pages)
 
