@@ -132,10 +132,9 @@ GENERATE_FIELDS = {
     "seed": st.integers(0, 2**63 - 1),
     "stop": stops,
 }
-COMPLETION_FIELDS = {
+# what OpenAI's completions and chat bodies share
+OPENAI_FIELDS = {
     "model": texts,
-    "prompt": st.one_of(short_prompts, st.lists(short_prompts, min_size=1, max_size=4)),
-    "max_tokens": st.integers(1, 4),
     "temperature": st.floats(0, 2),
     "top_p": st.floats(0, 1, exclude_min=True),
     "n": st.integers(1, 4),
@@ -143,6 +142,10 @@ COMPLETION_FIELDS = {
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
     "stop": stops,
     "seed": st.integers(0, 2**63 - 1),
+}
+COMPLETION_FIELDS = OPENAI_FIELDS | {
+    "prompt": st.one_of(short_prompts, st.lists(short_prompts, min_size=1, max_size=4)),
+    "max_tokens": st.integers(1, 4),
     "echo": st.booleans(),
     "logprobs": st.one_of(st.none(), st.integers(0, 5)),
     "suffix": st.sampled_from([None, ""]),
@@ -193,23 +196,19 @@ hostile_messages = st.one_of(
     chat_messages(["user"], st.one_of(st.just("hi " * 5000), st.just("\ud800"), values)),
     st.lists(values, max_size=3),
 )  # fmt: skip
-CHAT_FIELDS = {
-    "model": texts,
-    "messages": messages,
-    "max_tokens": st.integers(1, 4),
-    "max_completion_tokens": st.integers(1, 4),
-    "temperature": st.floats(0, 2),
-    "top_p": st.floats(0, 1, exclude_min=True),
-    "n": st.integers(1, 4),
-    "stream": st.booleans(),
-    "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
-    "stop": stops,
-    "seed": st.integers(0, 2**63 - 1),
-    "logprobs": st.booleans(),
-    "top_logprobs": st.integers(0, 5),
-    "tools": st.sampled_from([None, []]),
-    "response_format": st.sampled_from([None, {"type": "text"}, {"type": "json_object"}]),
-} | SAMPLING_FIELDS
+CHAT_FIELDS = (
+    OPENAI_FIELDS
+    | {
+        "messages": messages,
+        "max_tokens": st.integers(1, 4),
+        "max_completion_tokens": st.integers(1, 4),
+        "logprobs": st.booleans(),
+        "top_logprobs": st.integers(0, 5),
+        "tools": st.sampled_from([None, []]),
+        "response_format": st.sampled_from([None, {"type": "text"}, {"type": "json_object"}]),
+    }
+    | SAMPLING_FIELDS
+)
 
 
 @st.composite
