@@ -12,6 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from pipeline.config import Workspace
+from pipeline.contracts import ChampionRecord, Decision, read_curve, read_metrics
 
 
 def validation(ws: Workspace) -> None:
@@ -21,7 +22,7 @@ def validation(ws: Workspace) -> None:
 
 
 def metrics(ws: Workspace) -> None:
-    m = json.loads((ws.eval_dir / "metrics.json").read_text())
+    m = read_metrics(ws.eval_dir)
     rows = [
         {"split": split, "model": m[f"{split}_perplexity"], "bigram": m[f"bigram_{split}_perplexity"],
          "unigram": m[f"unigram_{split}_perplexity"], "tokens": m[f"{split}_tokens"],
@@ -50,38 +51,38 @@ def loss_curve(ws: Workspace) -> None:
         )
 
 
-def gate(decision: dict) -> None:
-    verdict = "PROMOTE" if decision["promote"] else "REJECT"
-    lines = [f"# Gate: {verdict}", ""] + [f"- {r}" for r in decision["reasons"]]
+def gate(decision: Decision) -> None:
+    verdict = "PROMOTE" if decision.promote else "REJECT"
+    lines = [f"# Gate: {verdict}", ""] + [f"- {r}" for r in decision.reasons]
     create_markdown_artifact(
         "\n".join(lines), key="gate-decision", description="The gate's decision and reasons"
     )
 
 
-def bento(record: dict) -> None:
+def bento(record: ChampionRecord) -> None:
     text = (
-        f"# Bento `{record['bento_tag']}`\n\n- exported to `{record['bento_url']}`\n"
-        f"- serve it: `lmforge serve {record['bento_tag']}`\n"
+        f"# Bento `{record.bento_tag}`\n\n- exported to `{record.bento_url}`\n"
+        f"- serve it: `lmforge serve {record.bento_tag}`\n"
     )
     create_markdown_artifact(text, key="bento", description="The packaged, promoted model")
 
 
-def lineage(record: dict) -> None:
+def lineage(record: ChampionRecord) -> None:
     """Everything that says where the champion came from, on the flow run that made it."""
     rows = {
-        "bento": record.get("bento_tag"),
-        "data md5": record.get("data_md5"),
-        "git sha": record.get("git_sha"),
-        "params hash": (record.get("lineage") or {}).get("params_hash"),
-        "profile": record.get("profile"),
-        "val perplexity": record["metrics"].get("val_perplexity"),
-        "test perplexity": record["metrics"].get("test_perplexity"),
-        "model md5": record.get("model_md5"),
+        "bento": record.bento_tag,
+        "data md5": record.data_md5,
+        "git sha": record.git_sha,
+        "params hash": (record.lineage or {}).get("params_hash"),
+        "profile": record.profile,
+        "val perplexity": record.metrics.get("val_perplexity"),
+        "test perplexity": record.metrics.get("test_perplexity"),
+        "model md5": record.model_md5,
         "flow run": str(flow_run.id),
-        "promoted at": record.get("promoted_at"),
+        "promoted at": record.promoted_at,
     }
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | `{v}` |" for k, v in rows.items())
-    params = json.dumps(record.get("params"), indent=2)
+    params = json.dumps(record.params, indent=2)
     create_markdown_artifact(
         f"# Lineage\n\n{table}\n\n## Params\n\n```json\n{params}\n```\n",
         key="lineage",
@@ -93,22 +94,22 @@ COMPARED = ["val_perplexity", "test_perplexity", "bigram_val_perplexity", "val_c
             "train_tokens_per_s"]  # fmt: skip
 
 
-def comparison(ws: Workspace, decision: dict) -> None:
+def comparison(ws: Workspace, decision: Decision) -> None:
     """Challenger against champion: the metrics side by side and both loss curves in one picture."""
-    from pipeline.evaluate import plot_curves, read_curve
+    from pipeline.evaluate import plot_curves
 
-    challenger, champion = decision["challenger"], decision.get("champion") or {}
-    theirs = champion.get("metrics") or {}
+    challenger, champion = decision.challenger, decision.champion
+    theirs = champion.metrics if champion else {}
     rows = ["| metric | challenger | champion |", "|---|---|---|"]
     rows += [f"| {key} | {challenger.get(key, '—')} | {theirs.get(key, '—')} |" for key in COMPARED]
     curves = {"challenger": read_curve(ws.eval_dir)}
-    if champion.get("loss_curve"):
-        curves["champion"] = champion["loss_curve"]
+    if champion and champion.loss_curve:
+        curves["champion"] = champion.loss_curve
     png = ws.eval_dir / "comparison.png"
     plot_curves(curves, png, "challenger against champion")
     data = base64.b64encode(png.read_bytes()).decode()
     png.unlink()  # a picture for the UI only: not a DVC out
-    head = f"# Challenger against champion `{champion.get('bento_tag')}`" if champion else "# No champion yet"
+    head = f"# Challenger against champion `{champion.bento_tag}`" if champion else "# No champion yet"
     create_markdown_artifact(
         f"{head}\n\n" + "\n".join(rows) + f"\n\n![loss curves](data:image/png;base64,{data})\n",
         key="comparison",

@@ -13,7 +13,6 @@ its tags name the data md5, the params hash and the profile, so the UI's runs li
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -21,18 +20,12 @@ from prefect.runtime import flow_run
 from prefect.states import Completed, State
 
 from flows import artifacts
-from pipeline.config import Params, Workspace, load_params
-from pipeline.storage import TransientStorageError
-from pipeline.versioning import (
-    CommandError,
-    dvc,
-    remote_object_url,
-    stage_out_md5,
-    stale_stages,
-    workspace_lock,
-)
-
-DVC_STAGES = ["validate", "preprocess", "train", "evaluate", "gate"]
+from infra.dvc import dvc, workspace_lock
+from infra.processes import CommandError
+from infra.s3 import TransientStorageError
+from pipeline import plan
+from pipeline.config import Params, Workspace, load_params, params_hash
+from pipeline.contracts import Decision, RunSummary
 
 
 def retry_on(*errors: type[BaseException]):
@@ -56,7 +49,7 @@ def _log_line(line: str) -> None:
     retry_condition_fn=retry_on(TransientStorageError),
 )
 def storage_check_task(params: Params, ws: Workspace) -> None:
-    from pipeline.storage import check_storage
+    from infra.s3 import check_storage
 
     check_storage(params.storage, ws.state)
 
@@ -87,13 +80,13 @@ def stage_task(stage: str, ws: Workspace, up_to_date: bool) -> None:
 # Training retries once: the retry resumes from the last checkpoint (a persist: true out).
 STAGE_TASKS = {
     stage: stage_task.with_options(name=stage, retries=1 if stage == "train" else 0, retry_delay_seconds=5)
-    for stage in DVC_STAGES
+    for stage in plan.DVC_STAGES
 }
 
 
 @task(name="push", retries=3, retry_delay_seconds=[2, 8, 30], retry_condition_fn=retry_on(CommandError))
 def push_task(ws: Workspace, params: Params) -> None:
-    from pipeline.storage import configure_dvc_remote
+    from infra.dvc import configure_dvc_remote
 
     configure_dvc_remote(ws.root, params.storage, ws.state)
     dvc(["push"], ws.root, on_line=_log_line)
@@ -115,40 +108,23 @@ def package_task(ws: Workspace, params: Params, data_md5: str) -> dict:
     retry_delay_seconds=[2, 10],
     retry_condition_fn=retry_on(TransientStorageError),  # a lost race (ConflictError) is final
 )
-def publish_task(ws: Workspace, params: Params, data_md5: str, bento: dict) -> dict:
+def publish_task(ws: Workspace, params: Params, data_md5: str, bento: dict, decision: Decision):
     """Export the Bento to S3, then make it the champion."""
     from pipeline.package import publish
-    from pipeline.registry import champion_record, promote
+    from pipeline.registry import promote
 
-    decision = json.loads(ws.gate_file.read_text())
     bento = bento | {"bento_url": publish(ws, params, bento["bento_tag"])}
-    model_md5 = stage_out_md5(ws.root, "train", "artifacts/model")
-    record = champion_record(ws, params, decision["challenger"], model_md5, data_md5, bento)
-    record["flow_run_id"] = str(flow_run.id) if flow_run.id else None
-    record["params"] = params.model_dump(
-        include={"profile", "preprocess", "model", "train", "evaluate", "gate"}
+    record = plan.new_champion(
+        ws, params, decision, data_md5, bento, str(flow_run.id) if flow_run.id else None
     )
-    record = promote(record, params.storage, ws.state, judged_against=decision["champion"])
-    get_run_logger().info(f"promoted: Bento {bento['bento_tag']} at {bento['bento_url']}")
+    record = promote(record, params.storage, ws.state, judged_against=decision.champion)
+    get_run_logger().info(f"promoted: Bento {record.bento_tag} at {record.bento_url}")
     return record
-
-
-def unchanged_champion(ws: Workspace, params: Params, data_md5: str) -> dict | None:
-    """The champion, when this run produced exactly its model from exactly its data: nothing to ship."""
-    from pipeline.registry import read_champion
-
-    champion = read_champion(params.storage, ws.state)
-    model_md5 = stage_out_md5(ws.root, "train", "artifacts/model")
-    if champion and champion.get("model_md5") == model_md5 and champion.get("data_md5") == data_md5:
-        return champion
-    return None
 
 
 def tag_run(params: Params, data_md5: str) -> None:
     """Tags on this flow run that say what it trained on: searchable in the UI's runs list."""
     from prefect.client.orchestration import get_client
-
-    from pipeline.package import params_hash
 
     if not flow_run.id:
         return
@@ -161,15 +137,18 @@ def tag_run(params: Params, data_md5: str) -> None:
         client.update_flow_run(flow_run.id, tags=sorted({*flow_run.tags, *tags}))
 
 
-def outcome(result: dict) -> State:
+def final_state(summary: RunSummary) -> State:
     """The final state: Completed, named for what happened to the challenger."""
-    name = "No change" if result["no_change"] else "Promoted" if result["promoted"] else "Rejected"
-    return Completed(name=name, message=f"{name}: " + "; ".join(result["reasons"]), data=result)
+    return Completed(
+        name=summary.outcome, message=f"{summary.outcome}: " + "; ".join(summary.reasons), data=summary
+    )
 
 
 @flow(name="lmforge-retrain", log_prints=True)
 def retrain(source: str | None = None, root: str | None = None) -> State:
-    """Returns the outcome state; calling the flow gives its data, the run summary (a dict)."""
+    """Returns the outcome state; calling the flow gives its data, the RunSummary."""
+    from pipeline.registry import read_champion
+
     ws = Workspace(Path(root)) if root else Workspace.find()
     params = load_params(ws.root)
     logger = get_run_logger()
@@ -177,67 +156,42 @@ def retrain(source: str | None = None, root: str | None = None) -> State:
         storage_check_task(params, ws)
         md5 = ingest_task(source or params.ingest.source, ws, params)
         tag_run(params, md5)
-        # One `dvc status` up front: stages before the first stale one are skipped without a `dvc repro`
-        # each; from the first stale stage on, every stage goes through `dvc repro`, which decides.
-        stale = stale_stages(ws.root) - {"gate"}  # the gate is always_changed
-        first_stale = next((i for i, s in enumerate(DVC_STAGES) if s in stale), len(DVC_STAGES))
-        if first_stale == len(DVC_STAGES) and (champion := unchanged_champion(ws, params, md5)):
-            logger.info(f"no change: same data and model as the champion {champion.get('bento_tag')}")
-            return outcome(summary(ws, params, md5, {"promote": True, "reasons": ["no change"], "challenger":
-                           champion["metrics"]}, record=None, no_change=True))  # fmt: skip
-        for i, stage in enumerate(DVC_STAGES):
-            STAGE_TASKS[stage](stage, ws, up_to_date=i < first_stale and stage != "gate")
+        stages = plan.plan_stages(ws.root)
+        champion = read_champion(params.storage, ws.state)
+        if stages.nothing_stale and (same := plan.unchanged_champion(ws, champion, md5)):
+            logger.info(f"no change: same data and model as the champion {same.bento_tag}")
+            return final_state(
+                plan.summarize(ws, params, md5, plan.no_change_decision(same), None, no_change=True)
+            )
+        for stage in plan.DVC_STAGES:
+            STAGE_TASKS[stage](stage, ws, up_to_date=stages.up_to_date(stage))
             if stage == "validate":
                 artifacts.validation(ws)
             elif stage == "evaluate":
                 artifacts.metrics(ws)
                 artifacts.loss_curve(ws)
-        decision = json.loads(ws.gate_file.read_text())
+        decision = Decision.load(ws.gate_file)
         artifacts.gate(decision)
         artifacts.comparison(ws, decision)
-        for reason in decision["reasons"]:
+        for reason in decision.reasons:
             logger.info(reason)
 
         record, no_change = None, False
-        if decision["promote"] and (champion := unchanged_champion(ws, params, md5)):
+        if decision.promote and (same := plan.unchanged_champion(ws, decision.champion, md5)):
             no_change = (
                 True  # retrained to the very same model (deterministic), e.g. after a code-only change
             )
-            logger.info(f"no change: same data and model as the champion {champion.get('bento_tag')}")
-        elif decision["promote"]:
+            logger.info(f"no change: same data and model as the champion {same.bento_tag}")
+        elif decision.promote:
             bento = package_task(ws, params, md5)  # only a model that passed the gate is packaged
             push_task(
                 ws, params
             )  # data, checkpoints and model reach the remote before anything points at them
-            record = publish_task(ws, params, md5, bento)
+            record = publish_task(ws, params, md5, bento, decision)
             artifacts.bento(record)
             artifacts.lineage(record)
         else:
             logger.info("gate rejected the challenger: nothing packaged, the champion stays as it is")
             push_task(ws, params)
 
-    return outcome(summary(ws, params, md5, decision, record, no_change))
-
-
-def summary(
-    ws: Workspace, params: Params, md5: str, decision: dict, record: dict | None, no_change: bool
-) -> dict:
-    manifest = json.loads((ws.shards_dir / "manifest.json").read_text())
-    report = ws.validation_dir / "report.json"
-    stats = json.loads(report.read_text())["stats"] if report.is_file() else {}
-    record = record or {}
-    return {
-        "documents": {key: stats.get(key) for key in ("documents", "kept_documents", "dropped_by_reason")},
-        "contamination": manifest.get("contamination"),
-        "data_md5": md5,
-        "data_url": remote_object_url(params.storage.dvc_remote_url, md5),
-        "tokens": {split: info["tokens"] for split, info in manifest["splits"].items()},
-        "vocab_size": manifest["vocab_size"],
-        "metrics": decision["challenger"],
-        "promoted": decision["promote"] and not no_change,
-        "no_change": no_change,
-        "reasons": decision["reasons"],
-        "model_url": record.get("model_url"),
-        "bento_tag": record.get("bento_tag"),
-        "bento_url": record.get("bento_url"),
-    }
+    return final_state(plan.summarize(ws, params, md5, decision, record, no_change))

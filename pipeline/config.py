@@ -7,6 +7,8 @@ Every error names the key path (for example `preprocess.vocab_size`), so a typo 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -24,10 +26,12 @@ from pydantic import (
     model_validator,
 )
 
+from infra.errors import UsageError
+
 PARAMS_FILE = "params.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A bad params.yaml, profile or override; the message names the key path."""
 
 
@@ -187,7 +191,9 @@ class EvaluateConfig(Section):
     batch_size: int = Field(16, ge=1)
     max_windows: int | None = Field(2000, ge=1)
     smoothing_k: float = Field(0.1, gt=0)
-    prompts: list[str] = Field(default_factory=lambda: ["The "], min_length=1)
+    prompts: list[str] = Field(
+        default_factory=lambda: ["The ", "Return the ", "This module provides"], min_length=1
+    )
     max_new_tokens: int = Field(40, ge=1)
     temperature: float = Field(0.8, gt=0)
     top_k: int = Field(50, ge=0)
@@ -261,6 +267,21 @@ class Params(Section):
                 f"model.block_size ({model.block_size})"
             )
         return evaluate
+
+
+# The params that shape the model: what was trained and how, not where things are stored or served.
+# A run's identity (the params hash in its lineage, tags and champion record) is made of these.
+MODEL_SHAPING_SECTIONS = frozenset({"profile", "preprocess", "model", "train", "evaluate", "gate"})
+
+
+def model_shaping_params(params: Params) -> dict:
+    return params.model_dump(include=set(MODEL_SHAPING_SECTIONS))
+
+
+def params_hash(params: Params) -> str:
+    """12 hex digits that tell two runs' model-shaping params apart."""
+    payload = json.dumps(model_shaping_params(params), sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from itertools import chain
 from pathlib import Path
 from typing import BinaryIO
 
+from infra.errors import LmforgeError
 from pipeline.config import IngestConfig
 
 TEXT_FORMATS = (".txt", ".md")
@@ -46,7 +47,7 @@ PARQUET_BATCH_ROWS = 1024
 _ESCAPED_BYTES = re.compile("[\udc80-\udcff]")
 
 
-class CorpusError(ValueError):
+class CorpusError(LmforgeError, ValueError):
     """A corpus that cannot be read: missing, nothing readable, undecodable or truncated, malformed records."""
 
 

@@ -7,10 +7,8 @@ writes sample continuations, the loss curve (PNG, and JSON for `dvc plots`) and 
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +16,19 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError, EvaluateConfig, Params, Workspace, load_params
+from pipeline.contracts import (
+    METRICS_FILE,
+    Manifest,
+    TrainSummary,
+    read_curve,
+    read_train_log,
+    write_curves,
+    write_json,
+)
+from pipeline.data import fixed_windows, load_shard, mean_loss, sorted_unique
 from pipeline.generation import context_length
-from pipeline.preprocess import MANIFEST, load_shard, sorted_unique
-from pipeline.train import fixed_windows, mean_loss
+from pipeline.model import load_model
+from pipeline.stage import run_stage
 
 # ---------------------------------------------------------------------------------------------
 # n-gram baselines
@@ -93,27 +101,10 @@ def generate_samples(model, tokenizer, cfg: EvaluateConfig, device: torch.device
     return samples
 
 
-TRAIN_CURVE, VAL_CURVE = "loss_curve.json", "val_curve.json"
-
-
 def plot_loss_curve(log_path: Path, eval_dir: Path) -> None:
-    """The train and val loss against step: a PNG for people, and for `dvc plots` one JSON list per
-    series (DVC cannot plot a list whose records lack a field, and val is measured only every few steps)."""
-    records = [json.loads(line) for line in log_path.read_text().splitlines() if line]
-    train = [{"step": r["step"], "train_loss": r["train_loss"]} for r in records]
-    val = [{"step": r["step"], "val_loss": r["val_loss"]} for r in records if "val_loss" in r]
-    (eval_dir / TRAIN_CURVE).write_text(json.dumps(train) + "\n")
-    (eval_dir / VAL_CURVE).write_text(json.dumps(val) + "\n")
+    """The train and val loss against step: the JSON series for `dvc plots`, and a PNG for people."""
+    write_curves(eval_dir, read_train_log(log_path))
     plot_curves({"": read_curve(eval_dir)}, eval_dir / "loss_curve.png", "lmforge training loss")
-
-
-def read_curve(eval_dir: Path) -> list[dict]:
-    """Both series merged by step: {"step", "train_loss"[, "val_loss"]}, as plot_curves takes them."""
-    points = {p["step"]: dict(p) for p in json.loads((eval_dir / TRAIN_CURVE).read_text())}
-    val_file = eval_dir / VAL_CURVE
-    for p in json.loads(val_file.read_text()) if val_file.is_file() else []:
-        points.setdefault(p["step"], {"step": p["step"]}).update(p)
-    return [points[step] for step in sorted(points)]
 
 
 def plot_curves(curves: dict[str, list[dict]], png: Path, title: str) -> None:
@@ -152,22 +143,23 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from pipeline.model import load_model
-
     hf_logging.set_verbosity_error()  # generate() warns about pad == eos, which is how GPT-2 is set up
 
     cfg, block = params.evaluate, params.model.block_size
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    manifest = json.loads((ws.shards_dir / MANIFEST).read_text())
+    manifest = Manifest.read(ws.shards_dir)
+    train_summary = TrainSummary.load(ws.model_dir / TrainSummary.FILE)
     model = load_model(ws.model_dir).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(ws.model_dir)
-    baseline = NGramBaseline(load_shard(ws.shards_dir, "train"), manifest["vocab_size"], cfg.smoothing_k)
+    baseline = NGramBaseline(
+        load_shard(ws.shards_dir, "train", manifest), manifest.vocab_size, cfg.smoothing_k
+    )
 
     metrics: dict = {}
     eval_tokens, eval_seconds = 0, 0.0
     for split in ("val", "test"):
-        windows = fixed_windows(load_shard(ws.shards_dir, split), block, cfg.max_windows)
+        windows = fixed_windows(load_shard(ws.shards_dir, split, manifest), block, cfg.max_windows)
         start = time.perf_counter()
         loss, tokens = mean_loss(model, windows, cfg.batch_size, device)
         eval_seconds += time.perf_counter() - start
@@ -181,36 +173,32 @@ def evaluate(params: Params, ws: Workspace) -> dict:
             f"bigram_{split}_perplexity": round(base["bigram"], 3),
         }
     # Measured by preprocess: a perplexity on val/test n-grams that were also trained on is not evidence.
-    contamination = manifest.get("contamination") or {}
+    contamination = manifest.contamination or {}
     for split in ("val", "test"):
         metrics[f"{split}_contamination"] = contamination.get(split)
     metrics["eval_tokens_per_s"] = round(eval_tokens / eval_seconds)
-    train_summary = json.loads((ws.model_dir / "train_summary.json").read_text())
-    metrics |= {"train_" + k: v for k, v in train_summary.items()}
+    metrics |= {"train_" + k: v for k, v in train_summary.to_dict().items()}
 
     ws.eval_dir.mkdir(parents=True, exist_ok=True)
     samples = generate_samples(model, tokenizer, cfg, device)
-    (ws.eval_dir / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
+    write_json(ws.eval_dir / "samples.json", samples)
     plot_loss_curve(ws.train_log, ws.eval_dir)
-    tmp = ws.eval_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, ws.eval_dir / "metrics.json")
+    write_json(ws.eval_dir / METRICS_FILE, metrics)
     return metrics
 
 
-def main() -> int:
-    try:
-        ws = Workspace.find()
-        metrics = evaluate(load_params(ws.root), ws)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def run() -> None:
+    ws = Workspace.find()
+    metrics = evaluate(load_params(ws.root), ws)
     print(
         f"evaluate: val ppl {metrics['val_perplexity']:.2f} (bigram {metrics['bigram_val_perplexity']:.2f}, "
         f"unigram {metrics['unigram_val_perplexity']:.2f}), test ppl {metrics['test_perplexity']:.2f}; "
         f"contamination val {metrics['val_contamination']:.2%}, test {metrics['test_contamination']:.2%}"
     )
-    return 0
+
+
+def main() -> int:
+    return run_stage("evaluate", run)
 
 
 if __name__ == "__main__":

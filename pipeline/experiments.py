@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 from collections.abc import Callable
 from itertools import product
 from pathlib import Path
 
+from infra.dvc import dvc
+from infra.processes import CommandError, venv_env
 from pipeline.config import PARAMS_FILE, ConfigError, Workspace, read_params_file, resolve_params
-from pipeline.versioning import CommandError, stream_command, venv_env
 
 # what `lmforge sweep` tabulates of each experiment, from the metrics files in dvc.yaml
 COLUMNS = {
@@ -52,8 +52,7 @@ def check_grid(root: Path, grid: list[str]) -> int:
 def _dvc(args: list[str], ws: Workspace, on_line: Callable[[str], None]) -> list[str]:
     # experiments run in DVC's temporary copies of the repo: LMFORGE_STATE_DIR points them at this
     # workspace's S3 credentials and servers, which the gate stage needs for the champion
-    env = venv_env({"LMFORGE_STATE_DIR": str(ws.state)})
-    return stream_command([str(Path(sys.executable).parent / "dvc"), *args], ws.root, on_line, env)
+    return dvc(args, ws.root, on_line, env=venv_env({"LMFORGE_STATE_DIR": str(ws.state)}))
 
 
 def queue_status(ws: Workspace) -> dict[str, str]:

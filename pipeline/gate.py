@@ -6,26 +6,14 @@ The decision and every reason go to artifacts/gate.json. The gate only decides; 
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-from dataclasses import asdict, dataclass
-
-from pipeline.config import ConfigError, GateConfig, Workspace, load_params
-
-
-@dataclass
-class Decision:
-    promote: bool
-    reasons: list[str]
-    challenger: dict
-    champion: dict | None
-
+from pipeline.config import GateConfig, Workspace, load_params
+from pipeline.contracts import ChampionRecord, Decision, read_metrics, write_json
+from pipeline.stage import run_stage
 
 GATE_METRICS = "gate_metrics.json"
 
 
-def decide(metrics: dict, champion: dict | None, cfg: GateConfig) -> Decision:
+def decide(metrics: dict, champion: ChampionRecord | None, cfg: GateConfig) -> Decision:
     ppl, bigram = metrics["val_perplexity"], metrics["bigram_val_perplexity"]
     checks = []
     checks.append(
@@ -58,7 +46,7 @@ def decide(metrics: dict, champion: dict | None, cfg: GateConfig) -> Decision:
     if champion is None:
         checks.append((True, "no champion yet: judged on the thresholds only"))
     else:
-        best = champion["metrics"]["val_perplexity"]
+        best = champion.metrics["val_perplexity"]
         allowed = best * (1 + cfg.champion_tolerance)
         checks.append(
             (
@@ -68,38 +56,33 @@ def decide(metrics: dict, champion: dict | None, cfg: GateConfig) -> Decision:
         )
     promote = all(ok for ok, _ in checks)
     reasons = [("pass: " if ok else "FAIL: ") + text for ok, text in checks]
-    return Decision(promote, reasons, metrics, champion)
+    return Decision(promote=promote, reasons=reasons, challenger=metrics, champion=champion)
 
 
-def main() -> int:
+def run() -> None:
     """The DVC stage: metrics.json + the champion record in S3 -> artifacts/gate.json."""
     from pipeline.registry import read_champion
-    from pipeline.storage import StorageError
 
-    try:
-        ws = Workspace.find()
-        params = load_params(ws.root)
-        metrics = json.loads((ws.eval_dir / "metrics.json").read_text())
-        champion = read_champion(params.storage, ws.state)
-    except (ConfigError, StorageError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    ws = Workspace.find()
+    params = load_params(ws.root)
+    metrics = read_metrics(ws.eval_dir)
+    champion = read_champion(params.storage, ws.state)
     decision = decide(metrics, champion, params.gate)
+    decision.save(ws.gate_file)
     # gate_metrics.json: the decision as DVC metrics, so `dvc exp show` has a column for it
-    summary = {
+    write_json(ws.artifacts / GATE_METRICS, {
         "promote": decision.promote,
-        "checks_passed": sum(r.startswith("pass: ") for r in decision.reasons),
+        "checks_passed": decision.checks_passed,
         "checks": len(decision.reasons),
-        "champion_val_perplexity": (champion or {}).get("metrics", {}).get("val_perplexity"),
-    }
-    for path, payload in ((ws.gate_file, asdict(decision)), (ws.artifacts / GATE_METRICS, summary)):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, path)
+        "champion_val_perplexity": champion.metrics.get("val_perplexity") if champion else None,
+    })  # fmt: skip
     print(f"gate: {'PROMOTE' if decision.promote else 'REJECT'}")
     for reason in decision.reasons:
         print(f"  {reason}")
-    return 0
+
+
+def main() -> int:
+    return run_stage("gate", run)
 
 
 if __name__ == "__main__":

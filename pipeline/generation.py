@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from infra.errors import UsageError
 
-class GenerationError(ValueError):
+
+class GenerationError(UsageError, ValueError):
     """A request the model cannot serve as asked (too long, bad settings); the message says why."""
 
 

@@ -44,7 +44,7 @@ def fetch_source(source: str, dest: Path, cfg: IngestConfig, storage=None) -> No
     if source == "builtin":
         write_builtin_corpus(dest / "builtin")
     elif source.startswith("s3://"):
-        from pipeline.storage import download_prefix
+        from infra.s3 import download_prefix
 
         if storage is None:
             raise CorpusError("an s3:// source needs the storage config")
@@ -100,8 +100,8 @@ def champion_chars(ws, params) -> int | None:
         return None
     from pipeline.registry import read_champion
 
-    champion = read_champion(params.storage, ws.state) or {}
-    return (champion.get("data_stats") or {}).get("total_chars")
+    champion = read_champion(params.storage, ws.state)
+    return (champion.data_stats or {}).get("total_chars") if champion else None
 
 
 def ingest(source: str, ws, params, on_line=print) -> str:
@@ -110,8 +110,8 @@ def ingest(source: str, ws, params, on_line=print) -> str:
     A source that fails validation (including the shrink guard against the champion's corpus) is
     discarded before data/ is touched.
     """
+    from infra.dvc import data_md5, dvc
     from pipeline.validate import format_failure, format_summary, validate_corpus
-    from pipeline.versioning import data_md5, dvc
 
     reference = champion_chars(ws, params)
     staging = stage_corpus(source, ws.data, params.ingest, (params.storage, ws.state))
@@ -139,7 +139,8 @@ def restore_data(ws, on_line=print) -> str | None:
     """A fresh clone has data.dvc but no data/: fetch the dataset from the remote, or, when the remote
     does not have it and it is the builtin corpus, rebuild that (it is the same bytes every time).
     Returns how data/ was restored, or None when there was nothing to do."""
-    from pipeline.versioning import CommandError, dvc
+    from infra.dvc import dvc
+    from infra.processes import CommandError
 
     pointer = ws.root / "data.dvc"
     if ws.data.exists() or not pointer.is_file():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from pipeline.generation import context_length
 def resolve_base(base: str, ws: Workspace, params: Params) -> Path:
     """A local directory for model.base; an s3:// base is downloaded once into the state dir."""
     if base.startswith("s3://"):
-        from pipeline.storage import download_prefix
+        from infra.s3 import download_prefix
 
         dest = ws.state / "base-models" / hashlib.sha256(base.encode()).hexdigest()[:16]
         if not (dest / "config.json").is_file() and not (dest / "tokenizer_config.json").is_file():
@@ -173,6 +174,13 @@ def training_loss(model, sample: torch.Tensor) -> tuple[NextTokenLoss, str]:
     if gap > 1e-4:
         return plain, f"the model's own (its logits are not body x head: relative gap {gap:.1e})"
     return FusedNextTokenLoss(model), "fused linear + cross-entropy, chunked"
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast where the GPU supports it; full fp32 elsewhere (CPU bf16 is slower here)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def load_model(model_dir: Path):

@@ -8,8 +8,6 @@ serves the same way anywhere. `publish` exports it to s3://<bucket>/<bentos_pref
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -17,13 +15,15 @@ import tempfile
 from contextlib import chdir
 from pathlib import Path
 
-from pipeline.config import Params, Workspace
+from infra.errors import LmforgeError
+from pipeline.config import Params, Workspace, params_hash
+from pipeline.contracts import Decision, write_json
 
-SERVICE_FILES = ["pipeline/__init__.py", "pipeline/service.py", "pipeline/generation.py"]
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
+MODEL_CARD = "MODEL_CARD.md"
 
 
-class PackageError(RuntimeError):
+class PackageError(LmforgeError):
     """Packaging refused or failed; the message says why."""
 
 
@@ -33,17 +33,11 @@ def use_bentoml_home(state: Path) -> None:
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 
-def params_hash(params: Params) -> str:
-    """What was trained and how: the params that shape the model (not where things are stored)."""
-    payload = params.model_dump(include={"profile", "preprocess", "model", "train", "evaluate", "gate"})
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def lineage(ws: Workspace, params: Params, decision: dict, data_md5: str | None) -> dict[str, str]:
+def lineage(ws: Workspace, params: Params, decision: Decision, data_md5: str | None) -> dict[str, str]:
     """The labels a model and its Bento carry (BentoML labels are strings)."""
     from pipeline.registry import git_sha
 
-    metrics = decision["challenger"]
+    metrics = decision.challenger
     return {
         "data_md5": str(data_md5),
         "git_sha": str(git_sha(ws.root)),
@@ -52,13 +46,13 @@ def lineage(ws: Workspace, params: Params, decision: dict, data_md5: str | None)
         "val_perplexity": f"{metrics['val_perplexity']:.4f}",
         "test_perplexity": f"{metrics['test_perplexity']:.4f}",
         "bigram_val_perplexity": f"{metrics['bigram_val_perplexity']:.4f}",
-        "gate": "promote" if decision["promote"] else "reject",
+        "gate": "promote" if decision.promote else "reject",
     }
 
 
-def model_card(params: Params, labels: dict[str, str], decision: dict) -> str:
-    m = decision["challenger"]
-    reasons = "\n".join(f"- {r}" for r in decision["reasons"])
+def model_card(params: Params, labels: dict[str, str], decision: Decision) -> str:
+    m = decision.challenger
+    reasons = "\n".join(f"- {r}" for r in decision.reasons)
     mc, tc = params.model, params.train
     return f"""# {params.serve.model_name}
 
@@ -107,20 +101,26 @@ def _build_context(ws: Workspace, card: str) -> Path:
     """A directory with bentofile.yaml, the service code and the model card: what the Bento contains."""
     ctx = Path(tempfile.mkdtemp(prefix="lmforge-bento-"))
     bentofile = ws.root / "bentofile.yaml"
-    shutil.copy(bentofile if bentofile.is_file() else SOURCE_ROOT / "bentofile.yaml", ctx / "bentofile.yaml")
-    for rel in SERVICE_FILES:
+    bentofile = bentofile if bentofile.is_file() else SOURCE_ROOT / "bentofile.yaml"
+    shutil.copy(bentofile, ctx / "bentofile.yaml")
+    for rel in service_files(bentofile):
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(SOURCE_ROOT / rel, ctx / rel)
-    (ctx / "MODEL_CARD.md").write_text(card)
+    (ctx / MODEL_CARD).write_text(card)
     return ctx
+
+
+def service_files(bentofile: Path) -> list[str]:
+    """The source files the Bento includes: bentofile.yaml's include list, which is the one list of them."""
+    import yaml
+
+    return [rel for rel in yaml.safe_load(bentofile.read_text())["include"] if rel != MODEL_CARD]
 
 
 def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
     """Store the gated model and build its Bento; refuses a model the gate rejected."""
-    if not ws.gate_file.is_file():
-        raise PackageError(f"{ws.gate_file} is missing: run the gate first")
-    decision = json.loads(ws.gate_file.read_text())
-    if not decision.get("promote"):
+    decision = Decision.load(ws.gate_file)
+    if not decision.promote:
         raise PackageError("the gate rejected this model: it is not packaged")
     if not (ws.model_dir / "model.safetensors").is_file():
         raise PackageError(f"{ws.model_dir} holds no model.safetensors: run the train stage first")
@@ -128,7 +128,7 @@ def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
     import bentoml
 
     labels = lineage(ws, params, decision, data_md5)
-    metadata = {"metrics": decision["challenger"], "gate_reasons": decision["reasons"]}
+    metadata = {"metrics": decision.challenger, "gate_reasons": decision.reasons}
     with bentoml.models.create(params.serve.model_name, labels=labels, metadata=metadata) as stored:
         for item in ws.model_dir.iterdir():
             if item.is_file():
@@ -165,7 +165,7 @@ def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
         "labels": labels,
     }
     ws.package_dir.mkdir(parents=True, exist_ok=True)
-    (ws.package_dir / "bento.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(ws.package_dir / "bento.json", result)
     (ws.package_dir / "MODEL_CARD.md").write_text(card)
     return result
 
@@ -175,7 +175,7 @@ def publish(ws: Workspace, params: Params, bento_tag: str) -> str:
     use_bentoml_home(ws.state)
     import bentoml
 
-    from pipeline.storage import upload_file
+    from infra.s3 import upload_file
 
     name = bento_tag.replace(":", "-") + ".bento"
     with tempfile.TemporaryDirectory(prefix="lmforge-export-") as tmp:
@@ -197,7 +197,7 @@ def ensure_local_bento(ws: Workspace, params: Params, bento_tag: str, bento_url:
     except NotFound:
         if not bento_url:
             raise PackageError(f"Bento {bento_tag} is not in the local store and has no S3 copy") from None
-    from pipeline.storage import download_prefix
+    from infra.s3 import download_prefix
 
     with tempfile.TemporaryDirectory(prefix="lmforge-import-") as tmp:
         (path,) = download_prefix(bento_url, Path(tmp), params.storage, ws.state)

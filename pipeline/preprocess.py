@@ -14,7 +14,6 @@ their dtype, token and document counts, and the contamination.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -27,11 +26,13 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, Params, Workspace, load_params
+from pipeline.contracts import SPLITS, Manifest, ValidationReport
 from pipeline.corpus import CorpusError, Document, open_corpus
+from pipeline.data import load_shard, sorted_unique
+from pipeline.model import resolve_base
+from pipeline.stage import run_stage
 
-SPLITS = ("train", "val", "test")
 EOS_TOKEN = "<|endoftext|>"
-MANIFEST = "manifest.json"
 
 
 def split_by_hash(digests: list[bytes], val_fraction: float, test_fraction: float) -> list[str]:
@@ -154,7 +155,7 @@ def preprocess(
     params: Params,
     base_dir: Path | None = None,
     expected_documents: int | None = None,
-) -> dict:
+) -> Manifest:
     """Run the three passes; write tokenizer_dir and shards_dir (replacing them whole); return the manifest.
 
     expected_documents, validation's count of kept documents, guards against a corpus that changed since.
@@ -222,22 +223,22 @@ def preprocess(
         w.close()
 
     tokenizer.save_pretrained(tmp_tok)
-    manifest = {
-        "dtype": dtype.name,
-        "vocab_size": vocab_size,
-        "eos_token_id": eos,
-        "tokenizer": "base" if base_dir else "trained",
-        "tokenizer_sample": None if base_dir else sample,
-        "splits": {
+    manifest = Manifest(
+        dtype=dtype.name,
+        vocab_size=vocab_size,
+        eos_token_id=eos,
+        tokenizer="base" if base_dir else "trained",
+        tokenizer_sample=None if base_dir else sample,
+        splits={
             s: {"documents": doc_counts[s], "tokens": writers[s].tokens, "shards": writers[s].shards}
             for s in SPLITS
         },
-        "total_tokens": sum(w.tokens for w in writers.values()),
-        "encode_seconds": round(seconds, 3),
-        "tokens_per_second": round(sum(w.tokens for w in writers.values()) / max(seconds, 1e-9)),
-    }
-    manifest["contamination"] = contamination(tmp_shards, manifest, cfg.contamination_ngram)
-    (tmp_shards / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        total_tokens=sum(w.tokens for w in writers.values()),
+        encode_seconds=round(seconds, 3),
+        tokens_per_second=round(sum(w.tokens for w in writers.values()) / max(seconds, 1e-9)),
+    )
+    manifest.contamination = contamination(tmp_shards, manifest, cfg.contamination_ngram)
+    manifest.write(tmp_shards)
     for tmp, final in ((tmp_tok, tokenizer_dir), (tmp_shards, shards_dir)):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -276,32 +277,21 @@ def ngram_hashes(ids: np.ndarray, n: int, eos: int) -> np.ndarray:
     return h[eos_seen[n:] == eos_seen[:count]]
 
 
-def split_ngram_hashes(shards_dir: Path, manifest: dict, split: str, n: int) -> Iterator[np.ndarray]:
+def split_ngram_hashes(shards_dir: Path, manifest: Manifest, split: str, n: int) -> Iterator[np.ndarray]:
     """The split's n-gram hashes, chunk by chunk (chunks overlap by n-1 tokens; shards are read apart)."""
-    dtype, eos = np.dtype(manifest["dtype"]), manifest["eos_token_id"]
-    for shard in manifest["splits"][split]["shards"]:
-        ids = np.memmap(shards_dir / shard["file"], dtype=dtype, mode="r")
+    eos = manifest.eos_token_id
+    for ids in load_shard(shards_dir, split, manifest):
         for start in range(0, max(len(ids) - n + 1, 0), CHUNK_TOKENS):
             yield ngram_hashes(np.asarray(ids[start : start + CHUNK_TOKENS + n - 1]), n, eos)
 
 
-def sorted_unique(values: np.ndarray, return_counts: bool = False):
-    """np.unique by sort and compare: numpy 2.4's np.unique takes 23 s on 16 M uint64 here, np.sort 0.5 s."""
-    ordered = np.sort(values)
-    first = np.concatenate([[True], ordered[1:] != ordered[:-1]]) if len(ordered) else np.empty(0, bool)
-    unique = ordered[first]
-    if not return_counts:
-        return unique
-    return unique, np.diff(np.append(np.flatnonzero(first), len(ordered)))
-
-
-def contamination(shards_dir: Path, manifest: dict, n: int) -> dict:
+def contamination(shards_dir: Path, manifest: Manifest, n: int) -> dict:
     """The share of val and test n-grams (GPT-3's check, n=13) that also occur in train.
 
     Memory is bounded: at most HELD_OUT_SAMPLE held-out n-grams are kept (sorted), and train streams
     past them chunk by chunk; every lookup is a merge of two sorted arrays.
     """
-    held_tokens = sum(manifest["splits"][s]["tokens"] for s in ("val", "test"))
+    held_tokens = sum(manifest.splits[s].tokens for s in ("val", "test"))
     rate = min(1.0, HELD_OUT_SAMPLE / max(held_tokens, 1))
     cut = np.uint64(min(2**64 - 1, int(rate * 2**64)))
 
@@ -325,41 +315,26 @@ def contamination(shards_dir: Path, manifest: dict, n: int) -> dict:
     return result
 
 
-def load_shard(shards_dir: Path, split: str) -> list[np.memmap]:
-    """The split's shards as read-only memmaps (no copy into memory)."""
-    manifest = json.loads((shards_dir / MANIFEST).read_text())
-    dtype = np.dtype(manifest["dtype"])
-    return [
-        np.memmap(shards_dir / s["file"], dtype=dtype, mode="r") for s in manifest["splits"][split]["shards"]
-    ]
-
-
-def main(argv: list[str] | None = None) -> int:
+def run() -> None:
     """The DVC stage: data/ -> artifacts/tokenizer + artifacts/shards."""
-    try:
-        ws = Workspace.find()
-        params = load_params(ws.root)
-        base_dir = None
-        if params.model.base:
-            from pipeline.model import resolve_base
-
-            base_dir = resolve_base(params.model.base, ws, params)
-        report = ws.validation_dir / "report.json"
-        kept = json.loads(report.read_text())["stats"].get("kept_documents") if report.is_file() else None
-        manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, base_dir, kept)
-    except (ConfigError, CorpusError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    ws = Workspace.find()
+    params = load_params(ws.root)
+    base_dir = resolve_base(params.model.base, ws, params) if params.model.base else None
+    report = ValidationReport.read(ws.validation_dir)
+    kept = report.stats.get("kept_documents") if report else None
+    manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, base_dir, kept)
     counts = ", ".join(
-        f"{s} {manifest['splits'][s]['tokens']:,} ({manifest['splits'][s]['documents']:,} docs)"
-        for s in SPLITS
+        f"{s} {manifest.splits[s].tokens:,} ({manifest.splits[s].documents:,} docs)" for s in SPLITS
     )
-    c = manifest["contamination"]
+    c = manifest.contamination
     print(
-        f"preprocess: vocab {manifest['vocab_size']:,}, tokens: {counts} ({manifest['tokens_per_second']:,} tok/s)\n"
+        f"preprocess: vocab {manifest.vocab_size:,}, tokens: {counts} ({manifest.tokens_per_second:,} tok/s)\n"
         f"contamination: {c['val']:.2%} of val and {c['test']:.2%} of test {c['ngram']}-grams also occur in train"
     )
-    return 0
+
+
+def main() -> int:
+    return run_stage("preprocess", run)
 
 
 if __name__ == "__main__":

@@ -7,20 +7,13 @@ conditional write (If-Match on the ETag that was read), so two racing writers ca
 
 from __future__ import annotations
 
-import json
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.config import Params, StorageConfig, Workspace
-from pipeline.storage import (
-    ConflictError,
-    StorageError,
-    get_json,
-    get_json_versioned,
-    list_keys,
-    put_json,
-)
+from infra.s3 import ConflictError, StorageError, get_json, get_json_versioned, list_keys, put_json
+from pipeline.config import Params, StorageConfig, Workspace, model_shaping_params
+from pipeline.contracts import ChampionRecord, ValidationReport, read_curve, record_name
 
 
 def champion_key(cfg: StorageConfig) -> str:
@@ -31,35 +24,45 @@ def history_prefix(cfg: StorageConfig) -> str:
     return f"{cfg.registry_prefix.strip('/')}/history/"
 
 
-def read_champion(cfg: StorageConfig, state: Path) -> dict | None:
-    return get_json(cfg, state, champion_key(cfg))
+def _record(data: dict | None, cfg: StorageConfig, key: str) -> ChampionRecord | None:
+    return None if data is None else ChampionRecord.parse(data, f"s3://{cfg.bucket}/{key}")
 
 
-def read_history(cfg: StorageConfig, state: Path) -> list[dict]:
+def read_champion(cfg: StorageConfig, state: Path) -> ChampionRecord | None:
+    return _record(get_json(cfg, state, champion_key(cfg)), cfg, champion_key(cfg))
+
+
+def read_champion_versioned(cfg: StorageConfig, state: Path) -> tuple[ChampionRecord | None, str | None]:
+    """The champion and the ETag it was read at, for a conditional write."""
+    data, etag = get_json_versioned(cfg, state, champion_key(cfg))
+    return _record(data, cfg, champion_key(cfg)), etag
+
+
+def read_history(cfg: StorageConfig, state: Path) -> list[ChampionRecord]:
     """Every promotion ever made, oldest first (the keys start with the promotion time)."""
     keys = list_keys(cfg, state, history_prefix(cfg))
-    return [record for key in keys if (record := get_json(cfg, state, key))]
+    return [record for key in keys if (record := _record(get_json(cfg, state, key), cfg, key))]
 
 
-def rollback(cfg: StorageConfig, state: Path) -> dict:
+def rollback(cfg: StorageConfig, state: Path) -> ChampionRecord:
     """Make the champion before the current one current again; returns the new champion record.
 
     "Before" is by promotion time, so rolling back twice goes back two promotions.
     """
-    current, etag = get_json_versioned(cfg, state, champion_key(cfg))
+    current, etag = read_champion_versioned(cfg, state)
     if current is None:
         raise StorageError("no champion to roll back from")
     older = [
         r for r in read_history(cfg, state)
-        if r["promoted_at"] < current["promoted_at"] and r.get("bento_tag") != current.get("bento_tag")
+        if r.promoted_at < current.promoted_at and r.bento_tag != current.bento_tag
     ]  # fmt: skip
     if not older:
         raise StorageError(f"no earlier champion than {record_name(current)}")
-    record = older[-1] | {
+    record = older[-1].model_copy(update={
         "rolled_back_from": record_name(current),
         "rolled_back_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    put_json(cfg, state, champion_key(cfg), record, if_match=etag)
+    })  # fmt: skip
+    put_json(cfg, state, champion_key(cfg), record.to_dict(), if_match=etag)
     return record
 
 
@@ -68,38 +71,30 @@ def git_sha(root: Path) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def record_name(record: dict | None) -> str:
-    if record is None:
-        return "no champion"
-    return record.get("bento_tag") or record.get("model_md5", "?")
-
-
-def promote(record: dict, cfg: StorageConfig, state: Path, judged_against: dict | None) -> dict:
+def promote(
+    record: ChampionRecord, cfg: StorageConfig, state: Path, judged_against: ChampionRecord | None
+) -> ChampionRecord:
     """Make record the champion, only if the champion is still the one the gate judged it against.
 
     The check and the write are one step: the write is conditional on the ETag read here (or on there
     being no champion yet), so of two racing promotions exactly one wins and the other gets a
     ConflictError. The history entry is written after the pointer, so a lost race leaves none.
     """
-    current, etag = get_json_versioned(cfg, state, champion_key(cfg))
+    current, etag = read_champion_versioned(cfg, state)
     if current != judged_against:
         raise ConflictError(
             f"the champion changed since the gate judged this model (it is now {record_name(current)}, "
             f"the gate compared against {record_name(judged_against)}); run again to gate against it"
         )
-    record = record | {"promoted_at": datetime.now(UTC).isoformat(timespec="milliseconds")}
-    put_json(cfg, state, champion_key(cfg), record, if_match=etag, if_absent=etag is None)
-    stamp = record["promoted_at"].replace(":", "").replace("-", "")
-    put_json(cfg, state, f"{history_prefix(cfg)}{stamp}-{record['model_md5'][:12]}.json", record)
+    record = record.model_copy(update={"promoted_at": datetime.now(UTC).isoformat(timespec="milliseconds")})
+    put_json(cfg, state, champion_key(cfg), record.to_dict(), if_match=etag, if_absent=etag is None)
+    stamp = record.promoted_at.replace(":", "").replace("-", "")
+    put_json(cfg, state, f"{history_prefix(cfg)}{stamp}-{record.model_md5[:12]}.json", record.to_dict())
     return record
 
 
 def loss_curve_points(ws: Workspace, most: int = 400) -> list[dict]:
     """The evaluate stage's loss-curve points, thinned to at most `most` train points (every val point kept)."""
-    from pipeline.evaluate import TRAIN_CURVE, read_curve
-
-    if not (ws.eval_dir / TRAIN_CURVE).is_file():
-        return []
     points = read_curve(ws.eval_dir)
     every = max(1, -(-len(points) // most))
     return [p for i, p in enumerate(points) if i % every == 0 or "val_loss" in p or i == len(points) - 1]
@@ -112,27 +107,26 @@ def champion_record(
     model_md5: str,
     data_md5: str | None,
     bento: dict | None = None,
-) -> dict:
+) -> ChampionRecord:
     """What a champion record says: where the model and its Bento are, how good it is, where it came from."""
-    from pipeline.versioning import remote_object_url
+    from infra.dvc import remote_object_url
 
-    report = ws.validation_dir / "report.json"
-    record = {
-        "model_md5": model_md5,
-        "model_url": remote_object_url(params.storage.dvc_remote_url, model_md5),
-        "metrics": metrics,
-        "data_md5": data_md5,
-        # the size of the corpus, for the shrink guard at the next ingest
-        "data_stats": json.loads(report.read_text())["stats"] if report.is_file() else None,
-        "git_sha": git_sha(ws.root),
-        "profile": params.profile,
-        # so that the next challenger's comparison can overlay this model's curve on its own
-        "loss_curve": loss_curve_points(ws),
-    }
+    report = ValidationReport.read(ws.validation_dir)
+    record = ChampionRecord(
+        model_md5=model_md5,
+        model_url=remote_object_url(params.storage.dvc_remote_url, model_md5),
+        metrics=metrics,
+        data_md5=data_md5,
+        data_stats=report.stats if report else None,
+        git_sha=git_sha(ws.root),
+        profile=params.profile,
+        loss_curve=loss_curve_points(ws),
+        params=model_shaping_params(params),
+    )
     if bento:
-        record |= {
-            "bento_tag": bento["bento_tag"],
-            "bento_url": bento.get("bento_url"),
-            "lineage": bento["labels"],
-        }
+        record.bento_tag, record.bento_url, record.lineage = (
+            bento["bento_tag"],
+            bento.get("bento_url"),
+            bento["labels"],
+        )
     return record

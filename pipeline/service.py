@@ -27,16 +27,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from pipeline.config import ServeConfig
 from pipeline.generation import Completion, Delta, Engine, GenerationError, SamplingParams, load_engine
 
 ARGS = bentoml.use_arguments()
 MODEL_TAG = str(getattr(ARGS, "model_tag", None) or os.environ.get("LMFORGE_MODEL_TAG", "lmforge-lm:latest"))
-MAX_NEW_TOKENS_CAP = int(getattr(ARGS, "max_new_tokens_cap", 256))
-DEFAULT_MAX_NEW_TOKENS = int(getattr(ARGS, "default_max_new_tokens", 64))
-MAX_BATCH_SIZE = int(getattr(ARGS, "max_batch_size", 16))
-MAX_BODY_BYTES = int(getattr(ARGS, "max_body_bytes", 1 << 20))
-MAX_LOGPROBS = int(getattr(ARGS, "max_logprobs", 20))  # vLLM's default cap on logprobs / top_logprobs
-CHAT_TEMPLATE: str | None = getattr(ARGS, "chat_template", None) or None  # overrides the tokenizer's
+# The serving limits: the Bento arguments package.py pins from params (serve.*), validated by the same
+# ServeConfig, whose defaults fill in whatever a bare `bentoml serve` was not given.
+SERVE = ServeConfig.model_validate(
+    {name: getattr(ARGS, name) for name in ServeConfig.model_fields if getattr(ARGS, name, None) is not None}
+)
+MAX_NEW_TOKENS_CAP = SERVE.max_new_tokens_cap
+DEFAULT_MAX_NEW_TOKENS = SERVE.default_max_new_tokens
+MAX_BATCH_SIZE = SERVE.max_batch_size
+MAX_BODY_BYTES = SERVE.max_body_bytes
+MAX_LOGPROBS = SERVE.max_logprobs  # vLLM's default cap on logprobs / top_logprobs
+CHAT_TEMPLATE: str | None = SERVE.chat_template or None  # the template text itself; overrides the tokenizer's
 # vLLM sets no number; harnesses send a task's stops plus EOS. Each is searched in the new text only.
 MAX_STOP_STRINGS = 256
 INLINE_ENCODE_CHARS = 4096

@@ -30,14 +30,16 @@ import tempfile
 from array import array
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, Params, ValidationConfig, Workspace, load_params
-from pipeline.corpus import Corpus, CorpusError, Document, open_corpus
+from pipeline.config import Params, ValidationConfig, Workspace, load_params
+from pipeline.contracts import ArtifactError, Check, ValidationReport, write_text_atomic
+from pipeline.corpus import Corpus, Document, open_corpus
+from pipeline.stage import run_stage
 
 # What a reader cannot see or a tokenizer should not learn: U+FFFD (what undecodable bytes became), the
 # C0 controls other than \t \n \r, DEL and the C1 controls, lone surrogates (JSON "\ud800" escapes) and
@@ -51,32 +53,6 @@ EXAMPLES_PER_REASON = 3
 DROP_REASONS = ("nonprintable", "too_short", "too_long")  # quality: counted against max_dropped_fraction
 DUPLICATE_REASONS = ("duplicate", "near_duplicate")  # counted against max_duplicate_ratio
 SHINGLE_CHARS = 5  # near-duplicates: MinHash over character 5-grams, which works for every script
-
-
-@dataclass
-class Check:
-    name: str  # "min_documents", "doc_length", "secret:aws_access_key_id", ...
-    expectation: str  # the GE expectation type, e.g. expect_column_values_to_be_between
-    success: bool
-    observed: Any  # a number for corpus-level checks, "k of n documents ..." for per-document ones
-    bound: str
-    example: str | None = None  # a failing document: its source and a short (masked) snippet
-
-
-@dataclass
-class ValidationReport:
-    corpus: str
-    success: bool
-    stats: dict[str, Any]
-    checks: list[Check] = field(default_factory=list)
-    files: list[dict] = field(default_factory=list)  # each read file: format, layout, documents
-    skipped: list[str] = field(default_factory=list)  # files of other kinds
-    examples: dict[str, list[str]] = field(default_factory=dict)  # dropped documents, by reason
-    dropped_records: IO[str] | None = field(default=None, repr=False)  # one JSON line per dropped document
-
-    @property
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if not c.success]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,18 +593,6 @@ def format_summary(report: ValidationReport) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """A reader (DVC, a dashboard) sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cell(value: Any) -> str:
     return str(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
@@ -636,9 +600,7 @@ def _cell(value: Any) -> str:
 def write_report(report: ValidationReport, out_dir: Path) -> None:
     """report.json for machines (and `dvc metrics`), report.md for people, dropped.jsonl for the record."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = {f.name: getattr(report, f.name) for f in fields(report) if f.name != "dropped_records"}
-    data["checks"] = [asdict(c) for c in report.checks]
-    _write_atomic(out_dir / "report.json", json.dumps(data, indent=2, default=str) + "\n")
+    report.save(out_dir / report.FILE)
     md = [
         f"# Corpus validation: {'passed' if report.success else 'FAILED'}",
         "",
@@ -654,7 +616,7 @@ def write_report(report: ValidationReport, out_dir: Path) -> None:
             for c in report.checks
         ),
     ]
-    _write_atomic(out_dir / "report.md", "\n".join(md) + "\n")
+    write_text_atomic(out_dir / "report.md", "\n".join(md) + "\n")
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".dropped.jsonl.", suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         if report.dropped_records is not None:
@@ -663,26 +625,24 @@ def write_report(report: ValidationReport, out_dir: Path) -> None:
     os.replace(tmp, out_dir / "dropped.jsonl")
 
 
-def main() -> int:
+def run() -> int:
     """The DVC stage: validate data/, write artifacts/validation/; exit 1 on a corpus that fails."""
-    try:
-        ws = Workspace.find()
-        params = load_params(ws.root)
-        report = validate_corpus(ws.data, params, name=f"{ws.data.name}/")
-    except (ConfigError, CorpusError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    ws = Workspace.find()
+    report = validate_corpus(ws.data, load_params(ws.root), name=f"{ws.data.name}/")
     try:
         write_report(report, ws.validation_dir)
     except OSError as exc:  # say which directory, not a traceback
-        print(f"error: cannot write the report to {ws.validation_dir}: {exc}", file=sys.stderr)
-        return 2
+        raise ArtifactError(f"cannot write the report to {ws.validation_dir}: {exc}") from None
     print(format_summary(report))
     print(f"validate: {'passed' if report.success else 'FAILED'} ({ws.validation_dir / 'report.md'})")
     if not report.success:
         print(format_failure(report), file=sys.stderr)
         return 1
     return 0
+
+
+def main() -> int:
+    return run_stage("validate", run)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from infra.embedded_s3 import EmbeddedS3, start_on_free_ports
+from infra.s3 import Credentials, ensure_embedded_credentials
 from pipeline.config import StorageConfig
-from pipeline.storage import (
-    PORT_OFFSETS,
-    Credentials,
-    EmbeddedS3,
-    StorageError,
-    ensure_embedded_credentials,
-    port_is_free,
-)
 
 # Set before anything imports prefect, transformers or bentoml.
 os.environ.update(
@@ -40,36 +34,17 @@ for _var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", 
     os.environ.pop(_var, None)
 
 
-def free_port_block(size: int = len(PORT_OFFSETS)) -> int:
-    """The first port of `size` consecutive free loopback ports, at a random place in 20000-60000."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000 - size)
-        if all(port_is_free(base + i) for i in range(size)):
-            return base
-    raise RuntimeError("no block of free ports found")
-
-
 @dataclass
 class S3Server:
     cfg: StorageConfig  # endpoint_url on its own free ports, bucket already created
-    state: Path  # pass as `state` to the pipeline.storage helpers, or as LMFORGE_STATE_DIR
+    state: Path  # pass as `state` to the infra.s3 helpers, or as LMFORGE_STATE_DIR
     creds: Credentials
     server: EmbeddedS3
 
 
-def start_embedded_s3(state: Path, bucket: str = "lmforge-test", attempts: int = 3) -> EmbeddedS3:
-    """A started server on a fresh port block (another block if a port was taken in between)."""
-    for attempt in range(attempts):
-        cfg = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port_block()}", bucket=bucket)
-        server = EmbeddedS3(cfg, state)
-        try:
-            server.start()
-            return server
-        except StorageError:
-            if attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+def start_embedded_s3(state: Path, bucket: str = "lmforge-test") -> EmbeddedS3:
+    """A started server on a fresh port block, as the bench starts its own."""
+    return start_on_free_ports(state, lambda url: StorageConfig(endpoint_url=url, bucket=bucket))
 
 
 @pytest.fixture(scope="session")
@@ -177,7 +152,7 @@ def tiny_workspace(tmp_path, monkeypatch):
 def listening_in_tree(pid: int) -> set[str]:
     """host:port of every TCP socket that pid or any process below it listens on (torchrun puts its
     ranks in sessions of their own, so a process group would miss them)."""
-    from pipeline.versioning import descendants
+    from infra.processes import descendants
 
     tree = {pid, *descendants(pid)}
     lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()

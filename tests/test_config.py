@@ -3,8 +3,16 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.config import ConfigError, load_params, read_params_file, resolve_params, write_overrides
+from pipeline.config import (
+    ConfigError,
+    Params,
+    load_params,
+    read_params_file,
+    resolve_params,
+    write_overrides,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,3 +92,12 @@ def test_write_overrides_keeps_comments_and_validates_first(tmp_path):
     with pytest.raises(ConfigError, match="preprocess.vocab_size"):
         write_overrides(tmp_path, ["preprocess.vocab_size=-1"])
     assert (tmp_path / "params.yaml").read_text() == before
+
+
+def test_params_yaml_holds_exactly_the_config_defaults():
+    """The defaults live in pipeline/config.py; params.yaml spells every one of them out (DVC reads it), and
+    the two never disagree: the demo profile of params.yaml is the config with nothing overridden."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    written = {key: value for key, value in raw.items() if key != "profiles"}
+    assert written == Params().model_dump()
+    assert raw["profiles"]["demo"] == {}

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from infra.dvc import copy_project
+from infra.s3 import s3_client
 from pipeline.config import write_overrides
+from pipeline.contracts import Decision
 from pipeline.registry import read_champion
-from pipeline.storage import s3_client
-from pipeline.versioning import copy_project
 
 from .conftest import TINY, lag2_corpus, listening_in_tree
 
@@ -323,14 +324,14 @@ def test_rejected_challenger_leaves_the_champion(workspace, s3_server, tmp_path)
     assert "gate          PROMOTED" in first.stdout
     cfg = s3_server.cfg.model_copy(update={"bucket": bucket})
     champion = read_champion(cfg, s3_server.state)
-    assert champion["model_url"] == summary_value(first.stdout, "model in S3") and champion[
-        "data_md5"
-    ].endswith(".dir")
+    assert champion.model_url == summary_value(first.stdout, "model in S3") and champion.data_md5.endswith(
+        ".dir"
+    )
     # the promoted model is a built Bento, exported to S3, with the run's lineage
-    bento_tag = champion["bento_tag"]
+    bento_tag = champion.bento_tag
     assert summary_value(first.stdout, "Bento").startswith(bento_tag)
-    assert champion["lineage"]["data_md5"] == champion["data_md5"]
-    exported = champion["bento_url"].removeprefix(f"s3://{bucket}/")
+    assert champion.lineage["data_md5"] == champion.data_md5
+    exported = champion.bento_url.removeprefix(f"s3://{bucket}/")
     assert (
         s3_client(s3_server.cfg, s3_server.state).head_object(Bucket=bucket, Key=exported)["ContentLength"]
         > 0
@@ -345,7 +346,7 @@ def test_rejected_challenger_leaves_the_champion(workspace, s3_server, tmp_path)
     )  # fmt: skip
     try:
         reply = wait_json(f"http://127.0.0.1:{port}/v1/models", server)
-        assert reply["data"][0]["lineage"]["data_md5"] == champion["data_md5"]
+        assert reply["data"][0]["lineage"]["data_md5"] == champion.data_md5
         listening = listening_in_tree(server.pid)
         assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening  # loopback default
     finally:
@@ -371,8 +372,8 @@ def test_rejected_challenger_leaves_the_champion(workspace, s3_server, tmp_path)
     assert bentos_in_store(env) == bentos_before  # a rejected model is never packaged
     rolled = run([BIN / "lmforge", "rollback"], ws, env, check=False)
     assert rolled.returncode == 1 and "no earlier champion" in rolled.stderr
-    gate = json.loads((ws / "artifacts" / "gate.json").read_text())
-    assert gate["promote"] is False and gate["champion"] == champion
+    gate = Decision.load(ws / "artifacts" / "gate.json")
+    assert gate.promote is False and gate.champion == champion
 
 
 @needs_shakespeare

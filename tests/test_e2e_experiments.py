@@ -71,7 +71,7 @@ def test_a_sweep_records_both_experiments_in_dvc(swept):
     diff = json.loads(run([BIN / "dvc", "metrics", "diff", "HEAD", found[400]["rev"], "--json"],
                           swept["ws"], swept["env"]).stdout)  # fmt: skip
     val = diff["artifacts/eval/metrics.json"]["val_perplexity"]
-    champion_val = swept["champion"]["metrics"]["val_perplexity"]
+    champion_val = swept["champion"].metrics["val_perplexity"]
     assert val["old"] == champion_val and val["new"] == found[400]["metrics"]["val_perplexity"]
     assert val["diff"] < 0  # 400 steps beat 100
     plots = json.loads(run([BIN / "dvc", "plots", "diff", "HEAD", found[400]["rev"], "--json"],
@@ -94,11 +94,9 @@ def test_the_best_experiment_reaches_the_champion_only_through_the_gate(swept):
     shipped = run([BIN / "lmforge", "run", "--source", swept["corpus"]], ws, env)
     assert "gate          PROMOTED" in shipped.stdout, shipped.stdout[-3000:]
     champion = read_champion(swept["cfg"], swept["state"])
-    assert champion["bento_tag"] != swept["champion"]["bento_tag"]
-    assert champion["params"]["train"]["max_steps"] == 400
-    assert (
-        champion["metrics"]["val_perplexity"] == best["metrics"]["val_perplexity"]
-    )  # the experiment's model
+    assert champion.bento_tag != swept["champion"].bento_tag
+    assert champion.params["train"]["max_steps"] == 400
+    assert champion.metrics["val_perplexity"] == best["metrics"]["val_perplexity"]  # the experiment's model
 
 
 def test_a_fresh_clone_runs_dvc_repro_after_lmforge_up(tmp_path, s3_server):

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from infra.prefect_server import PrefectServer
+from infra.processes import port_is_free
 from pipeline.config import PrefectConfig, load_params, write_overrides
-from pipeline.prefect_server import PrefectServer
 from pipeline.registry import read_champion
-from pipeline.storage import port_is_free
 
 from .conftest import lag2_corpus, listening_in_tree
 from .test_e2e_data import BIN, PASSING_TRAINING, api, free_port, make_workspace, run
@@ -63,7 +63,7 @@ def test_the_flow_run_shows_every_stage_its_logs_and_artifacts(operated):
     [flow_run] = flow_runs(api_url)
     assert (flow_run["state_type"], flow_run["state_name"]) == ("COMPLETED", "Promoted")
     champion = read_champion(operated["cfg"], operated["state"])
-    assert {f"data:{champion['data_md5'][:12]}", f"params:{champion['lineage']['params_hash']}",
+    assert {f"data:{champion.data_md5[:12]}", f"params:{champion.lineage['params_hash']}",
             "profile:demo"} <= set(flow_run["tags"]), flow_run["tags"]  # fmt: skip
     tasks = api(f"{api_url}/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
     assert {t["name"].rsplit("-", 1)[0] for t in tasks} == STAGE_TASKS
@@ -87,12 +87,9 @@ def test_the_flow_run_shows_every_stage_its_logs_and_artifacts(operated):
     rows = json.loads(by_key["metrics"]["data"])
     assert rows[0]["split"] == "val" and rows[0]["model"] < rows[0]["bigram"]
     champion = read_champion(operated["cfg"], operated["state"])
-    assert champion["flow_run_id"] == flow_run["id"]
-    assert (
-        champion["bento_tag"] in by_key["bento"]["data"]
-        and champion["bento_tag"] in by_key["lineage"]["data"]
-    )
-    assert flow_run["id"] in by_key["lineage"]["data"] and champion["data_md5"] in by_key["lineage"]["data"]
+    assert champion.flow_run_id == flow_run["id"]
+    assert champion.bento_tag in by_key["bento"]["data"] and champion.bento_tag in by_key["lineage"]["data"]
+    assert flow_run["id"] in by_key["lineage"]["data"] and champion.data_md5 in by_key["lineage"]["data"]
     assert "# Gate: PROMOTE" in by_key["gate-decision"]["data"]
     assert by_key["comparison"]["data"].startswith("# No champion yet")
     assert "![loss curves](data:image/png;base64,iVBOR" in by_key["comparison"]["data"]
@@ -130,12 +127,12 @@ def test_a_rejected_challenger_ends_in_a_state_named_rejected_with_a_comparison(
         f"{operated['api']}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [last["id"]]}}}
     )
     compared = next(a["data"] for a in artifacts if a["key"] == "comparison")
-    assert compared.startswith(f"# Challenger against champion `{champion['bento_tag']}`")
+    assert compared.startswith(f"# Challenger against champion `{champion.bento_tag}`")
     challenger = json.loads((ws / "artifacts" / "eval" / "metrics.json").read_text())["val_perplexity"]
-    assert challenger > champion["metrics"]["val_perplexity"]
-    assert f"| val_perplexity | {challenger} | {champion['metrics']['val_perplexity']} |" in compared
+    assert challenger > champion.metrics["val_perplexity"]
+    assert f"| val_perplexity | {challenger} | {champion.metrics['val_perplexity']} |" in compared
     assert "![loss curves](data:image/png;base64,iVBOR" in compared
-    assert champion["loss_curve"][-1]["step"] == 400 and any("val_loss" in p for p in champion["loss_curve"])
+    assert champion.loss_curve[-1]["step"] == 400 and any("val_loss" in p for p in champion.loss_curve)
 
 
 def chromium() -> str | None:
@@ -199,7 +196,7 @@ def test_the_prefect_ui_shows_the_flow_run_in_a_real_browser(operated, tmp_path)
 
 
 def test_concurrent_runs_wait_for_the_workspace_lock(operated):
-    from pipeline.versioning import WorkspaceBusy, workspace_lock
+    from infra.dvc import WorkspaceBusy, workspace_lock
 
     holder = subprocess.Popen(
         [BIN / "python", "-c", "import sys, time; from pathlib import Path; "

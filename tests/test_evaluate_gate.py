@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from pipeline.config import GateConfig
-from pipeline.evaluate import NGramBaseline, evaluate, read_curve
+from pipeline.contracts import ChampionRecord, read_curve, record_name
+from pipeline.evaluate import NGramBaseline, evaluate
 from pipeline.gate import decide
-from pipeline.registry import champion_record, promote, read_champion, record_name
+from pipeline.registry import champion_record, promote, read_champion
 from pipeline.train import train
 
 
@@ -97,6 +98,7 @@ GATE = GateConfig(max_val_perplexity=100, min_gain_over_bigram=0.1, champion_tol
     ],
 )
 def test_gate_decisions(metrics, champion, promote, failing):
+    champion = ChampionRecord(model_md5="00" * 16, **champion) if champion else None
     decision = decide(metrics, champion, GATE)
     assert decision.promote is promote
     assert len(decision.reasons) == 4
@@ -114,10 +116,7 @@ def test_champion_record_in_s3(s3_server, tiny_workspace):
     record = champion_record(ws, params, METRICS, "ab" * 16 + ".dir", "cd" * 16 + ".dir")
     written = promote(record, cfg, s3_server.state, judged_against=None)
     assert read_champion(cfg, s3_server.state) == written
-    assert (
-        written["model_url"] == f"s3://{cfg.bucket}/dvc/files/md5/ab/{'ab' * 15}.dir"
-        and written["promoted_at"]
-    )
+    assert written.model_url == f"s3://{cfg.bucket}/dvc/files/md5/ab/{'ab' * 15}.dir" and written.promoted_at
     # a challenger is judged against the record read back from S3: its perplexity (20) sets the bar
     decision = decide(
         {"val_perplexity": 50.0, "bigram_val_perplexity": 60.0, **CLEAN},
@@ -129,8 +128,8 @@ def test_champion_record_in_s3(s3_server, tiny_workspace):
 
 
 def test_rollback_goes_back_one_promotion_at_a_time(s3_server, tiny_workspace):
+    from infra.s3 import StorageError
     from pipeline.registry import read_history, rollback
-    from pipeline.storage import StorageError
 
     ws, params = tiny_workspace
     cfg = s3_server.cfg.model_copy(update={"registry_prefix": "registry-rollback"})
@@ -141,18 +140,18 @@ def test_rollback_goes_back_one_promotion_at_a_time(s3_server, tiny_workspace):
         bento = {"bento_tag": f"lmforge:v{i}", "bento_url": f"s3://b/bentos/v{i}.bento", "labels": {}}
         record = champion_record(ws, params, METRICS, md5 * 16, None, bento)
         promote(record, cfg, s3_server.state, judged_against=read_champion(cfg, s3_server.state))
-    assert [r["bento_tag"] for r in read_history(cfg, s3_server.state)] == [
+    assert [r.bento_tag for r in read_history(cfg, s3_server.state)] == [
         "lmforge:v0",
         "lmforge:v1",
         "lmforge:v2",
     ]
     back = rollback(cfg, s3_server.state)
-    assert back["bento_tag"] == "lmforge:v1" and back["rolled_back_from"] == "lmforge:v2"
+    assert back.bento_tag == "lmforge:v1" and back.rolled_back_from == "lmforge:v2"
     assert read_champion(cfg, s3_server.state) == back
-    assert rollback(cfg, s3_server.state)["bento_tag"] == "lmforge:v0"
+    assert rollback(cfg, s3_server.state).bento_tag == "lmforge:v0"
     with pytest.raises(StorageError, match="no earlier champion"):
         rollback(cfg, s3_server.state)
-    assert read_champion(cfg, s3_server.state)["bento_tag"] == "lmforge:v0"
+    assert read_champion(cfg, s3_server.state).bento_tag == "lmforge:v0"
 
 
 def test_racing_promotions_cannot_both_win(s3_server, tiny_workspace):
@@ -160,8 +159,8 @@ def test_racing_promotions_cannot_both_win(s3_server, tiny_workspace):
     get a ConflictError, and the registry holds the winner alone (pointer and history)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from infra.s3 import ConflictError
     from pipeline.registry import read_history
-    from pipeline.storage import ConflictError
 
     ws, params = tiny_workspace
     cfg = s3_server.cfg.model_copy(update={"registry_prefix": "registry-race"})
@@ -171,7 +170,9 @@ def test_racing_promotions_cannot_both_win(s3_server, tiny_workspace):
         judged = read_champion(cfg, s3_server.state)
         records = [champion_record(ws, params, METRICS, f"{round_}{i}" * 16, None) for i in range(8)]
 
-        def try_promote(record: dict, judged: dict = judged) -> dict | ConflictError:
+        def try_promote(
+            record: ChampionRecord, judged: ChampionRecord = judged
+        ) -> ChampionRecord | ConflictError:
             try:
                 return promote(record, cfg, s3_server.state, judged_against=judged)
             except ConflictError as exc:
@@ -179,7 +180,7 @@ def test_racing_promotions_cannot_both_win(s3_server, tiny_workspace):
 
         with ThreadPoolExecutor(len(records)) as pool:
             outcomes = list(pool.map(try_promote, records))
-        winners = [o for o in outcomes if isinstance(o, dict)]
+        winners = [o for o in outcomes if isinstance(o, ChampionRecord)]
         losers = [o for o in outcomes if isinstance(o, ConflictError)]
         assert len(winners) == 1 and len(losers) == 7, outcomes
         assert read_champion(cfg, s3_server.state) == winners[0]
@@ -188,8 +189,8 @@ def test_racing_promotions_cannot_both_win(s3_server, tiny_workspace):
         winner = record_name(winners[0])
         for loser in losers:
             assert f"it is now {winner}," in str(loser) or "another writer won" in str(loser), str(loser)
-    history = [r["model_md5"] for r in read_history(cfg, s3_server.state)]
-    assert len(history) == 4 and history[0] == first["model_md5"]  # one entry per winner, none for losers
+    history = [r.model_md5 for r in read_history(cfg, s3_server.state)]
+    assert len(history) == 4 and history[0] == first.model_md5  # one entry per winner, none for losers
     # a stale decision (judged against an older champion) is refused even without a race
     current = read_champion(cfg, s3_server.state)
     with pytest.raises(ConflictError, match="champion changed") as refused:

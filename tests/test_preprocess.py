@@ -8,17 +8,9 @@ import pytest
 
 from pipeline.config import GateConfig, resolve_params
 from pipeline.corpus import CorpusError, read_documents
+from pipeline.data import load_shard, sorted_unique
 from pipeline.gate import decide
-from pipeline.preprocess import (
-    EOS_TOKEN,
-    SPLITS,
-    contamination,
-    load_shard,
-    ngram_hashes,
-    preprocess,
-    sorted_unique,
-    split_by_hash,
-)
+from pipeline.preprocess import EOS_TOKEN, SPLITS, contamination, ngram_hashes, preprocess, split_by_hash
 
 WORDS = "the a model data shard token train loss step value river stone light quick brown fox jumps over lazy dog".split()
 
@@ -54,24 +46,20 @@ def test_preprocess_packs_every_document_with_eos(tmp_path, corpus):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tok")
-    assert manifest["vocab_size"] == len(tokenizer) == 300
-    assert manifest["dtype"] == "uint16" and manifest["eos_token_id"] == tokenizer.convert_tokens_to_ids(
-        EOS_TOKEN
-    )
-    assert sum(manifest["splits"][s]["documents"] for s in SPLITS) == 120
-    assert all(manifest["splits"][s]["documents"] >= 1 for s in SPLITS)
+    assert manifest.vocab_size == len(tokenizer) == 300
+    assert manifest.dtype == "uint16" and manifest.eos_token_id == tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    assert sum(manifest.splits[s].documents for s in SPLITS) == 120
+    assert all(manifest.splits[s].documents >= 1 for s in SPLITS)
 
     docs = [d.text for d in read_documents(corpus, PARAMS.ingest)]  # all kept: no duplicates, no bad ones
     decoded = []
     for split in SPLITS:
-        info = manifest["splits"][split]
+        info = manifest.splits[split]
         shards = load_shard(tmp_path / "shards", split)
-        assert [len(s) for s in shards] == [s["tokens"] for s in info["shards"]]
+        assert [len(s) for s in shards] == [s.tokens for s in info.shards]
         assert all(len(s) <= 2048 for s in shards)  # shard_tokens is respected
         ids = np.concatenate(shards)
-        assert (
-            len(ids) == info["tokens"] and int((ids == manifest["eos_token_id"]).sum()) == info["documents"]
-        )
+        assert len(ids) == info.tokens and int((ids == manifest.eos_token_id).sum()) == info.documents
         decoded += tokenizer.decode(ids.tolist()).split(EOS_TOKEN)[:-1]
     # byte-level BPE is lossless: every document comes back exactly, in some split
     assert sorted(decoded) == sorted(docs)
@@ -80,19 +68,17 @@ def test_preprocess_packs_every_document_with_eos(tmp_path, corpus):
 def test_preprocess_is_deterministic(tmp_path, corpus):
     first = preprocess(corpus, tmp_path / "t1", tmp_path / "s1", PARAMS)
     second = preprocess(corpus, tmp_path / "t2", tmp_path / "s2", PARAMS)
-    assert first["splits"] == second["splits"]
+    assert first.splits == second.splits
     assert (tmp_path / "t1/tokenizer.json").read_bytes() == (tmp_path / "t2/tokenizer.json").read_bytes()
-    for shard in first["splits"]["train"]["shards"]:
-        assert (tmp_path / "s1" / shard["file"]).read_bytes() == (
-            tmp_path / "s2" / shard["file"]
-        ).read_bytes()
+    for shard in first.splits["train"].shards:
+        assert (tmp_path / "s1" / shard.file).read_bytes() == (tmp_path / "s2" / shard.file).read_bytes()
 
 
 def test_base_model_tokenizer_is_reused(tmp_path, corpus):
     preprocess(corpus, tmp_path / "base", tmp_path / "s0", PARAMS)  # stands in for a base model's tokenizer
     params = resolve_params({}, ["preprocess.vocab_size=5000"])  # ignored when the base brings its tokenizer
     manifest = preprocess(corpus, tmp_path / "tok", tmp_path / "shards", params, base_dir=tmp_path / "base")
-    assert manifest["tokenizer"] == "base" and manifest["vocab_size"] == 300
+    assert manifest.tokenizer == "base" and manifest.vocab_size == 300
     assert (tmp_path / "tok/tokenizer.json").read_bytes() == (tmp_path / "base/tokenizer.json").read_bytes()
 
 
@@ -102,7 +88,7 @@ def test_trains_only_on_the_kept_documents(tmp_path, corpus):
     lines[10:10] = [json.dumps({"text": "\x00\x01" * 50}), json.dumps({"text": json.loads(lines[3])["text"]})]
     (corpus / "docs.jsonl").write_text("\n".join(lines) + "\n")  # binary noise, and a duplicate of #3
     manifest = preprocess(corpus, tmp_path / "tok", tmp_path / "shards", PARAMS)
-    assert sum(manifest["splits"][s]["documents"] for s in SPLITS) == 120
+    assert sum(manifest.splits[s].documents for s in SPLITS) == 120
     with pytest.raises(CorpusError, match="120 documents kept now, but validation kept 122"):
         preprocess(corpus, tmp_path / "tok", tmp_path / "shards", PARAMS, expected_documents=122)
 
@@ -111,9 +97,9 @@ def test_tokenizer_learns_from_a_bounded_sample(tmp_path, corpus):
     params = resolve_params({}, ["preprocess.vocab_size=300", "preprocess.tokenizer_train_chars=10000"])
     manifest = preprocess(corpus, tmp_path / "tok", tmp_path / "shards", params)
     train_chars = sum(len(d.text) for d in read_documents(corpus, params.ingest))
-    sample = manifest["tokenizer_sample"]
+    sample = manifest.tokenizer_sample
     assert 5000 < sample["chars"] <= 10000 < train_chars / 2
-    assert 10 < sample["documents"] < manifest["splits"]["train"]["documents"] / 2
+    assert 10 < sample["documents"] < manifest.splits["train"].documents / 2
 
 
 def test_sorted_unique_matches_numpy():
@@ -163,7 +149,7 @@ def test_repeated_paragraphs_are_removed_so_val_does_not_leak(tmp_path):
     manifest = preprocess(
         leaky_corpus(tmp_path / "c", near=False), tmp_path / "t", tmp_path / "s", LEAK_PARAMS
     )
-    leak = manifest["contamination"]
+    leak = manifest.contamination
     assert leak["ngram"] == 13 and leak["val_ngrams"] > 1000
     assert leak["val"] < 0.01 and leak["test"] < 0.01
     gate = decide(METRICS | {f"{s}_contamination": leak[s] for s in ("val", "test")}, None, GateConfig())
@@ -174,7 +160,7 @@ def test_near_identical_paragraphs_leak_and_the_gate_refuses_with_the_figure(tmp
     manifest = preprocess(
         leaky_corpus(tmp_path / "c", near=True), tmp_path / "t", tmp_path / "s", LEAK_PARAMS
     )
-    leak = manifest["contamination"]
+    leak = manifest.contamination
     assert leak["val"] > 0.3 and leak["test"] > 0.3  # the common paragraphs' 13-grams are all in train
     gate = decide(METRICS | {f"{s}_contamination": leak[s] for s in ("val", "test")}, None, GateConfig())
     worst = max(("val", "test"), key=leak.get)
@@ -191,7 +177,7 @@ def test_a_sampled_estimate_agrees_with_the_exact_figure(tmp_path, monkeypatch):
     manifest = preprocess(
         leaky_corpus(tmp_path / "c", near=True), tmp_path / "t", tmp_path / "s", LEAK_PARAMS
     )
-    exact = manifest["contamination"]
+    exact = manifest.contamination
     assert exact["sample_rate"] == 1.0
     monkeypatch.setattr(pre, "HELD_OUT_SAMPLE", (exact["val_ngrams"] + exact["test_ngrams"]) // 10)
     estimate = contamination(tmp_path / "s", manifest, 13)
@@ -206,9 +192,9 @@ def test_the_near_duplicate_filter_removes_that_leak(tmp_path):
     corpus = leaky_corpus(tmp_path / "c", near=True, shared=1, own=False)  # near-identical documents
     without = preprocess(corpus, tmp_path / "t0", tmp_path / "s0", resolve_params({}, LEAK_PARAMS_OVERRIDES))
     manifest = preprocess(corpus, tmp_path / "t", tmp_path / "s", params)
-    assert without["contamination"]["val"] > 0.5
-    assert manifest["contamination"]["val"] < 0.05 and manifest["contamination"]["test"] < 0.05
-    kept = sum(manifest["splits"][s]["documents"] for s in SPLITS)
+    assert without.contamination["val"] > 0.5
+    assert manifest.contamination["val"] < 0.05 and manifest.contamination["test"] < 0.05
+    kept = sum(manifest.splits[s].documents for s in SPLITS)
     assert 40 <= kept < 60  # of 600: 15 near-copies of each of 40 documents
 
 
@@ -216,10 +202,10 @@ def test_contamination_counts_every_train_shard(tmp_path, corpus):
     """Train is streamed past the held-out n-grams shard by shard: a leak in the last shard counts too."""
     params = resolve_params({}, ["preprocess.vocab_size=300", "preprocess.shard_tokens=1024"])
     manifest = preprocess(corpus, tmp_path / "tok", tmp_path / "shards", params)
-    assert len(manifest["splits"]["train"]["shards"]) > 3
+    assert len(manifest.splits["train"].shards) > 3
     val = np.concatenate(load_shard(tmp_path / "shards", "val"))
-    last = tmp_path / "shards" / manifest["splits"]["train"]["shards"][-1]["file"]
+    last = tmp_path / "shards" / manifest.splits["train"].shards[-1].file
     with last.open("ab") as fh:
         val.tofile(fh)  # the whole val split, appended to the last train shard
-    manifest["splits"]["train"]["shards"][-1]["tokens"] += len(val)
+    manifest.splits["train"].shards[-1].tokens += len(val)
     assert contamination(tmp_path / "shards", manifest, 13)["val"] == 1.0

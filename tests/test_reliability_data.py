@@ -225,7 +225,7 @@ def test_bad_corpus_is_rejected_and_changes_nothing(case, champion_ws, s3_server
     else:
         source = make(tmp_path)
     before = snapshot(ws, s3_server, bucket)
-    assert before["champion"]["data_stats"]["total_chars"] > 100_000
+    assert before["champion"].data_stats["total_chars"] > 100_000
     result = run([BIN / "lmforge", "ingest", "--source", source], ws, env, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     assert message in result.stderr, result.stderr[-3000:]

@@ -30,7 +30,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.test_serving import PROMPT, bento, serve_bento, stop_group, trained  # noqa: F401 - module fixtures
+from infra.bento_server import BentoServer
+from tests.test_serving import PROMPT, bento, trained  # noqa: F401 - module fixtures
 
 MAX_BODY_BYTES = 1 << 20  # ServeConfig.max_body_bytes, which the test Bento keeps
 MAX_NEW_TOKENS_CAP = 48  # serve.max_new_tokens_cap in tests/test_serving.py's SERVING overrides
@@ -48,10 +49,8 @@ class Served:
 def served(bento, tmp_path_factory) -> Iterator[Served]:  # noqa: F811 - the imported fixture
     """`bentoml serve` as in tests/test_serving.py, but logging to a file: the thousands of access-log
     lines these tests cause would fill an unread pipe and stall the server."""
-    log = tmp_path_factory.mktemp("served") / "bentoml-serve.log"
-    proc, url = serve_bento(bento["bento_tag"], log)
-    yield Served(url, proc.pid, log, proc)
-    stop_group(proc)
+    with BentoServer(bento["bento_tag"], tmp_path_factory.mktemp("served")) as server:
+        yield Served(server.url, server.proc.pid, server.log, server.proc)
 
 
 def assert_service_works(served: Served) -> None:

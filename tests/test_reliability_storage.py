@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from infra.s3 import ensure_embedded_credentials, s3_client
 from pipeline.config import load_params, write_overrides
 from pipeline.registry import read_champion
-from pipeline.storage import ensure_embedded_credentials, s3_client
 
 from .conftest import S3Server, lag2_corpus, start_embedded_s3
 from .test_e2e_data import BIN, PASSING_TRAINING, git, make_workspace, run
@@ -129,7 +129,7 @@ def test_s3_killed_mid_push_then_a_rerun_completes_and_a_clone_pulls_exactly_the
     assert "is up to date" in result.stdout + result.stderr
     assert lock_outs(ws) == lock  # the same model, not a new one
     champion = read_champion(params.storage, own_s3.state)
-    assert champion["model_md5"] == lock["artifacts/model"]
+    assert champion.model_md5 == lock["artifacts/model"]
     assert objects(own_s3) > killed_at  # the crash really was mid-push: the rerun had more to send
 
     # a fresh clone at this commit pulls exactly what dvc.lock names

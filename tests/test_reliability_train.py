@@ -15,9 +15,10 @@ import pytest
 import torch
 import yaml
 
+from infra.processes import descendants
 from pipeline.config import ConfigError, Workspace, resolve_params, write_overrides
-from pipeline.train import _truncate_log, measure_matmul_flops
-from pipeline.versioning import descendants
+from pipeline.throughput import measure_matmul_flops
+from pipeline.train import truncate_log
 from tests.test_train import _launch
 
 BIN = Path(sys.executable).parent
@@ -182,7 +183,7 @@ def test_throughput_probe_leaves_the_global_rng_alone():
 def test_truncate_log_drops_a_torn_last_line(tmp_path):
     log = tmp_path / "train_log.jsonl"
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "train_lo')
-    _truncate_log(log, 2)
+    truncate_log(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
 
 

@@ -100,8 +100,9 @@ def test_training_listens_on_loopback_only(tiny_workspace):
 
 def test_exposure_is_explicit_and_warned(tmp_path):
     """Binding elsewhere takes an explicit flag and prints a warning; the embedded S3 refuses outright."""
+    from infra.embedded_s3 import EmbeddedS3
+    from infra.s3 import StorageError
     from pipeline.config import StorageConfig
-    from pipeline.storage import EmbeddedS3, StorageError
 
     with pytest.raises(StorageError, match="only runs on http://127.0.0.1"):
         EmbeddedS3(StorageConfig(endpoint_url="http://0.0.0.0:18333"), tmp_path)

@@ -7,10 +7,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,8 +16,9 @@ import httpx
 import numpy as np
 import pytest
 
+from infra.bento_server import BentoServer
 from pipeline.config import Workspace, load_params, write_overrides
-from tests.conftest import REPO, TINY, free_port_block, synthetic_corpus
+from tests.conftest import REPO, TINY, synthetic_corpus
 
 BIN = Path(sys.executable).parent
 PROMPT = "the quick brown"
@@ -56,7 +55,7 @@ def trained(tmp_path_factory):
     train(params, ws)
     decision = decide(evaluate(params, ws), None, params.gate)
     assert decision.promote, decision.reasons
-    ws.gate_file.write_text(json.dumps(decision.__dict__))
+    decision.save(ws.gate_file)
     return ws, params
 
 
@@ -68,44 +67,10 @@ def bento(trained):
     return package(ws, params, data_md5="0123456789abcdef0123456789abcdef.dir")
 
 
-def serve_bento(tag: str, log: Path) -> tuple[subprocess.Popen, str]:
-    """`bentoml serve` on a free loopback port, in its own process group, once /readyz answers. It logs
-    to a file: an unread pipe fills up under many requests and stalls the server."""
-    port = free_port_block(1)
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [BIN / "bentoml", "serve", tag, "--host", "127.0.0.1", "--port", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        assert proc.poll() is None, log.read_text()[-4000:]
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        assert time.time() < deadline, "bentoml serve did not become ready in 120 s"
-        time.sleep(0.5)
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(bento, tmp_path_factory):
-    proc, url = serve_bento(bento["bento_tag"], tmp_path_factory.mktemp("serve") / "bentoml-serve.log")
-    yield url
-    stop_group(proc)
+    with BentoServer(bento["bento_tag"], tmp_path_factory.mktemp("serve")) as served:
+        yield served.url
 
 
 def post(url: str, path: str, body, **kwargs) -> httpx.Response:
@@ -123,7 +88,7 @@ def post(url: str, path: str, body, **kwargs) -> httpx.Response:
 def test_bento_carries_the_lineage_and_a_dockerfile(trained, bento):
     import bentoml
 
-    from pipeline.package import params_hash
+    from pipeline.config import params_hash
 
     ws, params = trained
     stored = bentoml.get(bento["bento_tag"])
@@ -604,7 +569,7 @@ def test_lm_evaluation_harness_runs_against_the_server(server, trained, tmp_path
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.train import mean_loss
+    from pipeline.data import mean_loss
 
     ws, _ = trained
     tokenizer = AutoTokenizer.from_pretrained(ws.model_dir)
@@ -722,14 +687,12 @@ def test_a_model_without_a_chat_template_answers_chat_with_a_clear_400(trained, 
     config = json.loads((bare.model_dir / "tokenizer_config.json").read_text())
     assert "chat_template" not in config
     bento = package(bare, params, data_md5="0123456789abcdef0123456789abcdef.dir")
-    proc, url = serve_bento(bento["bento_tag"], tmp_path / "bentoml-serve.log")
-    try:
+    with BentoServer(bento["bento_tag"], tmp_path / "plain") as served:
+        url = served.url
         chat = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
         assert chat.status_code == 400, chat.text
         assert "this model has no chat template: set serve.chat_template" in chat.json()["error"]["message"]
         assert post(url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
-    finally:
-        stop_group(proc)
 
     # serve.chat_template, a file in the workspace, travels in the Bento and gives the same model chat
     (root / "chat.jinja").write_text(
@@ -739,13 +702,11 @@ def test_a_model_without_a_chat_template_answers_chat_with_a_clear_400(trained, 
         update={"serve": params.serve.model_copy(update={"chat_template": "chat.jinja"})}
     )
     bento = package(bare, templated, data_md5="0123456789abcdef0123456789abcdef.dir")
-    proc, url = serve_bento(bento["bento_tag"], tmp_path / "bentoml-serve-templated.log")
-    try:
+    with BentoServer(bento["bento_tag"], tmp_path / "templated") as served:
+        url = served.url
         chat = post(
             url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         )
         assert chat.status_code == 200, chat.text
         expected = post(url, "/tokenize", {"prompt": "[user] hi\n>"}).json()["count"]
         assert chat.json()["usage"]["prompt_tokens"] == expected
-    finally:
-        stop_group(proc)

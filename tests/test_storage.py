@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import StorageConfig
-from pipeline.storage import (
-    EmbeddedS3,
+from infra.dvc import configure_dvc_remote
+from infra.embedded_s3 import EmbeddedS3
+from infra.processes import free_port_block, start_time
+from infra.s3 import (
     StorageError,
-    configure_dvc_remote,
     credential_source,
     download_prefix,
     ensure_embedded_credentials,
@@ -25,8 +25,9 @@ from pipeline.storage import (
     s3_client,
     upload_file,
 )
+from pipeline.config import StorageConfig
 
-from .conftest import free_port_block, start_embedded_s3
+from .conftest import start_embedded_s3
 
 DVC = Path(sys.executable).parent / "dvc"
 
@@ -143,23 +144,24 @@ def test_lifecycle_stop_start_keeps_data_and_handles_stale_pidfiles(tmp_path, mo
             get_json(cfg, tmp_path, "k.json")
         assert time.monotonic() - t0 < 10
 
-        # stale pidfiles: a dead pid, and a live pid of another program; neither is signalled
+        # stale pidfiles: a dead pid, a live pid reused by another program (its start time differs), and
+        # a pid alone; none is signalled
         dead = subprocess.Popen(["true"])
         dead.wait()
-        for stale in (dead.pid, os.getpid()):
-            server.pidfile.write_text(str(stale))
+        for stale in (f"{dead.pid} {start_time(os.getpid())}", f"{os.getpid()} 1", str(os.getpid())):
+            server.pidfile.write_text(stale)
             assert server.pid() is None and not server.pidfile.exists()
-            server.pidfile.write_text(str(stale))
+            server.pidfile.write_text(stale)
             assert server.stop() == "S3 not running"
 
-        server.pidfile.write_text(str(os.getpid()))
+        server.pidfile.write_text(f"{os.getpid()} 1")
         assert "started" in server.start()
         pid = server.pid()
         assert pid != os.getpid()
         assert get_json(cfg, tmp_path, "k.json") == {"v": 1}  # data survived the restart
 
         server.pidfile.unlink()  # a lost pidfile: the server is found again by its data dir
-        assert server.pid() == pid and server.pidfile.read_text() == str(pid)
+        assert server.pid() == pid and server.pidfile.read_text().split() == [str(pid), start_time(pid)]
 
         # storage.endpoint_url moved: start() restarts the same data on the new port
         moved = EmbeddedS3(

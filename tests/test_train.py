@@ -8,19 +8,12 @@ import sys
 import pytest
 import torch
 
+from infra.torchrun import torchrun_command
+from pipeline.checkpoints import resume_latest, run_fingerprint, save_checkpoint
 from pipeline.config import ConfigError, load_params, resolve_params, write_overrides
+from pipeline.data import TokenWindows, load_shard
 from pipeline.model import build_model, load_model
-from pipeline.preprocess import load_shard
-from pipeline.train import (
-    TokenWindows,
-    build_optimizer,
-    lr_at,
-    resume_latest,
-    run_fingerprint,
-    save_checkpoint,
-    torchrun_command,
-    train,
-)
+from pipeline.train import build_optimizer, lr_at, train
 
 TRAIN = resolve_params(
     {}, ["train.lr=0.01", "train.min_lr=0.001", "train.warmup_steps=10", "train.max_steps=110"]
@@ -131,8 +124,8 @@ def test_tiny_model_regression(tiny_workspace):
 
 def test_torchrun_command_from_params():
     single = resolve_params({}, ["train.nproc_per_node=2", "train.max_restarts=3"]).train
-    assert torchrun_command(single)[2:] == [
-        "pipeline.launch",
+    assert torchrun_command(single, "pipeline.train")[2:] == [
+        "infra.torchrun",
         "--nproc-per-node=2",
         "--max-restarts=3",
         "--standalone",
@@ -143,9 +136,8 @@ def test_torchrun_command_from_params():
     multi = resolve_params(
         {}, ["train.nnodes=2", "train.rdzv_endpoint=10.0.0.1:29500", "train.rdzv_id=job7"]
     ).train
-    assert "--nnodes=2" in torchrun_command(multi) and "--rdzv-endpoint=10.0.0.1:29500" in torchrun_command(
-        multi
-    )
+    multi_cmd = torchrun_command(multi, "pipeline.train")
+    assert "--nnodes=2" in multi_cmd and "--rdzv-endpoint=10.0.0.1:29500" in multi_cmd
     with pytest.raises(ConfigError, match="multi-node needs a fixed rdzv_endpoint"):
         resolve_params({}, ["train.nnodes=2"])
 
@@ -191,7 +183,7 @@ def test_fine_tune_from_a_local_base_model(tiny_workspace, tmp_path):
     write_overrides(ws.root, [f"model.base={base}", "preprocess.vocab_size=500"])
     params = load_params(ws.root)
     manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, base_dir=base)
-    assert manifest["tokenizer"] == "base" and manifest["vocab_size"] == 300  # the base's, not vocab_size
+    assert manifest.tokenizer == "base" and manifest.vocab_size == 300  # the base's, not vocab_size
     summary = train(params, ws, base_dir=base)
     assert summary["steps"] == 10
     assert (ws.model_dir / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()

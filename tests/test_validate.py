@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_params, resolve_params
+from pipeline.config import ConfigError, load_params, resolve_params
 from pipeline.corpus import CorpusError, Document, open_corpus
 from pipeline.validate import (
     SNIPPET_CHARS,
@@ -340,11 +340,11 @@ def test_stage_main_exits_by_result_and_writes_reports(workspace, capsys):
 
 def test_stage_main_reports_corpus_and_config_errors_without_traceback(workspace, capsys):
     (workspace / "data").rmdir()
-    assert main() == 2
+    assert main() == CorpusError.exit_code == 1  # a corpus problem, as in `lmforge validate`
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no such file or directory" in err and "Traceback" not in err
 
     (workspace / "params.yaml").write_text("validation:\n  min_documents: 0\n")
-    assert main() == 2
+    assert main() == ConfigError.exit_code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "validation.min_documents" in err

@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from pipeline.storage import process_alive
-from pipeline.versioning import CommandError, descendants, kill_tree, stream_command
+from infra.processes import CommandError, descendants, kill_tree, process_alive, stream_command
 
 
 def test_stream_command_forwards_every_line_of_heavy_mixed_output(tmp_path):

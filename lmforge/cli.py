@@ -50,24 +50,23 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _workspace_and_params(overrides: list[str] | None = None, profile: str | None = None):
-    """The workspace and its params, with the process environment set up for Prefect and friends."""
-    from pipeline.config import ConfigError, Workspace, load_params
+    from pipeline.config import Workspace, load_params
 
-    try:
-        ws = Workspace.find()
-        params = load_params(ws.root, overrides or [], profile)
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-    # Prefect keeps its database under the project's state dir, and never phones home; flows report to
-    # the workspace's Prefect server when `lmforge up --prefect` started one.
-    from pipeline.prefect_server import PrefectServer, prefect_env
+    ws = Workspace.find()
+    return ws, load_params(ws.root, overrides or [], profile)
+
+
+def _report_to_prefect(ws, params) -> None:
+    """Before a flow runs or is deployed: Prefect keeps its database under the workspace's state dir and
+    never phones home, and flows report to the workspace's Prefect server when `lmforge up --prefect`
+    started one."""
+    from infra.prefect_server import PrefectServer, prefect_env
 
     for key, value in prefect_env(ws.state).items():
         os.environ.setdefault(key, value)
     server = PrefectServer(params.prefect, ws.state)
     if "PREFECT_API_URL" not in os.environ and server.pid():
         os.environ["PREFECT_API_URL"] = server.api_url
-    return ws, params
 
 
 @app.command()
@@ -75,7 +74,8 @@ def up(
     prefect: Annotated[bool, typer.Option("--prefect", help="Also start the Prefect server and UI")] = False,
 ) -> None:
     """Start the embedded S3 server (idempotent), create the bucket, and point DVC's remote at it."""
-    from pipeline.storage import EmbeddedS3, StorageError, configure_dvc_remote
+    from infra.dvc import configure_dvc_remote
+    from infra.embedded_s3 import EmbeddedS3
 
     ws, params = _workspace_and_params()
     if prefect:
@@ -87,25 +87,17 @@ def up(
         )
         _restore_data(ws)
         return
-    try:
-        typer.echo(EmbeddedS3(params.storage, ws.state).start())
-        configure_dvc_remote(ws.root, params.storage, ws.state)
-    except StorageError as exc:
-        _fail(str(exc))
+    typer.echo(EmbeddedS3(params.storage, ws.state).start())
+    configure_dvc_remote(ws.root, params.storage, ws.state)
     typer.echo(f"DVC remote: {params.storage.dvc_remote_url} at {params.storage.endpoint_url}")
     _restore_data(ws)
 
 
 def _restore_data(ws) -> None:
     """data/ for a fresh clone, so that `dvc repro` has its input."""
-    from pipeline.corpus import CorpusError
     from pipeline.ingest import restore_data
-    from pipeline.versioning import CommandError
 
-    try:
-        how = restore_data(ws, on_line=lambda line: None)
-    except (CorpusError, CommandError) as exc:
-        _fail(str(exc))
+    how = restore_data(ws, on_line=lambda line: None)
     if how:
         typer.echo(f"data/: {how}")
 
@@ -113,22 +105,19 @@ def _restore_data(ws) -> None:
 @app.command("prefect-server")
 def prefect_server() -> None:
     """Start the local Prefect server (API and UI on 127.0.0.1:4200); `lmforge run` then reports to it."""
-    from pipeline.prefect_server import PrefectServer, PrefectServerError
+    from infra.prefect_server import PrefectServer
 
     ws, params = _workspace_and_params()
     server = PrefectServer(params.prefect, ws.state)
-    try:
-        typer.echo(server.start())
-    except PrefectServerError as exc:
-        _fail(str(exc))
+    typer.echo(server.start())
     typer.echo(f"open the UI at {server.url}; flows from this workspace report to {server.api_url}")
 
 
 @app.command()
 def down() -> None:
     """Stop the servers lmforge started (S3 and Prefect)."""
-    from pipeline.prefect_server import PrefectServer
-    from pipeline.storage import EmbeddedS3
+    from infra.embedded_s3 import EmbeddedS3
+    from infra.prefect_server import PrefectServer
 
     ws, params = _workspace_and_params()
     typer.echo(PrefectServer(params.prefect, ws.state).stop())
@@ -138,15 +127,15 @@ def down() -> None:
 @app.command()
 def status() -> None:
     """Show what runs: the S3 server, the dataset version and the remote."""
-    from pipeline.storage import EmbeddedS3
-    from pipeline.versioning import data_md5
+    from infra.dvc import data_md5
+    from infra.embedded_s3 import EmbeddedS3
 
     ws, params = _workspace_and_params()
     info = EmbeddedS3(params.storage, ws.state).status() if params.storage.embedded else {}
     typer.echo(f"workspace   {ws.root}  (profile {params.profile})")
     for key, value in info.items():
         typer.echo(f"s3.{key:<10}{value}")
-    from pipeline.prefect_server import PrefectServer
+    from infra.prefect_server import PrefectServer
 
     for key, value in PrefectServer(params.prefect, ws.state).status().items():
         typer.echo(f"prefect.{key:<8}{value}")
@@ -169,21 +158,16 @@ def validate(
     Exit 0 when the corpus passes after filtering, 1 when it does not (or cannot be read)."""
     import tempfile
 
-    from pipeline.corpus import CorpusError
     from pipeline.ingest import fetch_source
-    from pipeline.storage import StorageError
     from pipeline.validate import format_failure, format_summary, validate_corpus, write_report
 
     ws, params = _workspace_and_params(overrides)
-    try:
-        if source.startswith("s3://"):  # the same path as ingest: fetched into a scratch dir, then read
-            with tempfile.TemporaryDirectory(prefix="lmforge-validate-") as scratch:
-                fetch_source(source, Path(scratch), params.ingest, (params.storage, ws.state))
-                report = validate_corpus(Path(scratch), params, name=source)
-        else:
-            report = validate_corpus(Path(source).expanduser(), params)
-    except (CorpusError, StorageError) as exc:
-        _fail(str(exc))
+    if source.startswith("s3://"):  # the same path as ingest: fetched into a scratch dir, then read
+        with tempfile.TemporaryDirectory(prefix="lmforge-validate-") as scratch:
+            fetch_source(source, Path(scratch), params.ingest, (params.storage, ws.state))
+            report = validate_corpus(Path(scratch), params, name=source)
+    else:
+        report = validate_corpus(Path(source).expanduser(), params)
     if report_dir:
         write_report(report, report_dir)
     typer.echo(format_summary(report))
@@ -201,19 +185,14 @@ def ingest(
     push: Annotated[bool, typer.Option(help="dvc push the new dataset version")] = True,
 ) -> None:
     """Write a corpus into data/ (validated first), version it with `dvc add data`, and push it."""
-    from pipeline.corpus import CorpusError
+    from infra.dvc import configure_dvc_remote, dvc, remote_object_url
     from pipeline.ingest import ingest as run_ingest
-    from pipeline.storage import StorageError, configure_dvc_remote
-    from pipeline.versioning import CommandError, dvc, remote_object_url
 
     ws, params = _workspace_and_params(overrides)
-    try:
-        md5 = run_ingest(source or params.ingest.source, ws, params)
-        if push:
-            configure_dvc_remote(ws.root, params.storage, ws.state)
-            dvc(["push", "data.dvc"], ws.root)
-    except (CorpusError, StorageError, CommandError) as exc:
-        _fail(str(exc))
+    md5 = run_ingest(source or params.ingest.source, ws, params)
+    if push:
+        configure_dvc_remote(ws.root, params.storage, ws.state)
+        dvc(["push", "data.dvc"], ws.root)
     typer.echo(f"dataset md5 {md5}")
     if push:
         typer.echo(f"in S3 at    {remote_object_url(params.storage.dvc_remote_url, md5)}")
@@ -228,17 +207,10 @@ def sweep(
 ) -> None:
     """One DVC experiment per point of the grid (`dvc exp run --queue -S`, then `dvc queue start`), and a
     table of their results. Nothing is promoted: `dvc exp apply NAME`, then `lmforge run` gates it."""
-    from pipeline.config import ConfigError
     from pipeline.experiments import experiments, ranked, sweep, table
-    from pipeline.versioning import CommandError
 
     ws, _ = _workspace_and_params()
-    try:
-        names = sweep(ws, grid, jobs, on_line=typer.echo)
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-    except CommandError as exc:
-        _fail(str(exc))
+    names = sweep(ws, grid, jobs, on_line=typer.echo)
     found = [e for e in experiments(ws) if e["name"] in names]
     typer.echo("\n" + table(found, grid))
     if found:
@@ -266,14 +238,12 @@ def run(
     -p/--profile are written into params.yaml first, as `dvc exp run -S` does, so that DVC sees them
     and dvc.lock records what ran.
     """
-    from pipeline.config import ConfigError, write_overrides
+    from pipeline.config import write_overrides
 
-    ws, _ = _workspace_and_params(overrides, profile)
-    try:
-        for change in write_overrides(ws.root, overrides or [], profile):
-            typer.echo(f"params.yaml: {change}")
-    except ConfigError as exc:
-        _fail(str(exc), 2)
+    ws, params = _workspace_and_params(overrides, profile)
+    for change in write_overrides(ws.root, overrides or [], profile):
+        typer.echo(f"params.yaml: {change}")
+    _report_to_prefect(ws, params)
     from flows.retrain import retrain
 
     try:
@@ -282,36 +252,41 @@ def run(
         _fail(f"the flow failed: {exc}")
     if os.environ.get("PREFECT_API_URL"):
         typer.echo(f"flow run in the Prefect UI: {os.environ['PREFECT_API_URL'].removesuffix('/api')}/runs")
-    tokens = ", ".join(f"{k} {v:,}" for k, v in summary["tokens"].items())
-    m = summary["metrics"]
+    print_summary(summary)
+
+
+def print_summary(summary) -> None:
+    """What `lmforge run` ends with: the data, the model's figures and the gate's verdict."""
+    m = summary.metrics
     typer.secho("\nlmforge run finished", bold=True)
-    typer.echo(f"  dataset md5   {summary['data_md5']}")
-    docs = summary["documents"]
+    typer.echo(f"  dataset md5   {summary.data_md5}")
+    docs = summary.documents
     if docs.get("documents") is not None:
         dropped = ", ".join(f"{k} {v:,}" for k, v in (docs["dropped_by_reason"] or {}).items()) or "none"
         typer.echo(
             f"  documents     {docs['kept_documents']:,} kept of {docs['documents']:,} (dropped: {dropped})"
         )
-    typer.echo(f"  tokens        {tokens} (vocab {summary['vocab_size']:,})")
-    typer.echo(f"  data in S3    {summary['data_url']}")
+    tokens = ", ".join(f"{k} {v:,}" for k, v in summary.tokens.items())
+    typer.echo(f"  tokens        {tokens} (vocab {summary.vocab_size:,})")
+    typer.echo(f"  data in S3    {summary.data_url}")
     typer.echo(
         f"  val ppl       {m['val_perplexity']:.2f}  (bigram {m['bigram_val_perplexity']:.2f}, unigram {m['unigram_val_perplexity']:.2f})"
     )
     typer.echo(f"  test ppl      {m['test_perplexity']:.2f}")
-    if (leak := summary["contamination"]) is not None:
+    if (leak := summary.contamination) is not None:
         typer.echo(
             f"  contamination {leak['val']:.2%} of val, {leak['test']:.2%} of test {leak['ngram']}-grams also in train"
         )
     typer.echo(f"  training      {m['train_tokens_per_s']:,} tokens/s on {m['train_world_size']} processes")
-    verdict = "no change (the champion is this same model)" if summary["no_change"] else None
-    verdict = verdict or ("PROMOTED" if summary["promoted"] else "REJECTED")
+    verdict = {"No change": "no change (the champion is this same model)", "Promoted": "PROMOTED",
+               "Rejected": "REJECTED"}[summary.outcome]  # fmt: skip
     typer.echo(f"  gate          {verdict}")
-    for reason in summary["reasons"]:
+    for reason in summary.reasons:
         typer.echo(f"                {reason}")
-    if summary["model_url"]:
-        typer.echo(f"  model in S3   {summary['model_url']}")
-    if summary["bento_tag"]:
-        typer.echo(f"  Bento         {summary['bento_tag']}  ({summary['bento_url']})")
+    if summary.model_url:
+        typer.echo(f"  model in S3   {summary.model_url}")
+    if summary.bento_tag:
+        typer.echo(f"  Bento         {summary.bento_tag}  ({summary.bento_url})")
         typer.echo("  serve it      lmforge serve   (then POST /generate or /v1/completions)")
 
 
@@ -335,6 +310,7 @@ def schedule(
     `prefect worker start --pool POOL` on any machine with this workspace runs the runs.
     """
     ws, params = _workspace_and_params()
+    _report_to_prefect(ws, params)
     if "PREFECT_API_URL" not in os.environ:
         _fail("a schedule needs a Prefect server: run `lmforge up --prefect`, or set PREFECT_API_URL")
     from prefect.client.schemas.schedules import CronSchedule
@@ -360,33 +336,25 @@ def schedule(
 @app.command()
 def package() -> None:
     """Package the current model (artifacts/model) as a Bento, if the gate passed it."""
-    from pipeline.package import PackageError
+    from infra.dvc import data_md5
     from pipeline.package import package as build
-    from pipeline.versioning import data_md5
 
     ws, params = _workspace_and_params()
-    try:
-        bento = build(ws, params, data_md5(ws.root))
-    except PackageError as exc:
-        _fail(str(exc))
+    bento = build(ws, params, data_md5(ws.root))
     typer.echo(f"Bento {bento['bento_tag']} (model {bento['model_tag']})")
     typer.echo(f"Dockerfile {bento['dockerfile']}")
 
 
 def _champion_bento(ws, params) -> str:
     """The current champion's Bento tag, imported from S3 into the local store if needed."""
-    from pipeline.package import PackageError, ensure_local_bento
+    from pipeline.package import ensure_local_bento
     from pipeline.registry import read_champion
-    from pipeline.storage import StorageError
 
-    try:
-        champion = read_champion(params.storage, ws.state)
-        if not champion or not champion.get("bento_tag"):
-            _fail("there is no champion Bento yet: run `lmforge run` first, or give a Bento tag")
-        ensure_local_bento(ws, params, champion["bento_tag"], champion.get("bento_url"))
-    except (StorageError, PackageError) as exc:
-        _fail(str(exc))
-    return champion["bento_tag"]
+    champion = read_champion(params.storage, ws.state)
+    if not champion or not champion.bento_tag:
+        _fail("there is no champion Bento yet: run `lmforge run` first, or give a Bento tag")
+    ensure_local_bento(ws, params, champion.bento_tag, champion.bento_url)
+    return champion.bento_tag
 
 
 @app.command()
@@ -402,12 +370,14 @@ def serve(
     use_bentoml_home(ws.state)
     tag = tag or _champion_bento(ws, params)
     host = host or params.serve.host
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    from infra.processes import bin_path, is_loopback
+
+    if not is_loopback(host):
         typer.secho(
             f"warning: serving on {host}: reachable from other machines", fg=typer.colors.YELLOW, err=True
         )
     typer.echo(f"serving {tag} on http://{host}:{port or params.serve.port}")
-    bentoml_bin = str(Path(sys.executable).parent / "bentoml")
+    bentoml_bin = bin_path("bentoml")
     args = [bentoml_bin, "serve", tag, "--host", host, "--port", str(port or params.serve.port)]
     os.execv(bentoml_bin, args)  # BentoML owns the process from here: signals, workers, logs
 
@@ -418,26 +388,30 @@ def generate(
     model: Annotated[
         Path | None, typer.Option(help="A Hugging Face model dir; default artifacts/model")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
-    temperature: Annotated[float, typer.Option(min=0.0)] = 0.8,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Default: serve.default_max_new_tokens, as /generate")
+    ] = None,
+    temperature: Annotated[float | None, typer.Option(min=0.0, help="Default: evaluate.temperature")] = None,
     top_p: Annotated[float, typer.Option(min=0.01, max=1.0)] = 1.0,
     seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """A quick local check: continue PROMPT with the trained model, in this process."""
-    from pipeline.generation import Delta, GenerationError, SamplingParams, load_engine
+    from pipeline.generation import Delta, SamplingParams, load_engine
 
-    ws, _ = _workspace_and_params()
+    ws, params = _workspace_and_params()
     model_dir = model or ws.model_dir
     if not (model_dir / "config.json").is_file():
         _fail(f"{model_dir} holds no model: train one first (`lmforge run` or `dvc repro`)")
     engine = load_engine(model_dir, max_batch_size=1)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
-    try:
-        for event in engine.stream(prompt, params):
-            if isinstance(event, Delta):
-                typer.echo(event.text, nl=False)
-    except GenerationError as exc:
-        _fail(str(exc), 2)
+    sampling = SamplingParams(
+        max_new_tokens=max_new_tokens or params.serve.default_max_new_tokens,
+        temperature=params.evaluate.temperature if temperature is None else temperature,
+        top_p=top_p,
+        seed=seed,
+    )
+    for event in engine.stream(prompt, sampling):
+        if isinstance(event, Delta):
+            typer.echo(event.text, nl=False)
     typer.echo()
 
 
@@ -446,8 +420,8 @@ def containerize(
     tag: Annotated[str | None, typer.Argument(help="Bento tag; default: the current champion")] = None,
 ) -> None:
     """Build the Bento's container image with `bentoml containerize` (needs a docker engine)."""
+    from infra.processes import bin_path, stream_command, venv_env
     from pipeline.package import docker_engine_available, use_bentoml_home
-    from pipeline.versioning import CommandError, stream_command, venv_env
 
     ws, params = _workspace_and_params()
     use_bentoml_home(ws.state)
@@ -461,28 +435,19 @@ def containerize(
             f"this machine. The container recipe is {dockerfile}; run `bentoml containerize {tag}` where "
             "docker runs (after `bentoml export`/`import`, or from the Bento in S3)."
         )
-    try:
-        stream_command(
-            [str(Path(sys.executable).parent / "bentoml"), "containerize", tag], ws.root, env=venv_env()
-        )
-    except CommandError as exc:
-        _fail(str(exc))
+    stream_command([bin_path("bentoml"), "containerize", tag], ws.root, env=venv_env())
 
 
 @app.command()
 def rollback() -> None:
     """Make the previous champion current again (the registry keeps every promotion)."""
-    from pipeline.registry import record_name
+    from pipeline.contracts import record_name
     from pipeline.registry import rollback as roll_back
-    from pipeline.storage import StorageError
 
     ws, params = _workspace_and_params()
-    try:
-        record = roll_back(params.storage, ws.state)
-    except StorageError as exc:
-        _fail(str(exc))
+    record = roll_back(params.storage, ws.state)
     typer.echo(f"champion is now {record_name(record)} (rolled back from "
-               f"{record['rolled_back_from']}); restart `lmforge serve` to serve it")  # fmt: skip
+               f"{record.rolled_back_from}); restart `lmforge serve` to serve it")  # fmt: skip
 
 
 @app.command()
@@ -513,7 +478,7 @@ def bench(
     Runs in a temporary workspace of its own: data/, artifacts/, the BentoML store and S3 of this
     workspace are not touched.
     """
-    from pipeline.bench import SECTIONS, run_bench
+    from benchmarks import SECTIONS, run_bench
 
     ws, _ = _workspace_and_params()
     chosen = [s.strip() for s in sections.split(",") if s.strip()]
@@ -536,8 +501,16 @@ def bench(
     )
 
 
-def main() -> None:
-    app(prog_name="lmforge")
+def main() -> int:
+    """Every expected failure (an LmforgeError) ends with its message and exit code, never a traceback."""
+    from infra.errors import LmforgeError
+
+    try:
+        app(prog_name="lmforge")
+    except LmforgeError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        return exc.exit_code
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""lmforge: the command line above the stages (pipeline), the machinery (infra), the flows and the bench."""
