@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -128,25 +129,86 @@ def lag2_corpus(path: Path, docs: int = 600, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_workspace(tmp_path, monkeypatch):
-    """A workspace with tiny params and preprocessed shards: what train/evaluate/gate start from."""
-    import shutil
-
+@pytest.fixture(scope="session")
+def tiny_template(tmp_path_factory) -> Path:
+    """A workspace with tiny params and preprocessed shards, built once per session (the BPE tokenizer
+    training is the slow part); tiny_workspace hands each test its own copy."""
     from pipeline.config import Workspace, load_params, write_overrides
     from pipeline.preprocess import preprocess
 
-    root = tmp_path / "ws"
+    root = tmp_path_factory.mktemp("tiny-template") / "ws"
     root.mkdir()
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     write_overrides(root, TINY)
-    monkeypatch.setenv("LMFORGE_ROOT", str(root))
     ws = Workspace(root)
     synthetic_corpus(ws.data)
-    params = load_params(root)
+    preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, load_params(root))
+    return root
+
+
+@pytest.fixture
+def tiny_workspace(tiny_template, tmp_path, monkeypatch):
+    """A workspace of its own with tiny params and preprocessed shards: what train/evaluate/gate start from."""
+    from pipeline.config import Workspace, load_params
+
+    root = tmp_path / "ws"
+    shutil.copytree(tiny_template, root)
+    monkeypatch.setenv("LMFORGE_ROOT", str(root))
+    return Workspace(root), load_params(root)
+
+
+PROMPT = "the quick brown"
+# long enough for the tiny model to pass the real gate (beat the bigram), still seconds on a CPU
+SERVING = [
+    "model.block_size=64",
+    "model.n_embd=64",
+    "train.max_steps=400",
+    "train.lr=0.01",
+    "train.min_lr=0.001",
+    "train.checkpoint_every=400",
+    "train.eval_every=400",
+    "serve.max_new_tokens_cap=48",
+    "serve.default_max_new_tokens=32",
+]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A workspace whose model went through the real train, evaluate and gate stages: built once per
+    session, shared by the serving, reliability and client tests (copy it before changing it)."""
+    from pipeline.config import Workspace, load_params, write_overrides
+    from pipeline.evaluate import evaluate
+    from pipeline.gate import decide
+    from pipeline.preprocess import preprocess
+    from pipeline.train import train
+
+    root = tmp_path_factory.mktemp("serving") / "ws"
+    root.mkdir()
+    for name in ("params.yaml", "dvc.yaml", "bentofile.yaml"):
+        shutil.copy(REPO / name, root / name)
+    write_overrides(root, [*TINY, *SERVING])
+    ws, params = Workspace(root), load_params(root)
+    synthetic_corpus(ws.data)
     preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params)
+    import torch
+
+    threads = torch.get_num_threads()
+    train(params, ws)
+    decision = decide(evaluate(params, ws), None, params.gate)
+    torch.set_num_threads(threads)  # train and evaluate set this process's thread count for themselves
+    assert decision.promote, decision.reasons
+    decision.save(ws.gate_file)
     return ws, params
+
+
+@pytest.fixture(scope="session")
+def bento(trained):
+    """The trained model packaged as a real Bento, once per session."""
+    from pipeline.package import package
+
+    ws, params = trained
+    return package(ws, params, data_md5="0123456789abcdef0123456789abcdef.dir")
 
 
 def listening_in_tree(pid: int) -> set[str]:
@@ -157,3 +219,25 @@ def listening_in_tree(pid: int) -> set[str]:
     tree = {pid, *descendants(pid)}
     lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
     return {line.split()[3] for line in lines if tree & {int(p) for p in re.findall(r"pid=(\d+)", line)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# `pytest -m "not slow"` is the loop a developer runs: a test that takes longer than this (its setup,
+# call and teardown together) must be marked slow. The summary names every unmarked one.
+SLOW_SECONDS = 30.0
+_durations: dict[str, float] = {}
+_unmarked: dict[str, bool] = {}
+
+
+def pytest_runtest_logreport(report):
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+    if report.when == "call":
+        _unmarked[report.nodeid] = "slow" not in report.keywords
+
+
+def pytest_terminal_summary(terminalreporter):
+    late = {node: s for node, s in _durations.items() if s > SLOW_SECONDS and _unmarked.get(node)}
+    if late:
+        terminalreporter.section(f"tests over {SLOW_SECONDS:.0f} s not marked slow")
+        for node, seconds in sorted(late.items(), key=lambda item: -item[1]):
+            terminalreporter.write_line(f"{seconds:7.1f} s  {node}")

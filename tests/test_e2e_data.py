@@ -29,7 +29,7 @@ from pipeline.registry import read_champion
 
 from .conftest import TINY, lag2_corpus, listening_in_tree
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -23,7 +23,7 @@ from pipeline.registry import read_champion
 from .conftest import lag2_corpus, listening_in_tree
 from .test_e2e_data import BIN, PASSING_TRAINING, api, free_port, make_workspace, run
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 STAGE_TASKS = {"check-storage", "ingest", "validate", "preprocess", "train", "evaluate", "gate", "package", "push",
                "publish"}  # fmt: skip

@@ -31,10 +31,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from infra.bento_server import BentoServer
-from tests.test_serving import PROMPT, bento, trained  # noqa: F401 - module fixtures
+from tests.conftest import PROMPT
+
+# every test here talks to a trained model in a real Bento (a session fixture of about a minute)
+pytestmark = pytest.mark.slow
 
 MAX_BODY_BYTES = 1 << 20  # ServeConfig.max_body_bytes, which the test Bento keeps
-MAX_NEW_TOKENS_CAP = 48  # serve.max_new_tokens_cap in tests/test_serving.py's SERVING overrides
+MAX_NEW_TOKENS_CAP = 48  # serve.max_new_tokens_cap in conftest's SERVING overrides
 
 
 @dataclass
@@ -46,7 +49,7 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(bento, tmp_path_factory) -> Iterator[Served]:  # noqa: F811 - the imported fixture
+def served(bento, tmp_path_factory) -> Iterator[Served]:
     """`bentoml serve` as in tests/test_serving.py, but logging to a file: the thousands of access-log
     lines these tests cause would fill an unread pipe and stall the server."""
     with BentoServer(bento["bento_tag"], tmp_path_factory.mktemp("served")) as server:

@@ -17,54 +17,13 @@ import numpy as np
 import pytest
 
 from infra.bento_server import BentoServer
-from pipeline.config import Workspace, load_params, write_overrides
-from tests.conftest import REPO, TINY, synthetic_corpus
+from pipeline.config import Workspace
+from tests.conftest import PROMPT
+
+# every test here talks to a trained model in a real Bento (a session fixture of about a minute)
+pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-PROMPT = "the quick brown"
-# long enough for the tiny model to pass the real gate (beat the bigram), still seconds on a CPU
-SERVING = [
-    "model.block_size=64",
-    "model.n_embd=64",
-    "train.max_steps=400",
-    "train.lr=0.01",
-    "train.min_lr=0.001",
-    "train.checkpoint_every=400",
-    "train.eval_every=400",
-    "serve.max_new_tokens_cap=48",
-    "serve.default_max_new_tokens=32",
-]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A workspace whose model went through the real train, evaluate and gate stages."""
-    from pipeline.evaluate import evaluate
-    from pipeline.gate import decide
-    from pipeline.preprocess import preprocess
-    from pipeline.train import train
-
-    root = tmp_path_factory.mktemp("serving") / "ws"
-    root.mkdir()
-    for name in ("params.yaml", "dvc.yaml", "bentofile.yaml"):
-        shutil.copy(REPO / name, root / name)
-    write_overrides(root, [*TINY, *SERVING])
-    ws, params = Workspace(root), load_params(root)
-    synthetic_corpus(ws.data)
-    preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params)
-    train(params, ws)
-    decision = decide(evaluate(params, ws), None, params.gate)
-    assert decision.promote, decision.reasons
-    decision.save(ws.gate_file)
-    return ws, params
-
-
-@pytest.fixture(scope="module")
-def bento(trained):
-    from pipeline.package import package
-
-    ws, params = trained
-    return package(ws, params, data_md5="0123456789abcdef0123456789abcdef.dir")
 
 
 @pytest.fixture(scope="module")

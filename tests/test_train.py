@@ -155,6 +155,7 @@ def _launch(ws, **popen):
     )
 
 
+@pytest.mark.slow
 def test_two_process_ddp_keeps_ranks_identical_and_learns(tiny_workspace):
     ws, _ = tiny_workspace
     write_overrides(
