@@ -200,7 +200,7 @@ def test_concurrent_runs_wait_for_the_workspace_lock(operated):
 
     holder = subprocess.Popen(
         [BIN / "python", "-c", "import sys, time; from pathlib import Path; "
-         "from pipeline.versioning import workspace_lock\n"
+         "from infra.dvc import workspace_lock\n"
          "with workspace_lock(Path(sys.argv[1])):\n print('held', flush=True); time.sleep(60)",
          str(operated["state"])],
         stdout=subprocess.PIPE, text=True,

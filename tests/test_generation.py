@@ -64,25 +64,27 @@ def test_requests_joining_mid_decode_get_their_solo_output(engine_parts):
     # join while it runs, at different depths and with prompts of different lengths: the cache gets
     # padded on both sides, and rows leave while others stay.
     results: dict[int, Completion] = {}
-    waiters: list[threading.Thread] = []
+    events: dict[int, queue.Queue] = {}
     schedule = {3: [1], 8: [2, 4], 20: [3]}  # after the first request's nth delta: these join
     seen = []
 
     def join_more(event):
+        # On the engine thread, between two decode steps: what is submitted here is queued before the
+        # next admission, so 2 and 4 are admitted together whatever the load on the machine.
         if isinstance(event, Delta):
             seen.append(event.text)
             for i in schedule.get(len(seen), []):
                 prompt, params = (PROMPTS[1], sampled) if i == 4 else (PROMPTS[i], greedy[i])
-                t = threading.Thread(
-                    target=lambda i=i, p=prompt, q=params: results.__setitem__(i, collect(engine, p, q))
-                )
-                t.start()
-                waiters.append(t)
+                events[i] = queue.Queue()
+                engine.submit(engine.encode(prompt), params, events[i].put)
 
     joined.clear()
     results[0] = collect(engine, PROMPTS[0], greedy[0], join_more)
-    for t in waiters:
-        t.join(120)
+    for i, pending in events.items():
+        while not isinstance(event := pending.get(timeout=120), Completion):
+            if isinstance(event, BaseException):
+                raise event
+        results[i] = event
     assert joined == [1, 1, 2, 1]  # four admissions, each while the first request was decoding
     assert [results[i].text for i in range(4)] == [c.text for c in solo]
     assert results[4].text == solo_sampled.text  # a seeded sampled row too
