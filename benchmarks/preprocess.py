@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.harness import Bench, figure, side
+from benchmarks.harness import REPEATS, Bench, figure, interleaved, side
 
 
 def run(b: Bench) -> dict:
-    """The stage's encode pass (read, encode_batch, write shards) against bare encode_batch."""
+    """The stage's encode pass (read, encode_batch, write shards) against bare encode_batch, interleaved."""
     from tokenizers import Tokenizer
 
     from pipeline.corpus import open_corpus
@@ -17,32 +17,38 @@ def run(b: Bench) -> dict:
     from pipeline.validate import kept_documents
 
     ws, params = b.ws, b.params
-    b.log("preprocess: the stage")
-    manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params)
-    documents = sum(s.documents for s in manifest.splits.values())
-    # the stage appends one EOS per document that it did not encode: count encoded tokens on both sides
-    stage_tokens = manifest.total_tokens - documents
-
-    b.log("preprocess: bare encode_batch")
-    # the documents the stage encodes (validation's kept ones), in memory before the clock starts
+    # the documents the stage encodes (validation's kept ones), in memory before any clock starts
     texts = [d.text for d in kept_documents(open_corpus(ws.data), params)]
-    tokenizer = Tokenizer.from_file(str(ws.tokenizer_dir / "tokenizer.json"))
     size = params.preprocess.encode_batch_docs
-    start = time.perf_counter()
-    bare_tokens = 0
-    for i in range(0, len(texts), size):
-        bare_tokens += sum(
-            len(e.ids) for e in tokenizer.encode_batch(texts[i : i + size], add_special_tokens=False)
-        )
-    bare_seconds = time.perf_counter() - start
+    counts = []
 
+    def stage() -> tuple[int, float]:
+        b.log("preprocess: the stage")
+        manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params)
+        documents = sum(s.documents for s in manifest.splits.values())
+        # the stage appends one EOS per document that it did not encode: count encoded tokens on both sides
+        counts.append(manifest.total_tokens - documents)
+        return counts[-1], manifest.encode_seconds
+
+    def bare() -> tuple[int, float]:
+        b.log("preprocess: bare encode_batch")
+        tokenizer = Tokenizer.from_file(str(ws.tokenizer_dir / "tokenizer.json"))  # the stage's, just trained
+        start = time.perf_counter()
+        tokens = 0
+        for i in range(0, len(texts), size):
+            tokens += sum(
+                len(e.ids) for e in tokenizer.encode_batch(texts[i : i + size], add_special_tokens=False)
+            )
+        return tokens, time.perf_counter() - start
+
+    stage_runs, bare_runs = interleaved(REPEATS, stage, bare)
     return {
         "encode": figure(
             "preprocess: encode tokens/s",
-            side("preprocess stage, encode pass", stage_tokens, "tokens", manifest.encode_seconds),
-            side("tokenizers encode_batch", bare_tokens, "tokens", bare_seconds),
+            side("preprocess stage, encode pass", "tokens", stage_runs),
+            side("tokenizers encode_batch", "tokens", bare_runs),
             note=f"{len(texts):,} documents, batches of {size}; the stage also reads the corpus and writes shards",
-            same_tokens=stage_tokens == bare_tokens,
+            same_tokens=all(s.amount == r.amount for s, r in zip(stage_runs, bare_runs, strict=True)),
             documents=len(texts),
         )
     }

@@ -1,5 +1,10 @@
-"""The serve section: the real Bento over HTTP against `model.generate` (KV cache) and a teacher-forced
-forward pass in this process, with the same weights, prompts, token budget and thread count.
+"""The serve section: the real Bento over HTTP against a bare KV-cache greedy loop, `model.generate` and a
+teacher-forced forward pass in this process, with the same weights, prompts, token budget and thread count.
+
+The bare loop is what the engine must not fall far behind: forward with past_key_values, argmax,
+append, on 1 row (against one HTTP client) and on 16 left-padded rows at once (against 16 clients: the
+most batching can give). Every side runs REPEATS times, interleaved with its baselines, while the
+server sits idle between its own runs.
 
 Every client keeps one connection open, as any HTTP client pool (the OpenAI SDK's included) does.
 A new httpx.Client per request costs about 27 ms here (an SSL context is built even for http://),
@@ -11,11 +16,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from benchmarks.harness import Bench, figure, side
+from benchmarks.harness import REPEATS, Bench, figure, interleaved, side
 from benchmarks.train import ensure_shards, run_train_stage
 
 PROMPTS = [
@@ -30,10 +36,11 @@ def run(b: Bench) -> dict:
     from transformers.utils import logging as hf_logging
 
     from infra.bento_server import BentoServer
-    from pipeline.data import fixed_windows, load_shard
+    from pipeline.data import fixed_windows
     from pipeline.generation import context_length
     from pipeline.model import load_model
     from pipeline.package import use_bentoml_home
+    from pipeline.shards import load_shard
 
     ws, params = b.ws, b.params
     use_bentoml_home(ws.state)  # unless the caller chose a store, the bench's own
@@ -51,11 +58,30 @@ def run(b: Bench) -> dict:
     )
     if b.quick:
         new = min(new, 24)
-    repeats = 2 if b.quick else 5
+    rounds = REPEATS
+    requests = 2 if b.quick else 5  # single-stream requests per run, one prompt each
+    requests_each = 1 if b.quick else 3  # per client in the concurrent runs
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]  # as the engine does
 
-    # the baseline: greedy generate with the KV cache in this process, with the server's thread count
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # the service's engine uses every core
+    @contextmanager
+    def service_threads():
+        """In-process baselines use every core, as the service's engine does."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+    texts: dict[str, dict[str, str]] = {}  # each side's greedy completion of each prompt (first round)
+
+    def keep(side_name: str, prompt: str, text: str) -> None:
+        texts.setdefault(side_name, {}).setdefault(prompt, text)
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)  # as the engine decodes a completion
 
     def generate(prompt: str, max_new_tokens: int) -> tuple[int, float]:
         ids = tokenizer(prompt, return_tensors="pt").to(device)
@@ -67,46 +93,91 @@ def run(b: Bench) -> dict:
             )  # fmt: skip
         seconds = time.perf_counter() - start
         produced = out[0, ids["input_ids"].shape[1] :].tolist()
-        if tokenizer.eos_token_id in produced:  # the service does not count the EOS ending a completion
-            produced = produced[: produced.index(tokenizer.eos_token_id)]
+        if eos in produced:  # the service does not count the EOS ending a completion
+            produced = produced[: produced.index(eos)]
+        if max_new_tokens == new:
+            keep("generate", prompt, decode(produced))
         return len(produced), seconds
-
-    b.log("serve: model.generate in-process")
-    generate(PROMPTS[0], new)  # warm-up
-    direct = [generate(PROMPTS[i], new) for i in range(repeats)]
-    direct_first = [generate(PROMPTS[i], 1)[1] for i in range(repeats)]
-    torch.set_num_threads(threads)
 
     # prompt scoring, as evaluation harnesses do it: full-context windows of val tokens, one batch
     windows = fixed_windows(
         load_shard(ws.shards_dir, "val"), context_length(model), params.serve.max_batch_size
     )
+    scored = windows.shape[0] * (windows.shape[1] - 1)
 
-    def score_in_process() -> float:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            batch = windows.to(device)
-            logp = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), -1)
-            logp.gather(2, batch[:, 1:].unsqueeze(2)).tolist(), logp.topk(1, dim=-1).values.tolist()
-        return time.perf_counter() - start
+    def score_in_process() -> tuple[int, float]:
+        with service_threads():
+            start = time.perf_counter()
+            with torch.inference_mode():
+                batch = windows.to(device)
+                logp = torch.log_softmax(model(input_ids=batch).logits[:, :-1].float(), -1)
+                logp.gather(2, batch[:, 1:].unsqueeze(2)).tolist(), logp.topk(1, dim=-1).values.tolist()
+            return scored, time.perf_counter() - start
 
-    b.log("serve: teacher-forced scoring in-process")
-    torch.set_num_threads(os.cpu_count() or 1)
-    score_in_process()  # warm-up
-    direct_score = [score_in_process() for _ in range(repeats)]
-    torch.set_num_threads(threads)
+    # the in-process sides, one run each
+    def bare_single() -> tuple[int, float]:
+        with service_threads():
+            runs = [kv_greedy(model, [prompt_ids[i]], new, eos, pad, device) for i in range(requests)]
+        for i, (rows, _) in enumerate(runs):
+            keep("bare", PROMPTS[i], decode(rows[0]))
+        return sum(len(rows[0]) for rows, _ in runs), sum(s for _, s in runs)
+
+    def bare_batch() -> tuple[int, float]:
+        with service_threads():
+            runs = [kv_greedy(model, prompt_ids, new, eos, pad, device) for _ in range(requests_each)]
+        for prompt, ids in zip(PROMPTS, runs[0][0], strict=True):
+            keep("bare_batch", prompt, decode(ids))
+        return sum(len(ids) for rows, _ in runs for ids in rows), sum(s for _, s in runs)
+
+    def generate_single() -> tuple[int, float]:
+        with service_threads():
+            runs = [generate(PROMPTS[i], new) for i in range(requests)]
+        return sum(t for t, _ in runs), sum(s for _, s in runs)
+
+    def prefill() -> tuple[None, float]:
+        with service_threads():
+            return None, float(np.median([generate(PROMPTS[i], 1)[1] for i in range(requests)]))
+
+    with service_threads():  # warm-ups
+        generate(PROMPTS[0], new), kv_greedy(model, prompt_ids, new, eos, pad, device), score_in_process()
 
     b.log(f"serve: bentoml serve {tag}")
     try:
-        with BentoServer(tag, b.tmp / "bento-serve") as server:
+        with BentoServer(tag, b.tmp / "bento-serve") as server, httpx.Client() as session:
             url = server.url
-            with httpx.Client() as session:
-                http_generate(session, url, PROMPTS[0], new)  # warm-up
-                http = [http_generate(session, url, PROMPTS[i], new) for i in range(repeats)]
-                first = [http_first_token(session, url, PROMPTS[i], new) for i in range(repeats)]
-                http_score(session, url, windows)  # warm-up
-                scores = [http_score(session, url, windows) for _ in range(repeats)]
-            concurrent = {c: aggregate(url, c, 1 if b.quick else 3, new) for c in (1, 4, 16)}
+
+            def http_single() -> tuple[int, float]:
+                runs = [http_generate(session, url, PROMPTS[i], new) for i in range(requests)]
+                for i, (_, _, text) in enumerate(runs):
+                    keep("http", PROMPTS[i], text)
+                return sum(t for t, _, _ in runs), sum(s for _, s, _ in runs)
+
+            def http_first() -> tuple[None, float]:
+                return None, float(
+                    np.median([http_first_token(session, url, PROMPTS[i], new) for i in range(requests)])
+                )
+
+            def http_scoring() -> tuple[int, float]:
+                return scored, http_score(session, url, windows)
+
+            def clients(n: int):
+                def run_clients() -> tuple[int, float]:
+                    tokens, seconds, completions = aggregate(url, n, requests_each, new)
+                    for prompt, text in completions.items():
+                        keep(f"http_{n}_clients", prompt, text)
+                    return tokens, seconds
+
+                return run_clients
+
+            http_generate(session, url, PROMPTS[0], new), http_score(session, url, windows)  # warm-ups
+            b.log(f"serve: single stream, {rounds} rounds of HTTP, the bare loop, model.generate")
+            http, bare, direct = interleaved(rounds, http_single, bare_single, generate_single)
+            b.log(f"serve: time to first token, {rounds} rounds")
+            first, direct_first = interleaved(rounds, http_first, prefill)
+            b.log(f"serve: prompt scoring, {rounds} rounds")
+            scores, direct_score = interleaved(rounds, http_scoring, score_in_process)
+            b.log(f"serve: 1, 4 and 16 clients and the bare loop on 16 rows, {rounds} rounds")
+            one, four, sixteen, batch = interleaved(rounds, clients(1), clients(4), clients(16), bare_batch)
     finally:
         import bentoml
 
@@ -114,42 +185,95 @@ def run(b: Bench) -> dict:
         bentoml.bentos.delete(tag)
         bentoml.models.delete(bento["model_tag"])
 
-    def total(runs: list[tuple[int, float]]) -> tuple[int, float]:
-        return sum(t for t, _ in runs), sum(s for _, s in runs)
+    single = side("POST /generate, greedy, 1 client", "tokens", http)
+    one_client = side("1 client over HTTP", "tokens", one)
+    sixteen_clients = side("16 clients over HTTP", "tokens", sixteen)
 
-    one = side("1 client over HTTP", concurrent[1][0], "tokens", concurrent[1][1])
-    scored = repeats * windows.shape[0] * (windows.shape[1] - 1)
+    def single_stream(against: str, baseline: dict, baseline_texts: dict[str, str]) -> dict:
+        return figure(
+            f"serve: single-stream tokens/s, HTTP vs {against}",
+            single,
+            baseline,
+            note=f"{requests} requests of up to {new} new tokens a run; prefill included on both sides",
+            texts={"lmforge": texts["http"], "baseline": baseline_texts},
+        )
+
     return {
         "score": figure(
             "serve: prompt scoring tokens/s (echo + logprobs, max_tokens 0)",
-            side("POST /v1/completions, token-id prompts", scored, "tokens", sum(scores)),
-            side("teacher-forced forward + log-softmax, in-process", scored, "tokens", sum(direct_score)),
-            note=f"{repeats} requests of {windows.shape[0]} prompts x {windows.shape[1]} tokens; logprobs 1",
+            side("POST /v1/completions, token-id prompts", "tokens", scores),
+            side("teacher-forced forward + log-softmax, in-process", "tokens", direct_score),
+            note=f"a request of {windows.shape[0]} prompts x {windows.shape[1]} tokens a run; logprobs 1",
         ),
-        "decode": figure(
-            "serve: single-stream tokens/s",
-            side("POST /generate, greedy", total(http)[0], "tokens", total(http)[1]),
-            side("model.generate, KV cache, in-process", total(direct)[0], "tokens", total(direct)[1]),
-            note=f"{repeats} requests of up to {new} new tokens; prefill included on both sides",
+        "overhead": single_stream(
+            "the bare KV-cache loop",
+            side("bare greedy loop (forward with past_key_values, argmax), in-process", "tokens", bare),
+            texts["bare"],
+        ),
+        "decode": single_stream(
+            "`model.generate`",
+            side("model.generate, KV cache, greedy, in-process", "tokens", direct),
+            texts["generate"],
         ),
         "first_token": figure(
             "serve: time to first token (median)",
-            side("streamed /v1/completions", None, "", float(np.median(first))),
-            side("model.generate, 1 new token, in-process", None, "", float(np.median(direct_first))),
-            note="seconds; lower is better",
+            side("streamed /v1/completions", "", first),
+            side("model.generate, 1 new token, in-process", "", direct_first),
+            note=f"seconds, the median of {requests} requests a run; lower is better",
         ),
         "clients_4": figure(
             "serve: aggregate tokens/s, 4 vs 1 clients",
-            side("4 clients over HTTP", concurrent[4][0], "tokens", concurrent[4][1]),
-            one,
+            side("4 clients over HTTP", "tokens", four),
+            one_client,
         ),
         "clients_16": figure(
             "serve: aggregate tokens/s, 16 vs 1 clients",
-            side("16 clients over HTTP", concurrent[16][0], "tokens", concurrent[16][1]),
-            one,
+            sixteen_clients,
+            one_client,
             note="the clients run on the same cores as the server",
         ),
+        "batch_limit": figure(
+            "serve: aggregate tokens/s, 16 clients vs the bare loop on 16 rows",
+            sixteen_clients,
+            side("bare greedy loop on the 16 prompts at once, in-process", "tokens", batch),
+            note=f"{requests_each} request(s) per client, and as many 16-row batches, of up to {new} new "
+            "tokens; a row's tokens count up to its EOS, and the batch runs until every row is done",
+            texts={"lmforge": texts["http_16_clients"], "baseline": texts["bare_batch"]},
+        ),
     }
+
+
+@torch.inference_mode()
+def kv_greedy(model, rows: list[list[int]], new: int, eos: int, pad: int, device) -> tuple[list, float]:
+    """(each row's new tokens, seconds) of the bare greedy loop: prefill the rows (left-padded), then
+    forward one token per row with past_key_values, argmax, append. A row's tokens end before its EOS
+    (as the service counts them); the loop runs until every row is done or has `new` tokens."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
+    ids, mask = ids.to(device), mask.to(device)
+    start = time.perf_counter()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    produced: list[list[int]] = [[] for _ in rows]
+    done = [False] * len(rows)
+    for step in range(new):
+        tokens = out.logits[:, -1].argmax(-1)
+        for i, token in enumerate(tokens.tolist()):
+            done[i] = done[i] or token == eos
+            if not done[i]:
+                produced[i].append(token)
+        if all(done) or step == new - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(
+            input_ids=tokens.unsqueeze(1), attention_mask=mask, position_ids=positions,
+            past_key_values=out.past_key_values, use_cache=True,
+        )  # fmt: skip
+    return produced, time.perf_counter() - start
 
 
 def package_for_bench(b: Bench) -> dict:
@@ -178,8 +302,8 @@ def package_for_bench(b: Bench) -> dict:
 # the HTTP clients
 
 
-def http_generate(client, url: str, prompt: str, max_new_tokens: int) -> tuple[int, float]:
-    """(completion tokens, seconds) of one greedy POST /generate."""
+def http_generate(client, url: str, prompt: str, max_new_tokens: int) -> tuple[int, float, str]:
+    """(completion tokens, seconds, text) of one greedy POST /generate."""
     start = time.perf_counter()
     response = client.post(
         f"{url}/generate",
@@ -188,7 +312,8 @@ def http_generate(client, url: str, prompt: str, max_new_tokens: int) -> tuple[i
     )
     seconds = time.perf_counter() - start
     response.raise_for_status()
-    return response.json()["completion_tokens"], seconds
+    body = response.json()
+    return body["completion_tokens"], seconds, body["text"]
 
 
 def http_first_token(client, url: str, prompt: str, max_new_tokens: int) -> float:
@@ -216,25 +341,31 @@ def http_score(client, url: str, windows: torch.Tensor) -> float:
     return time.perf_counter() - start
 
 
-def aggregate(url: str, clients: int, requests_each: int, max_new_tokens: int) -> tuple[int, float]:
-    """(completion tokens, wall seconds) of `clients` clients each sending requests one after another."""
+def aggregate(
+    url: str, clients: int, requests_each: int, max_new_tokens: int
+) -> tuple[int, float, dict[str, str]]:
+    """(completion tokens, wall seconds, the text of each prompt) of `clients` clients each sending
+    requests one after another."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
 
     sessions = [httpx.Client() for _ in range(clients)]  # made before the clock starts
+    texts: dict[str, str] = {}
 
     def client(k: int) -> int:
-        return sum(
-            http_generate(sessions[k], url, PROMPTS[(k + i) % len(PROMPTS)], max_new_tokens)[0]
-            for i in range(requests_each)
-        )
+        tokens = 0
+        for i in range(requests_each):
+            prompt = PROMPTS[(k + i) % len(PROMPTS)]
+            count, _, texts[prompt] = http_generate(sessions[k], url, prompt, max_new_tokens)
+            tokens += count
+        return tokens
 
     try:
         start = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
             tokens = sum(pool.map(client, range(clients)))
-        return tokens, time.perf_counter() - start
+        return tokens, time.perf_counter() - start, texts
     finally:
         for session in sessions:
             session.close()

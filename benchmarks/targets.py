@@ -2,11 +2,13 @@
 
 A section only measures; run_bench judges each figure against this table. A figure with no row here is
 reported without a target. The numbers are for the machine the README describes (2 cores, no GPU).
+`lmforge bench --target NAME=VALUE` replaces a row's value for one run (with_values), and
+`lmforge bench --check` exits non-zero naming every missed target (missed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -19,29 +21,61 @@ class Target:
 
 TARGETS: dict[str, Target] = {
     # not ratios: the bare loop is C-speed JSON and sets no bar a filter could meet; quick mode's
-    # 32 MiB file is dominated by start-up, so only full mode's 1 GiB file is judged
+    # 16 MiB file is dominated by start-up, so only full mode's 1 GiB file is judged
     "validate.throughput": Target("rate", ">=", 30.0, full_only=True),  # MB/s
     "validate.peak_rss": Target("rate", "<=", 1.5, full_only=True),  # GB of RSS per GB of corpus
     "preprocess.encode": Target("ratio", ">=", 0.8),
-    "train.tokens_per_s": Target("ratio", ">=", 0.95),
-    "train.mfu": Target("ratio", ">=", 0.5),
-    "serve.score": Target("ratio", ">=", 0.8),
-    "serve.decode": Target("ratio", ">=", 0.9),
+    # Quick mode's 170k-parameter model takes milliseconds a step or a token, so fixed costs per step
+    # (clipping, schedule, log) and per request (HTTP, JSON) dominate: these are judged in full mode.
+    "train.overhead": Target("ratio", ">=", 0.95, full_only=True),  # against a bare loop, same fused loss
+    # 0.5 was set against a peak measured one rank at a time (half the real one); with the peak measured
+    # as training runs, a bare loop with the same loss reaches 0.44 on the demo model and batch
+    "train.mfu": Target("ratio", ">=", 0.4, full_only=True),
+    "train.bare_mfu": Target("ratio", "<=", 1.0),  # the physical limit: above 1 the peak is wrong
+    "serve.score": Target("ratio", ">=", 0.8, full_only=True),
+    "serve.decode": Target("ratio", ">=", 0.9, full_only=True),  # against model.generate
+    "serve.overhead": Target("ratio", ">=", 0.9, full_only=True),  # against the bare KV-cache loop
     "serve.clients_16": Target("ratio", ">=", 4.0),
+    "serve.batch_limit": Target("ratio", ">=", 0.7, full_only=True),  # against the bare loop on 16 rows
     "pipeline.dvc_repro": Target("seconds", "<=", 5.0),
 }
 
 
-def judge(name: str, figure: dict, quick: bool) -> dict:
+def with_values(overrides: dict[str, float], targets: dict[str, Target] = TARGETS) -> dict[str, Target]:
+    """The table with some rows' values replaced (`--target NAME=VALUE`); an unknown name is an error."""
+    unknown = sorted(set(overrides) - set(targets))
+    if unknown:
+        raise KeyError(f"no target named {', '.join(unknown)}; the table has {', '.join(targets)}")
+    return {
+        name: replace(t, value=overrides[name]) if name in overrides else t for name, t in targets.items()
+    }
+
+
+def judge(name: str, figure: dict, quick: bool, targets: dict[str, Target] = TARGETS) -> dict:
     """The figure with its target from the table and whether it met it (both None without one)."""
-    target = TARGETS.get(name)
+    target = targets.get(name)
     if target is None or (quick and target.full_only):
         return figure
-    got = {
-        "ratio": figure["ratio"],
-        "seconds": figure["lmforge"]["seconds"],
-        "rate": figure["lmforge"]["rate"],
-    }
-    value = got[target.of]
-    met = value >= target.value if target.op == ">=" else value <= target.value
+    value = judged_value(figure, target.of)
+    met = value is not None and (value >= target.value if target.op == ">=" else value <= target.value)
     return figure | {"target": {"of": target.of, "op": target.op, "value": target.value}, "met": met}
+
+
+def judged_value(figure: dict, of: str) -> float | None:
+    """The number a target compares: the ratio of the medians, or lmforge's median rate or seconds."""
+    return figure["ratio"] if of == "ratio" else figure["lmforge"][of]
+
+
+def missed(results: dict) -> list[str]:
+    """One line per missed target of a results.json: the figure, its value, the target."""
+    lines = []
+    for section, figures in results["sections"].items():
+        for key, f in figures.items():
+            if f["met"] is False:
+                t = f["target"]
+                value = judged_value(f, t["of"])
+                shown = "none" if value is None else f"{value:.3g}"
+                lines.append(
+                    f"{section}.{key} ({f['measurement']}): {t['of']} {shown}, target {t['op']} {t['value']:g}"
+                )
+    return lines

@@ -1,8 +1,12 @@
 """The train section: the train stage (torchrun, DDP) against the bare loop (benchmarks.bare_loop) on the
 same model, batch and process count, and both as a fraction of this machine's dense matmul FLOP/s.
 
-Both sides are the steady state by the one rule in pipeline.throughput: the first fifth of the steps is
-warm-up. The serve section trains through run_train_stage here too.
+Two rows keep two things apart: the stage's overhead, against a bare loop with the same fused loss,
+and the fused loss's own gain, the bare loop with it against the bare loop with the model's own loss.
+Every side runs REPEATS times, interleaved round by round: the stage, then the bare loop (one launch
+that measures the peak, then runs the fused and the unfused loop), then in full mode the stage in one
+process. Both sides are the steady state by the one rule in pipeline.throughput: the first fifth of
+the steps is warm-up. The serve section trains through run_train_stage here too.
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ import sys
 
 import torch
 
-from benchmarks.bare_loop import OUT_ENV
-from benchmarks.harness import Bench, figure, quiet, side
+from benchmarks.bare_loop import LOSS_ENV, LOSSES, OUT_ENV
+from benchmarks.harness import REPEATS, Bench, Run, figure, interleaved, quiet, side, span
 from pipeline.config import Params, Workspace, write_overrides
 from pipeline.contracts import Manifest, read_train_log
-from pipeline.throughput import steady, steady_median
+from pipeline.throughput import peak_try_flop, steady, steady_median
 
 
 def run(b: Bench) -> dict:
@@ -33,54 +37,94 @@ def run(b: Bench) -> dict:
     flops_tok = flops_per_token(
         build_model(params.model, manifest.vocab_size, manifest.eos_token_id), params.model
     )
+    # the same cores as one process with all the threads: does DDP use them better than intra-op threads?
+    # (full mode only: three more launches, and no target)
+    scaling = procs > 1 and cfg.nnodes == 1 and not b.quick
+    stage_logs: list[dict] = []  # what each stage run's own log says about its MFU
+    loss_modules: list[str] = []
 
-    figures = {}
-    if procs > 1 and cfg.nnodes == 1:
-        # the same cores as one process with all the threads: does DDP use them better than intra-op threads?
+    def stage() -> tuple[float, float]:
+        b.log(f"train: the stage, {procs} processes x {threads} threads")
+        run_train_stage(b)
+        records = read_train_log(ws.train_log)
+        stage_logs.append(
+            {
+                "median_mfu": steady_median(records, "mfu"),
+                "max_mfu": max(r["mfu"] for r in records),
+                "steps": len(records),
+            }
+        )
+        return stage_throughput(ws, params)
+
+    def bare() -> tuple:
+        b.log(f"train: bare loops ({', '.join(LOSSES)}), {procs} processes x {threads} threads")
+        out = run_bare_loop(b)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        flop = peak_try_flop(device, procs * cfg.nnodes)
+        peak = span(flop, flop / out["peak_flops"], *out["peak_span"])
+        loops = [out["loops"][loss] for loss in LOSSES]
+        loss_modules[:] = [x["loss_module"] for x in loops]  # the class each loop really called
+        return (*(span(*steady_tokens(x["step_tokens"], x["records"]), *x["span"]) for x in loops), peak)
+
+    def single_process() -> tuple[float, float]:
         b.log(f"train: the stage, 1 process x {procs * threads} threads")
         write_overrides(ws.root, ["train.nproc_per_node=1", f"train.threads_per_rank={procs * threads}"])
-        run_train_stage(b)
-        single_tokens, single_seconds, _ = stage_throughput(ws, b.params)
-        write_overrides(ws.root, [f"train.nproc_per_node={procs}", f"train.threads_per_rank={threads}"])
+        try:
+            run_train_stage(b)
+            return stage_throughput(ws, b.params)
+        finally:
+            write_overrides(ws.root, [f"train.nproc_per_node={procs}", f"train.threads_per_rank={threads}"])
 
-    b.log(f"train: the stage, {procs} processes x {threads} threads")
-    run_train_stage(b)
-    tokens, seconds, stage_mfu = stage_throughput(ws, params)
-    b.log(f"train: bare loop, {procs} processes x {threads} threads")
-    bare = run_bare_loop(b)
-    bare_tokens, bare_seconds = steady_tokens(bare["step_tokens"], bare["records"])
-    peak = side(
-        f"dense fp32 matmul, {procs} x {threads} threads", bare["peak_flop"], "FLOP", bare["peak_seconds"]
-    )
+    measures = [stage, bare] + ([single_process] if scaling else [])
+    stage_runs, bare_runs, *single_runs = interleaved(REPEATS, *measures)
+    fused_runs, unfused_runs, peak_runs = (list(x) for x in zip(*bare_runs, strict=True))
 
-    stage = side(f"train stage, {procs} x {threads} threads", tokens, "tokens", seconds)
-    figures["tokens_per_s"] = figure(
-        "train: tokens/s",
-        stage,
-        side("bare forward/backward/AdamW loop", bare_tokens, "tokens", bare_seconds),
-        note=f"{cfg.max_steps} steps, the first fifth skipped",
-    )
-    figures["mfu"] = figure(
-        "train: CPU MFU (stage FLOP/s / matmul FLOP/s)",
-        side("train stage", tokens * flops_tok, "FLOP", seconds),
-        peak,
-        note=f"{flops_tok / 1e6:.2f} MFLOP/token (6N + attention)",
-        flops_per_token=flops_tok,
-        stage_reported_mfu=stage_mfu,  # against the peak the stage measured at its own start
-    )
-    figures["bare_mfu"] = figure(
-        "train: bare-loop CPU MFU",
-        side("bare loop", bare_tokens * flops_tok, "FLOP", bare_seconds),
-        peak,
-        note="the ceiling for this model and batch with a plain loop",
-    )
-    if procs > 1 and cfg.nnodes == 1:
+    width = f"{procs} x {threads} threads"
+    stage_side = side(f"train stage, {width}", "tokens", stage_runs)
+    fused = side(f"bare loop with the stage's fused loss, {width}", "tokens", fused_runs)
+    unfused = side(f"bare loop with the model's own loss (labels=), {width}", "tokens", unfused_runs)
+    peak = side(f"dense fp32 matmul on every rank at once (peak_flops), {width}", "FLOP", peak_runs)
+    flop_runs = [Run(r.amount * flops_tok, r.seconds, r.start, r.end) for r in stage_runs]
+    bare_flop_runs = [Run(r.amount * flops_tok, r.seconds, r.start, r.end) for r in fused_runs]
+    steps = f"{cfg.max_steps} steps a run, the first fifth skipped"
+    figures = {
+        "overhead": figure(
+            "train: tokens/s, the stage vs a bare loop with the same fused loss",
+            stage_side,
+            fused,
+            note=f"{steps}; the stage adds data windows, clipping, the schedule, logging and checkpoints",
+        ),
+        "fused_loss": figure(
+            "train: the fused loss's gain (bare loop, fused vs the model's own loss)",
+            fused,
+            unfused,
+            note=f"{steps}; the same bare loop, model, batch and processes, only the loss differs",
+            loss_modules=dict(zip(LOSSES, loss_modules, strict=True)),
+        ),
+        "mfu": figure(
+            "train: CPU MFU (stage FLOP/s / matmul peak FLOP/s)",
+            side(f"train stage, {width}", "FLOP", flop_runs),
+            peak,
+            note=f"{flops_tok / 1e6:.2f} MFLOP/token (6N + attention); the peak as the stage measures it, "
+            "in the bare loop's launches; the stage's own log reported a median MFU of "
+            + ", ".join(f"{x['median_mfu']:.3f}" for x in stage_logs)
+            + f" and at most {max(x['max_mfu'] for x in stage_logs):.3f} in any step",
+            flops_per_token=flops_tok,
+            stage_logs=stage_logs,
+        ),
+        "bare_mfu": figure(
+            "train: bare-loop CPU MFU (fused loss)",
+            side(f"bare loop with the fused loss, {width}", "FLOP", bare_flop_runs),
+            peak,
+            note="the ceiling for this model and batch with a plain loop",
+            flops_per_token=flops_tok,
+        ),
+    }
+    if scaling:
         figures["scaling"] = figure(
             f"train: tokens/s, {procs} processes x {threads} vs 1 x {procs * threads} threads",
-            stage,
-            side(
-                f"train stage, 1 process x {procs * threads} threads", single_tokens, "tokens", single_seconds
-            ),
+            stage_side,
+            side(f"train stage, 1 process x {procs * threads} threads", "tokens", single_runs[0]),
             note="on a CPU the same cores either way: above 1 means DDP uses them better than intra-op threads",
         )
     return figures
@@ -117,17 +161,15 @@ def steady_tokens(step_tokens: int, records: list[dict]) -> tuple[float, float]:
     return step_tokens * len(kept), sum(step_tokens / r["tokens_per_s"] for r in kept)
 
 
-def stage_throughput(ws: Workspace, params: Params) -> tuple[float, float, float]:
-    """(tokens, seconds, the stage's own median MFU) from artifacts/train_log.jsonl."""
+def stage_throughput(ws: Workspace, params: Params) -> tuple[float, float]:
+    """(tokens, seconds) of the steady steps in artifacts/train_log.jsonl."""
     cfg, world = params.train, params.train.nproc_per_node * params.train.nnodes
-    records = read_train_log(ws.train_log)
     step_tokens = cfg.batch_size * params.model.block_size * cfg.grad_accum * world
-    tokens, seconds = steady_tokens(step_tokens, records)
-    return tokens, seconds, steady_median(records, "mfu")
+    return steady_tokens(step_tokens, read_train_log(ws.train_log))
 
 
 def run_bare_loop(b: Bench) -> dict:
-    """The bare loop under the train stage's own launcher, same process count and threads."""
+    """The bare loops under the train stage's own launcher, same process count and threads."""
     from infra.processes import stream_command, venv_env
     from infra.torchrun import torchrun_command, torchrun_env
 
@@ -135,7 +177,8 @@ def run_bare_loop(b: Bench) -> dict:
     out = ws.artifacts / "bench_bare_loop.json"
     out.unlink(missing_ok=True)
     env = venv_env(
-        torchrun_env(cfg, cuda=torch.cuda.is_available()) | {"LMFORGE_ROOT": str(ws.root), OUT_ENV: str(out)}
+        torchrun_env(cfg, cuda=torch.cuda.is_available())
+        | {"LMFORGE_ROOT": str(ws.root), OUT_ENV: str(out), LOSS_ENV: ",".join(LOSSES)}
     )
     stream_command(torchrun_command(cfg, "benchmarks.bare_loop"), ws.root, quiet(b.log), env=env)
     return json.loads(out.read_text())

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.harness import Bench, figure, side
+from benchmarks.harness import REPEATS, Bench, Run, figure, interleaved, side, span
 from infra.processes import bin_path
 from pipeline.config import Workspace
 from pipeline.contracts import Manifest
 
-CORPUS_BYTES = {True: 32 << 20, False: 1 << 30}  # quick, full
+CORPUS_BYTES = {True: 16 << 20, False: 1 << 30}  # quick, full
 BARE_DECODE = """import json, sys
 chars = 0
 with open(sys.argv[1], encoding="utf-8") as fh:
@@ -37,18 +37,32 @@ RSS_LAUNCHER = (
 
 def run(b: Bench) -> dict:
     """`lmforge validate FILE` (the CLI, start-up and GE included) against reading and json-decoding the same
-    file in a bare Python loop; both in child processes of their own, so each peak RSS is its own."""
+    file in a bare Python loop, interleaved; both in child processes of their own, so each peak RSS is
+    its own. Preprocess on the same file runs once: its row is memory, which does not vary run to run
+    the way time does, and in full mode it takes minutes."""
     corpus = b.tmp / "large.jsonl"
     b.log(f"validate: writing a {CORPUS_BYTES[b.quick] / 2**20:,.0f} MiB JSONL corpus")
     documents = write_large_corpus(corpus, CORPUS_BYTES[b.quick], b.ws.data)
     size = corpus.stat().st_size
     env = dict(os.environ, LMFORGE_ROOT=str(b.ws.root), TQDM_DISABLE="1")
-    b.log("validate: bare read + json.loads")
-    bare_seconds, bare_rss, _ = peak_rss_run([sys.executable, "-c", BARE_DECODE, str(corpus)], env)
-    b.log("validate: lmforge validate")
-    lmforge = [bin_path("lmforge"), "validate", str(corpus)]
-    seconds, rss, out = peak_rss_run(lmforge, env)
-    kept = next((line.strip() for line in out.splitlines() if "kept (" in line), "")
+    bare_rss, rss, kept = [], [], []
+
+    def bare() -> tuple[float, float]:
+        b.log("validate: bare read + json.loads")
+        seconds, peak, _ = peak_rss_run([sys.executable, "-c", BARE_DECODE, str(corpus)], env)
+        bare_rss.append(peak)
+        return size / 1e6, seconds
+
+    def lmforge() -> tuple[float, float]:
+        b.log("validate: lmforge validate")
+        seconds, peak, out = peak_rss_run([bin_path("lmforge"), "validate", str(corpus)], env)
+        rss.append(peak)
+        kept.append(next((line.strip() for line in out.splitlines() if "kept (" in line), ""))
+        return size / 1e6, seconds
+
+    lmforge_runs, bare_runs = interleaved(REPEATS, lmforge, bare)
+    # the same runs' peak memory, in GB, per GB of corpus
+    rss_runs = [Run(peak / 1e9, r.seconds, r.start, r.end) for peak, r in zip(rss, lmforge_runs, strict=True)]
 
     b.log("validate: preprocess of the same corpus (bounded tokenizer sample)")
     large = Workspace(b.tmp / "large-ws")
@@ -57,31 +71,34 @@ def run(b: Bench) -> dict:
         shutil.copy(b.ws.root / name, large.root / name)
     (large.data / corpus.name).symlink_to(corpus)
     pre_env = dict(env, LMFORGE_ROOT=str(large.root))
+    started = time.time()
     pre_seconds, pre_rss, _ = peak_rss_run([sys.executable, "-m", "pipeline.preprocess"], pre_env)
+    pre_run = span(pre_rss / 1e9, pre_seconds, started, time.time())  # once: memory, not a rate
     manifest = Manifest.read(large.shards_dir)
     sample = manifest.tokenizer_sample
     return {
         "throughput": figure(
             "validate: MB/s on one large JSONL file",
-            side("lmforge validate (CLI, GE suite, filter, report)", size / 1e6, "MB", seconds),
-            side("bare read + json.loads of each line", size / 1e6, "MB", bare_seconds),
-            note=f"{size / 2**30:.2f} GiB, {documents:,} documents ({kept}); the ratio is the share of bare "
+            side("lmforge validate (CLI, GE suite, filter, report)", "MB", lmforge_runs),
+            side("bare read + json.loads of each line", "MB", bare_runs),
+            note=f"{size / 2**30:.2f} GiB, {documents:,} documents ({kept[0]}); the ratio is the share of bare "
             "decoding speed that the filter, measures and suite leave",
             documents=documents,
             bytes=size,
         ),
         "peak_rss": figure(
             "validate: peak RSS per GB of corpus",
-            rss_side("lmforge validate, peak RSS", rss, size),
+            side("lmforge validate, peak RSS", "GB RSS", rss_runs, per=size / 1e9),
             None,
-            note="GB of peak resident memory per GB of corpus (the targets are for full mode's 1 GiB file; "
-            f"in quick mode start-up dominates both rows); bare read + json.loads peaked at {bare_rss / 1e9:.2f} GB",
+            note="GB of peak resident memory per GB of corpus, in the runs above (the targets are for full "
+            "mode's 1 GiB file; in quick mode start-up dominates both rows); bare read + json.loads peaked "
+            f"at {max(bare_rss) / 1e9:.2f} GB",
             rss_bytes=rss,
             bare_rss_bytes=bare_rss,
         ),
         "preprocess_rss": figure(
             "preprocess: peak RSS per GB of corpus (same file)",
-            rss_side("python -m pipeline.preprocess, peak RSS", pre_rss, size),
+            side("python -m pipeline.preprocess, peak RSS", "GB RSS", [pre_run], per=size / 1e9),
             note=f"the tokenizer learned from a sample of {sample['chars']:,} chars ({sample['documents']:,} "
             f"documents; preprocess.tokenizer_train_chars {b.params.preprocess.tokenizer_train_chars:,}); "
             f"{manifest.total_tokens:,} tokens in {pre_seconds:.0f} s, encode pass "
@@ -90,18 +107,6 @@ def run(b: Bench) -> dict:
             seconds=pre_seconds,
             tokenizer_sample=sample,
         ),
-    }
-
-
-def rss_side(what: str, rss_bytes: int, corpus_bytes: int) -> dict:
-    """A side that is memory, not work per second: GB of peak RSS, and its rate per GB of corpus."""
-    rss_gb = rss_bytes / 1e9
-    return {
-        "what": what,
-        "amount": rss_gb,
-        "unit": "GB RSS",
-        "seconds": None,
-        "rate": rss_gb / (corpus_bytes / 1e9),
     }
 
 

@@ -472,24 +472,46 @@ def bench(
         float | None, typer.Option(help="Record this `make demo` wall time (timed outside the bench)")
     ] = None,
     profile: Profile = None,
+    check: Annotated[
+        bool, typer.Option("--check", help="Exit 1 if a figure misses its target, naming each one")
+    ] = False,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--target", help="Replace a target's value for this run: NAME=VALUE (benchmarks/targets.py)"
+        ),
+    ] = None,
 ) -> None:
     """Measure each stage against the bare library doing the same work; write a table of ratios.
 
     Runs in a temporary workspace of its own: data/, artifacts/, the BentoML store and S3 of this
-    workspace are not touched.
+    workspace are not touched. With --check it exits 1 when a figure misses its target in
+    benchmarks/targets.py, with one line per missed target: the figure, its value, the target.
     """
     from benchmarks import SECTIONS, run_bench
+    from benchmarks.targets import missed, with_values
 
     ws, _ = _workspace_and_params()
     chosen = [s.strip() for s in sections.split(",") if s.strip()]
     unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown:
         _fail(f"--sections: unknown {', '.join(unknown)}; choose from {','.join(SECTIONS)}", 2)
+    overrides = {}
+    for item in target or []:
+        name, _, value = item.partition("=")
+        try:
+            overrides[name.strip()] = float(value)
+        except ValueError:
+            _fail(f"--target {item}: expected NAME=NUMBER, e.g. train.overhead=0.95", 2)
+    try:
+        targets = with_values(overrides)
+    except KeyError as exc:
+        _fail(f"--target: {exc.args[0]}", 2)
     skipped = {}
     if skip_pipeline and "pipeline" in chosen:
         chosen.remove("pipeline")
         skipped["pipeline"] = "--skip-pipeline"
-    run_bench(
+    results = run_bench(
         quick,
         out or ws.root / "bench",
         ws.root,
@@ -498,7 +520,16 @@ def bench(
         skipped,
         demo_seconds,
         profile,
+        targets=targets,
     )
+    if check:
+        lines = missed(results)
+        if lines:
+            typer.secho(f"bench --check: {len(lines)} target(s) missed", fg=typer.colors.RED, err=True)
+            for line in lines:
+                typer.echo(f"  missed {line}", err=True)
+            raise typer.Exit(1)
+        typer.echo("bench --check: every judged figure met its target")
 
 
 def main() -> int:

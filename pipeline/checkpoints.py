@@ -59,9 +59,24 @@ def save_checkpoint(
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted(ckpt_dir.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    # Keep this run's newest `keep`. Another run's checkpoints (other data or params) can never be resumed
+    # here, and pruned by name alone they would outlive this run's own: step_000100 of a new run sorts
+    # before step_000400 of the last one, and was deleted the moment it was written.
+    every = sorted(ckpt_dir.glob("step_*"))
+    mine = [path for path in every if checkpoint_fingerprint(path) == fingerprint]
+    for old in every:
+        if old not in mine[-keep:]:
+            shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_fingerprint(path: Path) -> str | None:
+    """The run a checkpoint belongs to, read without loading its tensors (None when unreadable)."""
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True, mmap=True)
+        return state.get("fingerprint")
+    except Exception:  # noqa: BLE001 - a truncated or corrupt file surfaces as many error types
+        return None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
@@ -79,14 +94,14 @@ def resume_latest(ckpt_dir: Path, fingerprint: str, model, optimizer, scheduler,
     """The step to continue from: the newest readable checkpoint of this same run, else 0.
 
     A damaged checkpoint falls back to the one before it; a checkpoint of another run (other data or
-    params) is never resumed.
+    params) is never resumed, and is passed over: an older one of this run may lie beyond it.
     """
     for path in sorted(ckpt_dir.glob("step_*"), reverse=True):
         try:
             peek = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
             if peek.get("fingerprint") != fingerprint:
-                log(f"checkpoint {path.name} belongs to another run (data or params changed): starting fresh")
-                return 0
+                log(f"checkpoint {path.name} belongs to another run (data or params changed): not resumed")
+                continue
             state = load_checkpoint(path, model, optimizer, scheduler)
         except Exception as exc:  # noqa: BLE001 - truncated or corrupt files surface as many error types
             log(

@@ -25,9 +25,10 @@ from pipeline.contracts import (
     write_curves,
     write_json,
 )
-from pipeline.data import fixed_windows, load_shard, mean_loss, sorted_unique
+from pipeline.data import fixed_windows, mean_loss
 from pipeline.generation import context_length
 from pipeline.model import load_model
+from pipeline.shards import load_shard, sorted_unique
 from pipeline.stage import run_stage
 
 # ---------------------------------------------------------------------------------------------

@@ -440,12 +440,18 @@ class Engine:
     def _step(self, active: _Batch) -> None:
         """Sample one token for every row, retire the finished rows, run one forward pass for the rest."""
         next_inputs: dict[int, int] = {}  # row index -> its new token, for the rows still decoding
+        greedy = None  # plain greedy rows take one argmax over the batch, not one call per row
+        if any(r.params.temperature == 0 and not r.params.shapes_logits for r in active.rows):
+            greedy = active.logits.argmax(-1).tolist()
         for i, row in enumerate(active.rows):
             if row.request.cancelled.is_set():
                 row.finish = "cancelled"
                 continue
             logits = active.logits[i]
-            token = sample_next(row.shape(logits), row.params, row.generator)
+            if greedy is not None and row.params.temperature == 0 and not row.params.shapes_logits:
+                token = greedy[i]
+            else:
+                token = sample_next(row.shape(logits), row.params, row.generator)
             logprob = None
             if row.params.logprobs is not None:
                 (logprob,) = top_logprobs(logits.unsqueeze(0), torch.tensor([token]), row.params.logprobs)

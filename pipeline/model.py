@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, ModelConfig, Params, Workspace
+from pipeline.config import ConfigError, ModelConfig
 from pipeline.generation import context_length
-
-
-def resolve_base(base: str, ws: Workspace, params: Params) -> Path:
-    """A local directory for model.base; an s3:// base is downloaded once into the state dir."""
-    if base.startswith("s3://"):
-        from infra.s3 import download_prefix
-
-        dest = ws.state / "base-models" / hashlib.sha256(base.encode()).hexdigest()[:16]
-        if not (dest / "config.json").is_file() and not (dest / "tokenizer_config.json").is_file():
-            download_prefix(base, dest, params.storage, ws.state)
-        return dest
-    path = Path(base).expanduser()
-    if not path.is_dir():
-        raise ConfigError(
-            f"model.base: {base} is not a directory (give a local Hugging Face model dir or s3://bucket/prefix)"
-        )
-    return path.resolve()
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int, base_dir: Path | None = None):

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pipeline.base_model import resolve_base
 from pipeline.config import ConfigError, Params, Workspace, load_params
 from pipeline.contracts import SPLITS, Manifest, ValidationReport
 from pipeline.corpus import CorpusError, Document, open_corpus
-from pipeline.data import load_shard, sorted_unique
-from pipeline.model import resolve_base
+from pipeline.shards import load_shard, sorted_unique
 from pipeline.stage import run_stage
 
 EOS_TOKEN = "<|endoftext|>"

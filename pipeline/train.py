@@ -27,21 +27,22 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from pipeline.base_model import resolve_base
 from pipeline.checkpoints import resume_latest, run_fingerprint, save_checkpoint
 from pipeline.config import ConfigError, Params, TrainConfig, Workspace, load_params
 from pipeline.contracts import Manifest, TrainSummary, read_train_log
-from pipeline.data import TokenWindows, fixed_windows, load_shard, mean_loss
+from pipeline.data import TokenWindows, fixed_windows, mean_loss
 from pipeline.model import (
     FusedNextTokenLoss,
     NextTokenLoss,
     autocast_for,
     build_model,
     count_parameters,
-    resolve_base,
     training_loss,
 )
+from pipeline.shards import load_shard
 from pipeline.stage import run_stage
-from pipeline.throughput import flops_per_token, measure_matmul_flops, steady_median
+from pipeline.throughput import flops_per_token, mfu, peak_flops, steady_median
 
 # ---------------------------------------------------------------------------------------------
 # the training loop (one rank)
@@ -76,7 +77,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
     forward = torch.compile(ddp) if cfg.compile else ddp
 
     tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * dist.world_size
-    peak = measure_matmul_flops(dist.device) * dist.world_size
+    peak = peak_flops(dist.device, dist.world_size)  # every rank at once: see pipeline.throughput
     flops_tok = flops_per_token(model, mcfg)
     if dist.is_main:
         truncate_log(ws.train_log, step)
@@ -101,7 +102,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
             record["val_loss"] = round(mean_loss(model, val_windows, cfg.batch_size, dist.device)[0], 5)
             tick = time.perf_counter()  # evaluation time is not training throughput
         if dist.is_main:
-            record["mfu"] = round(tok_s * flops_tok / peak, 4)
+            record["mfu"] = round(mfu(tok_s, flops_tok, peak), 4)
             # refresh=False: update() redraws at most every mininterval, a refresh here would print every step
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}",
                             mfu=f"{record['mfu']:.2f}", refresh=False)  # fmt: skip

@@ -6,6 +6,7 @@ SeaweedFS, so that "nothing was pushed" can be checked by counting objects.
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import os
@@ -17,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,22 @@ def wait_json(url: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
         except OSError:
             assert time.time() < deadline, f"{url} did not answer in {timeout} s"
             time.sleep(0.5)
+
+
+@contextlib.contextmanager
+def lmforge_serve(ws: Path, env: dict) -> Iterator[tuple[dict, subprocess.Popen]]:
+    """`lmforge serve` (the champion, on a free port) in ws: its /v1/models reply once it answers, and the
+    process, which is stopped afterwards."""
+    port = free_port()
+    server = subprocess.Popen(
+        [BIN / "lmforge", "serve", "--port", str(port)], cwd=ws, env=env, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        yield wait_json(f"http://127.0.0.1:{port}/v1/models", server), server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def summary_value(stdout: str, label: str) -> str:
@@ -339,19 +357,10 @@ def test_rejected_challenger_leaves_the_champion(workspace, s3_server, tmp_path)
     bentos_before = bentos_in_store(env)
     assert bento_tag in bentos_before
     # `lmforge serve` with no tag serves the champion
-    port = free_port()
-    server = subprocess.Popen(
-        [BIN / "lmforge", "serve", "--port", str(port)], cwd=ws, env=env, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        reply = wait_json(f"http://127.0.0.1:{port}/v1/models", server)
+    with lmforge_serve(ws, env) as (reply, server):
         assert reply["data"][0]["lineage"]["data_md5"] == champion.data_md5
         listening = listening_in_tree(server.pid)
         assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening  # loopback default
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
     # the same data and a gate that nothing can pass: trained again (params changed), rejected
     second = run(
         [

@@ -9,12 +9,14 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
+from infra.dvc import stage_out_md5
 from infra.prefect_server import PrefectServer
 from infra.processes import port_is_free
 from pipeline.config import PrefectConfig, load_params, write_overrides
@@ -95,6 +97,172 @@ def test_the_flow_run_shows_every_stage_its_logs_and_artifacts(operated):
     assert "![loss curves](data:image/png;base64,iVBOR" in by_key["comparison"]["data"]
 
 
+def run_watched(cmd: list, cwd: Path, env: dict, actions: dict, on_start=None) -> tuple[int, str]:
+    """Run cmd, reading its merged output line by line: the first line that holds one of the keys of
+    `actions` runs that action, once (a fault the test sets right while the command waits to retry)."""
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines, pending = [], dict(actions)
+    try:
+        if on_start:
+            on_start(proc)
+        for line in proc.stdout:
+            lines.append(line)
+            for key in [k for k in pending if k in line]:
+                pending.pop(key)()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, "".join(lines)
+
+
+# The flow's real tasks, each in a flow of its own (reporting to the module's Prefect server), so that
+# Prefect's own task runner does the retrying.
+PUBLISH_ONLY = """
+import json, sys
+from pathlib import Path
+from prefect import flow
+from flows.retrain import publish_task
+from infra.dvc import data_md5
+from pipeline.config import Workspace, load_params
+from pipeline.contracts import Decision
+
+ws = Workspace(Path(sys.argv[1]))
+params = load_params(ws.root)
+params = params.model_copy(update={"storage": params.storage.model_copy(
+    update={"endpoint_url": sys.argv[2], "bucket": sys.argv[3]})})
+bento = json.loads((ws.package_dir / "bento.json").read_text())
+decision = Decision.load(ws.gate_file).model_copy(update={"champion": None})  # judged with no champion there
+
+@flow(name="publish-only")
+def publish_only():
+    return publish_task(ws, params, data_md5(ws.root), bento, decision)
+
+print("published", publish_only().bento_url, flush=True)
+"""
+
+INGEST_ONLY = """
+import sys
+from pathlib import Path
+from prefect import flow
+from flows.retrain import ingest_task
+from pipeline.config import Workspace, load_params
+
+ws = Workspace(Path(sys.argv[1]))
+
+@flow(name="ingest-only")
+def ingest_only():
+    return ingest_task(sys.argv[2], ws, load_params(ws.root))
+
+print("ingested", ingest_only(), flush=True)
+"""
+
+
+def test_publish_retries_a_storage_outage_but_never_a_lost_race(operated, tmp_path):
+    """The publish task against an S3 server of its own that is down when it starts: the
+    TransientStorageError is retried, and once the server is back the retry exports the Bento and makes
+    it the champion there. The same decision again is a lost race (ConflictError: it was judged against no
+    champion, and there is one now), which fails at once, never retried."""
+    from infra.s3 import s3_client
+
+    from .conftest import start_embedded_s3
+
+    state = tmp_path / "s3"
+    server = start_embedded_s3(state, bucket="publish-retry")
+    try:
+        server.stop()
+        env = dict(operated["env"], PREFECT_API_URL=operated["api"], LMFORGE_STATE_DIR=str(state))
+        cmd = [BIN / "python", "-c", PUBLISH_ONLY, operated["ws"], server.cfg.endpoint_url, server.cfg.bucket]
+        code, out = run_watched(cmd, operated["ws"], env, {"Retry 1/2": server.start})
+        assert code == 0, out[-4000:]
+        assert (
+            "TransientStorageError" in out
+            and f"S3 endpoint {server.cfg.endpoint_url} is not reachable" in out
+        )
+        published = read_champion(server.cfg, state)
+        bento = json.loads((operated["ws"] / "artifacts" / "package" / "bento.json").read_text())
+        assert published.bento_tag == bento["bento_tag"] and f"published {published.bento_url}" in out
+        key = published.bento_url.removeprefix(f"s3://{server.cfg.bucket}/")
+        assert (
+            s3_client(server.cfg, state).head_object(Bucket=server.cfg.bucket, Key=key)["ContentLength"] > 0
+        )
+
+        code, out = run_watched(cmd, operated["ws"], env, {})
+        assert code == 1, out[-4000:]
+        assert "ConflictError" in out and "the champion changed since the gate judged this model" in out
+        assert "Retry 1/2" not in out
+        assert read_champion(server.cfg, state) == published
+    finally:
+        server.stop()
+
+
+def test_ingest_retries_an_os_error(operated, tmp_path):
+    """The ingest task on a workspace of its own: swapping the new corpus into data/ fails with an OSError
+    (a leftover directory in the way, as a crashed ingest of the same pid leaves one), the task retries,
+    and with the leftover gone the retry swaps the corpus in and records it with `dvc add`."""
+    from infra.dvc import data_md5
+    from pipeline.config import Workspace
+    from pipeline.ingest import ingest
+
+    from .test_e2e_data import REPO, words_corpus
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    write_overrides(root, ["validation.min_fraction_of_champion=0"])  # no champion to compare with
+    subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    ws = Workspace(root)
+    first, second = words_corpus(tmp_path / "first", seed=1), words_corpus(tmp_path / "second", seed=2)
+    md5_first = ingest(str(first), ws, load_params(root), on_line=lambda line: None)
+    leftover: list[Path] = []
+
+    def block_the_swap(proc: subprocess.Popen) -> None:
+        leftover.append(root / f".data-old-{proc.pid}")  # where swap_in moves the old data/ aside
+        (leftover[0] / "junk").mkdir(parents=True)
+
+    env = dict(operated["env"], PREFECT_API_URL=operated["api"])
+    code, out = run_watched([BIN / "python", "-c", INGEST_ONLY, root, second], root, env,
+                            {"Retry 1/2": lambda: shutil.rmtree(leftover[0])}, on_start=block_the_swap)  # fmt: skip
+    assert code == 0, out[-4000:]
+    assert "OSError" in out and "Directory not empty" in out and "Retry 2/2" not in out
+    md5 = data_md5(root)
+    assert md5 != md5_first and f"ingested {md5}" in out
+    assert (root / "data" / "docs.jsonl").read_bytes() == (second / "docs.jsonl").read_bytes()
+
+
+def test_a_champion_bento_only_in_s3_is_imported_before_serving(operated, monkeypatch):
+    """A fresh clone, or a machine whose store never had it: the champion's Bento is only in S3.
+    ensure_local_bento, which `lmforge serve` calls first, imports it, with its model."""
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    from pipeline.config import Workspace
+    from pipeline.package import PackageError, ensure_local_bento
+
+    monkeypatch.setenv("LMFORGE_STATE_DIR", str(operated["state"]))  # the S3 keys, as in the CLI's env
+    ws = Workspace(operated["ws"])
+    params = load_params(ws.root)
+    champion = read_champion(operated["cfg"], operated["state"])
+    stored = bentoml.get(champion.bento_tag)
+    model_tag = stored.info.labels["model_tag"]
+    bentoml.delete(champion.bento_tag)
+    bentoml.models.delete(model_tag)
+    with pytest.raises(NotFound):
+        bentoml.get(champion.bento_tag)
+    with pytest.raises(PackageError, match="is not in the local store and has no S3 copy"):
+        ensure_local_bento(ws, params, champion.bento_tag, None)
+    ensure_local_bento(ws, params, champion.bento_tag, champion.bento_url)
+    imported = bentoml.get(champion.bento_tag)
+    assert (
+        imported.info.labels == stored.info.labels and imported.info.labels["data_md5"] == champion.data_md5
+    )
+    model = bentoml.models.get(model_tag)
+    assert (Path(model.path) / "model.safetensors").is_file()
+    ensure_local_bento(ws, params, champion.bento_tag, "s3://no-such-bucket/x.bento")  # there now: no fetch
+
+
 def test_a_rerun_on_unchanged_data_is_a_quick_no_change(operated):
     champion = read_champion(operated["cfg"], operated["state"])
     start = time.monotonic()
@@ -107,11 +275,67 @@ def test_a_rerun_on_unchanged_data_is_a_quick_no_change(operated):
     assert elapsed < 30, f"the no-change rerun took {elapsed:.1f} s"
 
 
+def test_a_code_only_change_retrains_to_the_same_model_while_a_second_run_waits(operated):
+    """Two `lmforge run` at once, the first after a change to the train stage's code that leaves its math
+    alone: DVC reruns train, which resumes from the run's last checkpoint and exports the very model the
+    champion is, so the flow ends in "No change" after the gate (nothing packaged or published). The
+    second run waits for the workspace lock meanwhile, then finds nothing stale: "No change" as well."""
+    from .test_e2e_data import bentos_in_store
+
+    ws, env, corpus = operated["ws"], operated["env"], operated["corpus"]
+    champion = read_champion(operated["cfg"], operated["state"])
+    bentos = bentos_in_store(env)
+    train_py = ws / "pipeline" / "train.py"
+    train_py.write_text(train_py.read_text() + "\n# the stage's code changed; its math did not\n")
+    lock = operated["state"] / "run.lock"
+    cmd = [str(c) for c in (BIN / "lmforge", "run", "--source", corpus)]
+    first = subprocess.Popen(
+        cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    second = None
+    try:
+        deadline = time.monotonic() + 300
+        while not (lock.is_file() and lock.read_text().strip() == f"pid {first.pid}"):
+            assert first.poll() is None, first.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the first run never took the workspace lock"
+            time.sleep(0.05)
+        second = subprocess.Popen(
+            cmd, cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        out_first, _ = first.communicate(timeout=900)
+        out_second, _ = second.communicate(timeout=300)
+    finally:
+        for proc in (first, second):
+            if proc and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert first.returncode == 0, out_first[-4000:]
+    assert second.returncode == 0, out_second[-4000:]
+    assert "Running stage 'train'" in out_first and "resuming from step_000400" in out_first
+    assert "no change: same data and model as the champion" in out_first
+    assert "waiting for it to finish" not in out_first
+    assert (
+        f"another lmforge run (pid {first.pid}) is using this workspace: waiting for it to finish"
+        in out_second
+    )
+    assert "Running stage" not in out_second
+    for out in (out_first, out_second):
+        assert "gate          no change (the champion is this same model)" in out, out[-3000:]
+    runs = flow_runs(operated["api"])[-2:]
+    assert [(r["state_type"], r["state_name"]) for r in runs] == [("COMPLETED", "No change")] * 2
+    tasks = api(f"{operated['api']}/task_runs/filter", {"flow_runs": {"id": {"any_": [runs[0]["id"]]}}})
+    names = {t["name"].rsplit("-", 1)[0] for t in tasks}
+    assert {"train", "gate"} <= names and not names & {"package", "push", "publish"}, names
+    assert read_champion(operated["cfg"], operated["state"]) == champion
+    assert bentos_in_store(env) == bentos
+
+
 def test_a_rejected_challenger_ends_in_a_state_named_rejected_with_a_comparison(operated):
     """A 40-step challenger loses to the 400-step champion: the run's state says so, and its comparison
     artifact puts the two side by side."""
     champion = read_champion(operated["cfg"], operated["state"])
     ws, env = operated["ws"], operated["env"]
+    pushed = remote_keys(operated)
     short = ["train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=40"]
     try:
         rejected = run([BIN / "lmforge", "run", "--source", operated["corpus"], *(a for o in short for a in ("-p", o))],
@@ -133,6 +357,22 @@ def test_a_rejected_challenger_ends_in_a_state_named_rejected_with_a_comparison(
     assert f"| val_perplexity | {challenger} | {champion.metrics['val_perplexity']} |" in compared
     assert "![loss curves](data:image/png;base64,iVBOR" in compared
     assert champion.loss_curve[-1]["step"] == 400 and any("val_loss" in p for p in champion.loss_curve)
+    # nothing was published, but the rejected run's data, checkpoints and model reached the DVC remote
+    # all the same: `dvc push` is on the reject branch too, so the run can be pulled and looked into
+    now = remote_keys(operated)
+    assert pushed < now
+    outs = [stage_out_md5(ws, "train", out) for out in ("artifacts/model", "artifacts/checkpoints")]
+    for md5 in outs:
+        key = f"dvc/files/md5/{md5[:2]}/{md5[2:]}"
+        assert key in now and key not in pushed, key
+    assert not any(k.startswith("bentos/") for k in now - pushed)
+
+
+def remote_keys(operated) -> set[str]:
+    """Every object in the workspace's bucket."""
+    from infra.s3 import list_keys
+
+    return set(list_keys(operated["cfg"], operated["state"], ""))
 
 
 def chromium() -> str | None:
@@ -215,6 +455,116 @@ def test_concurrent_runs_wait_for_the_workspace_lock(operated):
         holder.wait()
     with workspace_lock(operated["state"], wait=False):  # released when its holder died
         pass
+
+
+def rank_pid(ws: Path, rank: int) -> int | None:
+    """The training rank `rank` working in this workspace (torchrun gives each its RANK)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in env and f"LOCAL_RANK={rank}".encode() in env:
+                if Path(os.readlink(proc / "cwd")) == ws:
+                    return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def test_a_training_that_dies_is_retried_by_the_flow_and_resumes_from_its_checkpoint(operated):
+    """With train.max_restarts 0, torchrun gives up when a rank is SIGKILLed after the run's first
+    checkpoint: dvc repro train fails, Prefect retries the train task (retries=1), and the retry resumes
+    from that checkpoint instead of step 0. The workspace still holds an earlier run's checkpoints (other
+    params), which must neither be resumed nor push this run's own out. A looser gate promotes the result:
+    the second champion, which the rollback test below goes back from."""
+    ws, env, corpus = operated["ws"], operated["env"], operated["corpus"]
+    assert list((ws / "artifacts" / "checkpoints").glob("step_*")), "an earlier run's checkpoints are there"
+    changes = ["train.seed=11", "train.max_restarts=0", "train.max_steps=300", "train.checkpoint_every=50",
+               "gate.champion_tolerance=0.5"]  # fmt: skip
+    cmd = [BIN / "lmforge", "run", "--source", corpus, *(a for o in changes for a in ("-p", o))]
+    killed: list[int] = []
+
+    def kill_a_rank_after_the_first_checkpoint() -> None:
+        log = ws / "artifacts" / "train_log.jsonl"
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            steps = (
+                [json.loads(line)["step"] for line in log.read_text().splitlines()] if log.is_file() else []
+            )
+            # step 50's checkpoint is written before step 51 is logged
+            if steps and steps[-1] >= 60 and (pid := rank_pid(ws, 1)):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(steps[-1])
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_a_rank_after_the_first_checkpoint, daemon=True)
+    try:
+        killer.start()
+        result = run(cmd, ws, env, timeout=900)
+        killer.join(5)
+    finally:
+        write_overrides(
+            ws, [*PASSING_TRAINING, "train.seed=1337", "train.max_restarts=2", "gate.champion_tolerance=0.02"]
+        )
+    out = result.stdout + result.stderr
+    assert killed, "no rank was killed"
+    assert "Retry 1/1" in out, out[-4000:]
+    resumed = [
+        int(line.split("resuming from step_")[1][:6])
+        for line in out.splitlines()
+        if "resuming from step_" in line
+    ]
+    assert len(resumed) == 1 and 50 <= resumed[0] <= killed[0], (resumed, killed)
+    assert [
+        json.loads(line)["step"] for line in (ws / "artifacts" / "train_log.jsonl").read_text().splitlines()
+    ] == list(range(1, 301))
+    assert sorted(p.name for p in (ws / "artifacts" / "checkpoints").iterdir()) == [
+        "step_000250",
+        "step_000300",
+    ]
+    assert "gate          PROMOTED" in result.stdout, result.stdout[-3000:]
+    last = flow_runs(operated["api"])[-1]
+    tasks = api(f"{operated['api']}/task_runs/filter", {"flow_runs": {"id": {"any_": [last["id"]]}}})
+    (train,) = [t for t in tasks if t["name"].startswith("train-")]
+    assert (train["state_type"], train["run_count"]) == ("COMPLETED", 2)
+
+
+def test_rollback_then_serve_serves_the_model_rolled_back_to(operated):
+    """`lmforge rollback` makes the champion before the current one current again, and `lmforge serve`
+    then serves it: its /v1/models card names that model and lineage. This machine's store no longer
+    has that Bento (pruned, or a fresh clone), so serve first imports it from S3."""
+    import bentoml
+
+    from pipeline.contracts import record_name
+    from pipeline.registry import read_history
+
+    from .test_e2e_data import lmforge_serve
+
+    ws, env, cfg, state = operated["ws"], operated["env"], operated["cfg"], operated["state"]
+    current = read_champion(cfg, state)
+    earlier = [
+        r
+        for r in read_history(cfg, state)
+        if r.promoted_at < current.promoted_at and r.bento_tag != current.bento_tag
+    ]
+    assert earlier, "the retry test above promoted a second champion"
+    previous = earlier[-1]
+    rolled = run([BIN / "lmforge", "rollback"], ws, env)
+    assert (
+        f"champion is now {record_name(previous)} (rolled back from {record_name(current)})" in rolled.stdout
+    )
+    champion = read_champion(cfg, state)
+    assert champion.bento_tag == previous.bento_tag and champion.rolled_back_from == record_name(current)
+
+    model_tag = bentoml.get(previous.bento_tag).info.labels["model_tag"]
+    bentoml.delete(previous.bento_tag)
+    bentoml.models.delete(model_tag)
+    with lmforge_serve(ws, env) as (reply, _):
+        card = reply["data"][0]
+    assert card["id"] == model_tag
+    assert card["lineage"] == previous.lineage
+    assert card["lineage"]["params_hash"] != current.lineage["params_hash"]
+    assert bentoml.get(previous.bento_tag).info.labels["model_tag"] == model_tag  # imported back
 
 
 def training_processes(ws: Path) -> list[int]:

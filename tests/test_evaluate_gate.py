@@ -31,8 +31,12 @@ def test_ngram_baselines_match_hand_computation():
 
 def test_evaluate_stage_on_a_tiny_model(tiny_workspace):
     ws, params = tiny_workspace
-    train(params, ws)
-    metrics = evaluate(params, ws)
+    threads = torch.get_num_threads()
+    try:
+        train(params, ws)
+        metrics = evaluate(params, ws)
+    finally:
+        torch.set_num_threads(threads)  # train and evaluate set this process's thread count for themselves
     for split in ("val", "test"):
         assert metrics[f"{split}_perplexity"] == pytest.approx(math.exp(metrics[f"{split}_loss"]), rel=1e-3)
         assert 1 < metrics[f"{split}_perplexity"] < 300  # better than uniform over 300 tokens

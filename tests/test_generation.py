@@ -205,3 +205,73 @@ def test_logit_bias_penalties_min_p_and_stops_change_the_output_as_vllm_defines(
     later = plain.text[len(plain.text) // 2 :][:4]
     many = greedy(stop=[f"never{i}" for i in range(200)] + [later])
     assert many.finish_reason == "stop" and many.text == plain.text[: plain.text.index(later)]
+
+
+def test_greedy_tokens_are_hugging_face_generates(engine_parts):
+    """The engine's own prefill, KV cache, positions and left padding, against transformers' generate
+    (do_sample=False) on the same model: alone, and prefilled together in one padded batch."""
+    model, tokenizer = engine_parts
+    budgets = (40, 12, 55, 20)
+    expected = []
+    for prompt, n in zip(PROMPTS, budgets, strict=True):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=n, do_sample=False)  # fmt: skip
+        expected.append(out[0, len(ids) :].tolist())
+    assert [len(e) for e in expected] == list(budgets)  # no EOS among them: every token is compared
+
+    engine = Engine(model, tokenizer, max_batch_size=8)
+    alone = [
+        collect(engine, p, SamplingParams(max_new_tokens=n, temperature=0))
+        for p, n in zip(PROMPTS, budgets, strict=True)
+    ]
+    assert [c.token_ids for c in alone] == expected
+
+    sizes: list[int] = []
+    engine = Engine(model, tokenizer, max_batch_size=8, on_batch=sizes.append)
+    results: list[queue.Queue] = [queue.Queue() for _ in PROMPTS]
+    engine.queue.mutex.acquire()  # hold the queue so that all four are admitted in one prefill
+    for prompt, n, out in zip(PROMPTS, budgets, results, strict=True):
+        params = SamplingParams(max_new_tokens=n, temperature=0)
+        engine.queue.queue.append(_Request(engine.encode(prompt), params, out.put, False))
+    engine.queue.not_empty.notify()
+    engine.queue.mutex.release()
+    together = []
+    for out in results:
+        while not isinstance(event := out.get(timeout=60), Completion):
+            assert isinstance(event, Delta), event
+        together.append(event)
+    assert sizes == [4]
+    assert [c.token_ids for c in together] == expected
+
+
+def test_a_cancelled_request_leaves_its_row_and_the_next_one_is_served(engine_parts):
+    """What a client that disconnects mid-stream causes (the service's stream, and Engine.stream, set the
+    request's `cancelled` when abandoned): the row leaves the batch at the next step, unfinished, and a
+    waiting request takes its place. With one row, the waiting request is only admitted once it is free."""
+    model, tokenizer = engine_parts
+    sizes: list[int] = []
+    engine = Engine(model, tokenizer, max_batch_size=1, on_batch=sizes.append)
+    abandoned: queue.Queue = queue.Queue()
+    request = engine.submit(
+        engine.encode(PROMPTS[0]), SamplingParams(max_new_tokens=55, temperature=0), abandoned.put
+    )
+    first = abandoned.get(timeout=60)
+    assert isinstance(first, Delta)
+    request.cancelled.set()  # the client went away after its first chunk
+    waiting = collect(engine, PROMPTS[1], SamplingParams(max_new_tokens=5, temperature=0))
+    assert waiting.completion_tokens == 5 and sizes == [1, 1]
+    events = []
+    while not abandoned.empty():
+        events.append(abandoned.get())
+    assert not any(isinstance(e, Completion) for e in events), events  # never ran to its 55 tokens
+    assert len(events) < 5  # it stopped within a step or two of the cancel
+    # and a cancelled request still in the queue is never admitted
+    engine.queue.mutex.acquire()
+    gone = _Request(engine.encode(PROMPTS[2]), SamplingParams(max_new_tokens=5, temperature=0), abandoned.put)
+    gone.cancelled.set()
+    engine.queue.queue.append(gone)
+    engine.queue.mutex.release()
+    assert collect(engine, PROMPTS[3], SamplingParams(max_new_tokens=3, temperature=0)).completion_tokens == 3
+    assert sizes == [1, 1, 1] and abandoned.empty()

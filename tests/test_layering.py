@@ -131,3 +131,11 @@ def test_the_bento_includes_every_module_the_service_imports():
     needed |= {f"{package}/__init__.py" for package in {p.split("/")[0] for p in needed}}
     assert needed <= include, f"bentofile.yaml lacks {sorted(needed - include)}"
     assert all((REPO / rel).is_file() for rel in include if rel != "MODEL_CARD.md")
+
+
+@pytest.mark.parametrize("stage", ["pipeline.validate", "pipeline.preprocess"])
+def test_the_data_stages_never_import_torch(stage):
+    """torch adds about 300 MB to a process's peak memory, which the data stages' bounded-memory budget
+    on a large corpus cannot spare; they need no tensors."""
+    offenders = sorted(str(p.relative_to(REPO)) for p in closure(stage) if "torch" in third_party_imports(p))
+    assert not offenders, f"{stage} imports torch through {offenders}"

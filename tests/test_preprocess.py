@@ -8,9 +8,9 @@ import pytest
 
 from pipeline.config import GateConfig, resolve_params
 from pipeline.corpus import CorpusError, read_documents
-from pipeline.data import load_shard, sorted_unique
 from pipeline.gate import decide
 from pipeline.preprocess import EOS_TOKEN, SPLITS, contamination, ngram_hashes, preprocess, split_by_hash
+from pipeline.shards import load_shard, sorted_unique
 
 WORDS = "the a model data shard token train loss step value river stone light quick brown fox jumps over lazy dog".split()
 

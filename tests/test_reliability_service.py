@@ -609,3 +609,53 @@ def send_isolation_probes(
             out.append((f"{path} multipart", r))
             assert r.status_code == 415, r.text
     return out
+
+
+def test_a_megabyte_prompt_does_not_stall_other_clients(served, trained):
+    """Clients sending 1 MB prompts back to back: each is refused before it is tokenized, so a small
+    request in the meantime is served about as fast as alone. The stall it would cause is measured here:
+    tokenizing that prompt with the served tokenizer, which a blocked event loop would add to every request."""
+    from transformers import AutoTokenizer
+
+    huge = ("the quick brown fox " * 50_000)[:1_000_000]  # a body just under serve.max_body_bytes
+    assert len(json.dumps({"prompt": huge})) < MAX_BODY_BYTES
+    started = time.perf_counter()
+    AutoTokenizer.from_pretrained(trained[0].model_dir)(huge, add_special_tokens=False)
+    stall = time.perf_counter() - started
+
+    def small(client: httpx.Client) -> float:
+        started = time.perf_counter()
+        response = client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 4, "temperature": 0})
+        assert response.status_code == 200, response.text
+        return time.perf_counter() - started
+
+    with httpx.Client(base_url=served.url, timeout=120) as client:
+        small(client)  # warm
+        baseline = statistics.median(small(client) for _ in range(7))
+        stop, refused = threading.Event(), []
+
+        def flood() -> None:
+            with httpx.Client(base_url=served.url, timeout=120) as big:
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    response = big.post("/v1/completions", json={"prompt": huge, "max_tokens": 4})
+                    refused.append((response.status_code, time.perf_counter() - started, response.text[:300]))
+
+        flooders = [threading.Thread(target=flood) for _ in range(2)]
+        for thread in flooders:
+            thread.start()
+        try:
+            while len(refused) < 2:  # both are sending
+                time.sleep(0.01)
+            during = statistics.median(small(client) for _ in range(7))
+        finally:
+            stop.set()
+            for thread in flooders:
+                thread.join(120)
+    print(f"\n1 MB prompts: small request {baseline * 1000:.0f} ms alone, {during * 1000:.0f} ms meanwhile; "
+          f"{len(refused)} refused; tokenizing one takes {stall * 1000:.0f} ms")  # fmt: skip
+    assert during < baseline + stall / 4, (baseline, during, stall)
+    assert statistics.median(seconds for _, seconds, _ in refused) < stall / 4
+    assert {status for status, _, _ in refused} == {400}, refused[:3]
+    assert all("cannot fit the model's context" in text for _, _, text in refused), refused[:3]
+    assert_service_works(served)

@@ -115,4 +115,6 @@ def test_exposure_is_explicit_and_warned(tmp_path):
         timeout=120,
     )
     assert "warning: serving on 0.0.0.0: reachable from other machines" in result.stderr
-    assert result.returncode != 0  # and the unknown Bento is refused, so nothing was exposed here
+    # and the unknown Bento is refused by `bentoml serve` itself, before it binds: nothing was exposed here
+    assert result.returncode == 1, result.stderr
+    assert "Bento 'no-such-bento:x' is not found in BentoML store" in result.stderr

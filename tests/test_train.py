@@ -1,9 +1,11 @@
 """Training: the schedule, checkpoints and resume, a tiny-model regression, and real torchrun runs."""
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,13 +13,25 @@ import torch
 from infra.torchrun import torchrun_command
 from pipeline.checkpoints import resume_latest, run_fingerprint, save_checkpoint
 from pipeline.config import ConfigError, load_params, resolve_params, write_overrides
-from pipeline.data import TokenWindows, load_shard
+from pipeline.data import TokenWindows
 from pipeline.model import build_model, load_model
+from pipeline.shards import load_shard
 from pipeline.train import build_optimizer, lr_at, train
 
 TRAIN = resolve_params(
     {}, ["train.lr=0.01", "train.min_lr=0.001", "train.warmup_steps=10", "train.max_steps=110"]
 ).train
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """train() sets this process's thread count (train.threads_per_rank, as each rank does), and so do the
+    tests that pin it: every test here gives the next one the count it found."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -190,3 +204,174 @@ def test_fine_tune_from_a_local_base_model(tiny_workspace, tmp_path):
     assert (ws.model_dir / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
     with pytest.raises(ConfigError, match="exceeds the base model's context"):
         build_model(load_params(ws.root, ["model.block_size=64"]).model, 300, 0, base_dir=base)
+
+
+def _checkpoints(path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_pruning_keeps_the_newest_checkpoints_of_this_run(tiny_workspace, tmp_path, capsys):
+    """train.keep_checkpoints counts this run's checkpoints. Another run's (other data or params, in the same
+    persist: true directory) are never resumed, so they go, and never push this run's own out."""
+    import shutil
+
+    ws, params = tiny_workspace
+    ckpts = tmp_path / "checkpoints"
+    model = build_model(params.model, 300, 0)
+    optimizer, scheduler = build_optimizer(model, params.train, torch.device("cpu"))
+    for step in (100, 200, 300, 400):
+        save_checkpoint(ckpts, model, optimizer, scheduler, step, "old-run", keep=2)
+    assert _checkpoints(ckpts) == ["step_000300", "step_000400"]
+    # a new run's first checkpoint sorts before the old run's: by name alone it was pruned at once
+    save_checkpoint(ckpts, model, optimizer, scheduler, 100, "new-run", keep=2)
+    assert _checkpoints(ckpts) == ["step_000100"]
+    for step in (200, 300):
+        save_checkpoint(ckpts, model, optimizer, scheduler, step, "new-run", keep=2)
+    assert _checkpoints(ckpts) == ["step_000200", "step_000300"]
+    # a newer checkpoint of another run (as an earlier lmforge left them) is passed over, not a reason
+    # to start from scratch
+    other = save_checkpoint(tmp_path / "other", model, optimizer, scheduler, 900, "old-run", keep=2)
+    shutil.copytree(other, ckpts / other.name)
+    fresh = build_model(params.model, 300, 0)
+    fresh_opt, fresh_sched = build_optimizer(fresh, params.train, torch.device("cpu"))
+    capsys.readouterr()
+    assert resume_latest(ckpts, "new-run", fresh, fresh_opt, fresh_sched, print) == 300
+    assert "checkpoint step_000900 belongs to another run" in capsys.readouterr().out
+    assert resume_latest(ckpts, "old-run", fresh, fresh_opt, fresh_sched, print) == 900
+    (ckpts / "step_000300" / "state.pt").write_bytes(b"")  # unreadable: the one before, of this run
+    assert resume_latest(ckpts, "new-run", fresh, fresh_opt, fresh_sched, print) == 200
+
+
+def test_train_keeps_train_keep_checkpoints(tiny_workspace):
+    ws, _ = tiny_workspace
+    write_overrides(ws.root, ["train.keep_checkpoints=1", "train.checkpoint_every=3"])
+    train(load_params(ws.root), ws)
+    assert _checkpoints(ws.checkpoints_dir) == ["step_000010"]  # 3, 6, 9 and 10 written, the newest kept
+
+
+def upload_tiny_base(tiny_workspace, s3_server, monkeypatch, local: Path):
+    """A tiny base model (weights and tokenizer) saved to local and uploaded under a fresh s3:// prefix;
+    (its uri, the params naming it as model.base, the S3 client)."""
+    import uuid
+
+    from transformers import AutoTokenizer
+
+    from infra.s3 import s3_client
+
+    ws, params = tiny_workspace
+    monkeypatch.setenv("LMFORGE_STATE_DIR", str(s3_server.state))  # the server's keys are there
+    build_model(params.model, 300, 0).save_pretrained(local)
+    AutoTokenizer.from_pretrained(ws.tokenizer_dir).save_pretrained(local)
+    prefix = f"bases/{uuid.uuid4().hex[:8]}/tiny"
+    client = s3_client(s3_server.cfg, s3_server.state)
+    for path in local.iterdir():
+        client.upload_file(str(path), s3_server.cfg.bucket, f"{prefix}/{path.name}")
+    uri = f"s3://{s3_server.cfg.bucket}/{prefix}"
+    write_overrides(ws.root, [f"model.base={uri}", f"storage.endpoint_url={s3_server.cfg.endpoint_url}",
+                              f"storage.bucket={s3_server.cfg.bucket}"])  # fmt: skip
+    return uri, load_params(ws.root), client
+
+
+def test_a_base_model_in_s3_is_downloaded_once_into_the_state_dir(
+    tiny_workspace, s3_server, monkeypatch, tmp_path
+):
+    from pipeline.base_model import resolve_base
+    from pipeline.preprocess import preprocess
+
+    ws, _ = tiny_workspace
+    local = tmp_path / "base-model"
+    uri, params, client = upload_tiny_base(tiny_workspace, s3_server, monkeypatch, local)
+    prefix = uri.split("/", 3)[3]
+
+    base = resolve_base(uri, ws, params)
+    assert base.parent == s3_server.state.resolve() / "base-models"
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == {
+        p.name: p.read_bytes() for p in local.iterdir()
+    }
+    for path in local.iterdir():  # gone from S3: a second resolve must not fetch again
+        client.delete_object(Bucket=s3_server.cfg.bucket, Key=f"{prefix}/{path.name}")
+    assert resolve_base(uri, ws, params) == base
+    # and it is what preprocess and train fine-tune from
+    manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, base_dir=base)
+    assert manifest.tokenizer == "base" and manifest.vocab_size == 300
+    assert train(params, ws, base_dir=base)["steps"] == 10
+
+
+def test_an_interrupted_base_download_is_fetched_again_not_taken_for_the_model(
+    tiny_workspace, s3_server, monkeypatch, tmp_path
+):
+    import pipeline.base_model
+    from infra.s3 import StorageError
+
+    ws, _ = tiny_workspace
+    uri, params, _ = upload_tiny_base(tiny_workspace, s3_server, monkeypatch, tmp_path / "base-model")
+    real_download = pipeline.base_model.download_prefix
+
+    def cut_after_the_first_file(uri, dest, cfg, state):
+        written = real_download(uri, dest, cfg, state)
+        for path in written[1:]:
+            path.unlink()  # what a connection lost after the first object leaves behind
+        raise StorageError(f"download {uri}: connection reset")
+
+    monkeypatch.setattr(pipeline.base_model, "download_prefix", cut_after_the_first_file)
+    with pytest.raises(StorageError, match="connection reset"):
+        pipeline.base_model.resolve_base(uri, ws, params)
+    name = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    left = [p.name for p in (ws.state / "base-models").iterdir() if name in p.name]
+    assert left == []  # no partial copy left to be taken for the whole model
+    monkeypatch.setattr(pipeline.base_model, "download_prefix", real_download)
+    base = pipeline.base_model.resolve_base(uri, ws, params)
+    assert sorted(p.name for p in base.iterdir()) == sorted(
+        p.name for p in (tmp_path / "base-model").iterdir()
+    )
+
+
+@pytest.mark.slow
+def test_grad_accum_on_two_ranks_trains_as_one_batch_of_their_micro_batches(tiny_workspace):
+    """train.grad_accum=2 on 2 ranks (no gradient sync on the first micro-step, one on the last): every
+    step's logged loss, and the final weights, are those of one process stepping on the four micro-batches
+    of that step (2 ranks x 2 micro-steps, each loss a quarter)."""
+    from pipeline.contracts import Manifest
+    from pipeline.data import fixed_windows
+    from pipeline.model import training_loss
+    from pipeline.train import seed_everything
+
+    ws, _ = tiny_workspace
+    write_overrides(ws.root, ["train.nproc_per_node=2", "train.grad_accum=2", "train.max_steps=4",
+                              "train.eval_every=100", "train.checkpoint_every=100"])  # fmt: skip
+    proc = _launch(ws)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads((ws.model_dir / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and len(set(summary["rank_weight_checksums"])) == 1
+    logged = [json.loads(line)["train_loss"] for line in ws.train_log.read_text().splitlines()]
+
+    params = load_params(ws.root)
+    cfg, mcfg, world = params.train, params.model, 2
+    manifest = Manifest.read(ws.shards_dir)
+    shards = load_shard(ws.shards_dir, "train", manifest)
+    windows = [TokenWindows(shards, mcfg.block_size, rank, world) for rank in range(world)]
+    val = fixed_windows(load_shard(ws.shards_dir, "val", manifest), mcfg.block_size, cfg.batch_size)
+    seed_everything(cfg.seed)
+    model = build_model(mcfg, manifest.vocab_size, manifest.eos_token_id)
+    optimizer, scheduler = build_optimizer(model, cfg, torch.device("cpu"))
+    loss_fn, _ = training_loss(model, val[:2])
+    model.train()
+    expected = []
+    for step in range(cfg.max_steps):
+        total = 0.0
+        for rank in range(world):
+            for micro in range(cfg.grad_accum):
+                batch = windows[rank].batch(cfg.batch_size, cfg.seed, step, micro, rank)
+                loss = loss_fn(batch) / (cfg.grad_accum * world)
+                loss.backward()
+                total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        expected.append(total)
+    assert logged == pytest.approx(expected, abs=2e-5)  # the log rounds to 5 decimals
+    trained = load_model(ws.model_dir).state_dict()
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=1e-5, msg=name)
