@@ -145,12 +145,13 @@ def figure(measurement: str, lmforge: dict, baseline: dict | None = None, note: 
     ratio = spread = None
     if baseline and baseline["rate"] and lmforge["rate"]:
         ratio = lmforge["rate"] / baseline["rate"]
-        pairs = [
-            a["rate"] / b["rate"]
-            for a, b in zip(lmforge["runs"], baseline["runs"], strict=False)
-            if a["rate"] and b["rate"]
-        ]
-        spread = [min(pairs), max(pairs)] if len(lmforge["runs"]) == len(baseline["runs"]) else None
+        if len(lmforge["runs"]) == len(baseline["runs"]):  # paired round by round
+            pairs = [
+                a["rate"] / b["rate"]
+                for a, b in zip(lmforge["runs"], baseline["runs"], strict=True)
+                if a["rate"] and b["rate"]
+            ]
+            spread = [min(pairs), max(pairs)] if pairs else None
     return {
         "measurement": measurement,
         "lmforge": lmforge,
