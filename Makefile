@@ -26,9 +26,11 @@ record:
 	  | xargs cp --parents -t $(CURDIR)
 	rm -rf $(RECORD)
 
+# The suite on 2 pytest-xdist workers (a test module runs whole on one of them; see tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 # Debian's Chromium for the Prefect UI test; where apt cannot install it, that one test skips with the reason.
 browser:

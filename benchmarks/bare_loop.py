@@ -28,7 +28,7 @@ import torch
 
 from pipeline.config import Workspace, load_params
 from pipeline.contracts import Manifest
-from pipeline.model import NextTokenLoss, autocast_for, build_model
+from pipeline.model import NextTokenLoss, autocast_for, build_model, compiled
 from pipeline.throughput import peak_flops
 from pipeline.train import agreed_loss, end_process_group, seed_everything, setup_distributed
 
@@ -73,7 +73,7 @@ def bare_loop(params, manifest: Manifest, dist, loss: str) -> dict:
     else:
         loss_module, loss_kind = NextTokenLoss(model), "the model's own"
     ddp = torch.nn.parallel.DistributedDataParallel(loss_module) if dist.world_size > 1 else loss_module
-    forward = torch.compile(ddp) if cfg.compile else ddp
+    forward = compiled(ddp) if cfg.compile else ddp
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=dist.device.type == "cuda"
     )

@@ -96,7 +96,7 @@ COMPARED = ["val_perplexity", "test_perplexity", "bigram_val_perplexity", "val_c
 
 def comparison(ws: Workspace, decision: Decision) -> None:
     """Challenger against champion: the metrics side by side and both loss curves in one picture."""
-    from pipeline.evaluate import plot_curves
+    from pipeline.plots import plot_curves
 
     challenger, champion = decision.challenger, decision.champion
     theirs = champion.metrics if champion else {}

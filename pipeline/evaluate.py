@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,14 +19,12 @@ from pipeline.contracts import (
     METRICS_FILE,
     Manifest,
     TrainSummary,
-    read_curve,
-    read_train_log,
-    write_curves,
     write_json,
 )
 from pipeline.data import fixed_windows, mean_loss
 from pipeline.generation import context_length
 from pipeline.model import load_model
+from pipeline.plots import plot_loss_curve
 from pipeline.shards import load_shard, sorted_unique
 from pipeline.stage import run_stage
 
@@ -100,40 +97,6 @@ def generate_samples(model, tokenizer, cfg: EvaluateConfig, device: torch.device
             out[mode] = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         samples.append(out)
     return samples
-
-
-def plot_loss_curve(log_path: Path, eval_dir: Path) -> None:
-    """The train and val loss against step: the JSON series for `dvc plots`, and a PNG for people."""
-    write_curves(eval_dir, read_train_log(log_path))
-    plot_curves({"": read_curve(eval_dir)}, eval_dir / "loss_curve.png", "lmforge training loss")
-
-
-def plot_curves(curves: dict[str, list[dict]], png: Path, title: str) -> None:
-    """Train and val loss against step, one pair of lines per named curve, on one set of axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    for name, points in curves.items():
-        prefix = f"{name}: " if name else ""
-        (line,) = ax.plot(
-            [p["step"] for p in points], [p["train_loss"] for p in points], label=f"{prefix}train loss",
-            linewidth=1, alpha=0.8,
-        )  # fmt: skip
-        val = [p for p in points if "val_loss" in p]
-        style = {"color": line.get_color()} if name else {}
-        ax.plot([p["step"] for p in val], [p["val_loss"] for p in val], "o-", label=f"{prefix}val loss",
-                linewidth=2, **style)  # fmt: skip
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -112,17 +112,24 @@ class FusedNextTokenLoss(NextTokenLoss):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
         weight = self.model.get_output_embeddings().weight
-        return _fused_loss(
+        return self.fused_loss(
             hidden[:, :-1].reshape(-1, hidden.shape[-1]),
             weight,
             input_ids[:, 1:].reshape(-1),
             chunk_rows_for(weight.shape[0], weight.device),
         )
 
+    fused_loss = staticmethod(LinearCrossEntropy.apply)
 
-@torch.compiler.disable  # a compiled body calls it eagerly; the chunk loop is no graph
-def _fused_loss(hidden, weight, targets, chunk_rows: int) -> torch.Tensor:
-    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows)
+
+def compiled(loss: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile of a loss module or its DDP wrapper. The fused loss's chunk loop is no graph, so the
+    compiled body calls it eagerly. torch._dynamo is imported here, not with this module: it takes
+    seconds, and an eager run never needs it."""
+    inner = getattr(loss, "module", loss)  # DDP keeps the module it wraps in .module
+    if isinstance(inner, FusedNextTokenLoss):
+        inner.fused_loss = torch.compiler.disable(LinearCrossEntropy.apply)
+    return torch.compile(loss)
 
 
 # config fields by which transformers models change the logits after the head

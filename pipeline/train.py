@@ -37,6 +37,7 @@ from pipeline.model import (
     NextTokenLoss,
     autocast_for,
     build_model,
+    compiled,
     count_parameters,
     training_loss,
 )
@@ -74,7 +75,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
     step = resume_latest(ws.checkpoints_dir, fingerprint, model, optimizer, scheduler, log)
     loss_module, loss_kind = agreed_loss(model, val_windows[:2].to(dist.device), dist)
     ddp = torch.nn.parallel.DistributedDataParallel(loss_module) if dist.world_size > 1 else loss_module
-    forward = torch.compile(ddp) if cfg.compile else ddp
+    forward = compiled(ddp) if cfg.compile else ddp
 
     tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * dist.world_size
     peak = peak_flops(dist.device, dist.world_size)  # every rank at once: see pipeline.throughput

@@ -6,6 +6,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -55,6 +56,28 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
     server = start_embedded_s3(state)
     try:
         yield S3Server(server.cfg, state, ensure_embedded_credentials(state), server)
+    finally:
+        server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> Iterator[str]:
+    """One real Prefect server for the session's flow runs, as `lmforge up --prefect` gives a user: an
+    ephemeral server per `lmforge run` costs about 25 s to start. Its own state dir, so no workspace's
+    CLI mistakes it for the one `lmforge up --prefect` would have started there."""
+    from infra.prefect_server import PrefectServer
+    from pipeline.config import PrefectConfig
+
+    server = PrefectServer(PrefectConfig(port=free_port()), tmp_path_factory.mktemp("prefect-state"))
+    server.start()
+    try:
+        yield server.api_url
     finally:
         server.stop()
 
@@ -224,6 +247,18 @@ def listening_in_tree(pid: int) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 # `pytest -m "not slow"` is the loop a developer runs: a test that takes longer than this (its setup,
 # call and teardown together) must be marked slow. The summary names every unmarked one.
+# `make test` runs the suite on pytest-xdist workers with --dist loadgroup: a group runs on one worker,
+# so a module's fixtures are built once. Modules that share a session fixture's model and server share a
+# group; every other module is a group of its own.
+SHARED_GROUPS = {"test_serving": "trained-model", "test_reliability_service": "trained-model"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(module, module)))
+
+
 SLOW_SECONDS = 30.0
 _durations: dict[str, float] = {}
 _unmarked: dict[str, bool] = {}

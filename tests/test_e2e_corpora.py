@@ -25,10 +25,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def corpora_ws(tmp_path_factory, s3_server):
+def corpora_ws(tmp_path_factory, s3_server, prefect_api):
     root = tmp_path_factory.mktemp("e2e-corpora") / "ws"
     root.mkdir()
-    ws, env, bucket = make_workspace(root, s3_server, "e2e-corpora")
+    ws, env, bucket = make_workspace(root, s3_server, "e2e-corpora", prefect_api)
     # each test brings a new corpus; the gate's contamination bound is the default one (TINY lifts it)
     write_overrides(ws, ["validation.min_fraction_of_champion=0", "gate.max_contamination=0.05"])
     return ws, env, bucket

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from pipeline.config import write_overrides
 from pipeline.contracts import Decision
 from pipeline.registry import read_champion
 
-from .conftest import TINY, lag2_corpus, listening_in_tree
+from .conftest import TINY, free_port, lag2_corpus, listening_in_tree
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -58,8 +57,9 @@ def git(ws: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, text=True).stdout
 
 
-def make_workspace(ws: Path, s3_server, name: str) -> tuple[Path, dict, str]:
-    """A git workspace at ws holding this repo's files, pointed at its own bucket on the test S3 server."""
+def make_workspace(ws: Path, s3_server, name: str, prefect_api: str | None) -> tuple[Path, dict, str]:
+    """A git workspace at ws holding this repo's files, pointed at its own bucket on the test S3 server;
+    its flow runs report to the Prefect server at prefect_api, or to an ephemeral one if that is None."""
     copy_project(REPO, ws)
     bucket = f"ws-{abs(hash(name)) % 10**8}-{random.Random().randint(0, 10**6)}"
     # tiny model and run, but real torchrun DDP with 2 processes; the preprocess vocab stays large enough
@@ -77,13 +77,15 @@ def make_workspace(ws: Path, s3_server, name: str) -> tuple[Path, dict, str]:
         os.environ, LMFORGE_STATE_DIR=str(s3_server.state), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"
     )
     env.pop("PREFECT_API_URL", None)
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
     run([BIN / "lmforge", "up"], ws, env)
     return ws, env, bucket
 
 
 @pytest.fixture
-def workspace(tmp_path, s3_server, request):
-    return make_workspace(tmp_path / "ws", s3_server, request.node.name)
+def workspace(tmp_path, s3_server, prefect_api, request):
+    return make_workspace(tmp_path / "ws", s3_server, request.node.name, prefect_api)
 
 
 # enough steps for the tiny model to beat the bigram by the default margin on lag2_corpus
@@ -249,9 +251,12 @@ def test_bad_corpora_are_rejected_and_nothing_is_pushed(workspace, s3_server, tm
         assert [p.name for p in (ws / "data").iterdir()] == ["docs.jsonl"], name
         assert (ws / "data" / "docs.jsonl").read_bytes() == (good / "docs.jsonl").read_bytes(), name
         assert object_count(s3_server, bucket) == pushed, name
-    # the flow fails the same way, before any stage runs
-    result = run([BIN / "lmforge", "run", "--source", tmp_path / "bad-binary"], ws, env, check=False)
+    # the flow fails the same way, before any stage runs; this run starts (and stops) its own ephemeral
+    # Prefect server, as a user's does without `lmforge up --prefect`
+    ephemeral = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    result = run([BIN / "lmforge", "run", "--source", tmp_path / "bad-binary"], ws, ephemeral, check=False)
     assert result.returncode == 1 and "utf8" in result.stdout + result.stderr
+    assert "Starting temporary server" in result.stdout + result.stderr
     assert (ws / "data.dvc").read_text() == data_dvc and object_count(s3_server, bucket) == pushed
     assert not (ws / "artifacts" / "shards").exists()
 
@@ -311,12 +316,6 @@ def test_lmforge_validate_checks_a_corpus_without_touching_data(workspace, s3_se
         and "Traceback" not in missing.stderr
     )
     assert not (ws / "data").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def api(url: str, body: dict | None = None, attempts: int = 5):

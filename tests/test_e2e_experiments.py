@@ -22,11 +22,11 @@ COMMIT = ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm"]
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, s3_server):
+def swept(tmp_path_factory, s3_server, prefect_api):
     """A workspace whose champion trained 100 steps, its run record committed, then a sweep over 200 and
     400 steps."""
     root = tmp_path_factory.mktemp("experiments")
-    ws, env, bucket = make_workspace(root / "ws", s3_server, "experiments")
+    ws, env, bucket = make_workspace(root / "ws", s3_server, "experiments", prefect_api)
     write_overrides(ws, [*PASSING_TRAINING, "train.max_steps=100"])
     corpus = lag2_corpus(root / "corpus")
     first = run([BIN / "lmforge", "run", "--source", corpus], ws, env)

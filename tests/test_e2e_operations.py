@@ -36,7 +36,7 @@ ARTIFACTS = {"validation-report", "metrics", "loss-curve", "gate-decision", "com
 def operated(tmp_path_factory, s3_server):
     """A workspace with its own Prefect server (started by `lmforge up --prefect`) and one promoted run."""
     root = tmp_path_factory.mktemp("operated")
-    ws, env, bucket = make_workspace(root / "ws", s3_server, "operated")
+    ws, env, bucket = make_workspace(root / "ws", s3_server, "operated", None)
     env = dict(env, PREFECT_HOME=str(root / "prefect"))  # its own database: only this module's runs
     port = free_port()
     write_overrides(ws, [f"prefect.port={port}", *PASSING_TRAINING])

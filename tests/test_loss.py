@@ -16,6 +16,7 @@ from pipeline.model import (
     NextTokenLoss,
     build_model,
     chunk_rows_for,
+    compiled,
     training_loss,
 )
 
@@ -77,6 +78,24 @@ def test_fused_training_step_equals_the_models_own():
     moved = (fused_wte - initial_wte).abs()
     assert moved.median().item() == pytest.approx(1e-2, rel=1e-3)
     assert (moved > 1e-3).all()
+
+
+@pytest.mark.slow
+def test_a_compiled_fused_loss_gives_the_eager_loss_and_gradients():
+    """train.compile: torch.compile of the loss module (inductor on this CPU), the fused chunk loop
+    left eager inside it; the same loss and gradients as the eager module."""
+    model = _tiny_gpt2()
+    batch = torch.randint(0, 300, (4, 32))
+    twin = copy.deepcopy(model)
+    eager, compiled_loss = FusedNextTokenLoss(model), compiled(FusedNextTokenLoss(twin))
+    assert compiled_loss is not eager and "fused_loss" in vars(compiled_loss._orig_mod)  # the eager override
+    losses = []
+    for module in (eager, compiled_loss):
+        loss = module(batch)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    torch.testing.assert_close(twin.transformer.wte.weight.grad, model.transformer.wte.weight.grad)
 
 
 def test_fused_loss_under_bf16_autocast():

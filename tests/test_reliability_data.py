@@ -178,11 +178,11 @@ BAD_CORPORA: dict[str, tuple[BadCorpus, str]] = {
 
 
 @pytest.fixture(scope="module")
-def champion_ws(tmp_path_factory, s3_server):
+def champion_ws(tmp_path_factory, s3_server, prefect_api):
     """A workspace whose champion was trained on a real corpus of ~150k characters."""
     root = tmp_path_factory.mktemp("reliability-data") / "ws"
     root.mkdir()
-    ws, env, bucket = make_workspace(root, s3_server, "reliability-data")
+    ws, env, bucket = make_workspace(root, s3_server, "reliability-data", prefect_api)
     # a small corpus may be valid on its own: only the shrink guard should stop a tenth of this one
     write_overrides(ws, ["validation.min_total_chars=5000", *PASSING_TRAINING])
     corpus = lag2_corpus(root.parent / "good")

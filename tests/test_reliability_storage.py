@@ -81,9 +81,11 @@ def own_s3(tmp_path):
         server.stop()
 
 
-def test_s3_killed_mid_push_then_a_rerun_completes_and_a_clone_pulls_exactly_the_lock(own_s3, tmp_path):
+def test_s3_killed_mid_push_then_a_rerun_completes_and_a_clone_pulls_exactly_the_lock(
+    own_s3, prefect_api, tmp_path
+):
     (tmp_path / "ws").mkdir()
-    ws, env, bucket = make_workspace(tmp_path / "ws", own_s3, "faults")
+    ws, env, bucket = make_workspace(tmp_path / "ws", own_s3, "faults", prefect_api)
     own_s3 = S3Server(
         own_s3.cfg.model_copy(update={"bucket": bucket}), own_s3.state, own_s3.creds, own_s3.server
     )
