@@ -30,7 +30,7 @@ record:
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 # Debian's Chromium for the Prefect UI test; where apt cannot install it, that one test skips with the reason.
 browser:
