@@ -59,6 +59,11 @@ def torchrun_env(cfg: TorchrunSettings, cuda: bool) -> dict[str, str]:
     }
     if cfg.nnodes == 1 and not cuda:  # keep single-node gloo on loopback
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+    if cfg.nnodes > 1:
+        # A shared agent store needs keys per restart attempt, and each agent counts its own restarts:
+        # after one node's rank dies the nodes' counts differ, and the restarted workers never meet
+        # (pytorch#135712). With this, rank 0's worker hosts a fresh store every round.
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return env
 
 
@@ -73,7 +78,13 @@ def loopback_store(host_name: str, port: int = 0, *args: Any, **kwargs: Any):
     if kwargs.get("is_master") and is_loopback(host_name) and kwargs.get("master_listen_fd") is None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port or 0))
+        try:
+            sock.bind(("127.0.0.1", port or 0))
+        except OSError as exc:
+            sock.close()
+            # Another agent on this machine hosts the store already (two nodes on one host): torch's
+            # c10d rendezvous retries as a client on a RuntimeError.
+            raise RuntimeError(f"127.0.0.1:{port} is taken ({exc.strerror}): not the store's host") from exc
         sock.listen(4096)
         _listening.append(sock)
         host_name, port, kwargs["master_listen_fd"] = "127.0.0.1", sock.getsockname()[1], sock.fileno()

@@ -225,6 +225,11 @@ class ServeConfig(Section):
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_logprobs: int = Field(20, ge=0, le=1000)
     chat_template: str | None = None  # a Jinja template, or a file holding one; overrides the tokenizer's
+    # BentoML's scaling settings. workers: processes behind the one port, each with its own copy of the
+    # model and its own batching engine. concurrency: traffic.concurrency, the requests the whole
+    # service takes at once, which BentoCloud's autoscaler scales replicas on (unset: no limit).
+    workers: int = Field(1, ge=1, le=64)
+    concurrency: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> ServeConfig:

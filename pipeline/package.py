@@ -150,6 +150,8 @@ def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
                     "max_body_bytes": serve.max_body_bytes,
                     "max_logprobs": serve.max_logprobs,
                     "chat_template": chat_template(serve.chat_template, ws.root),
+                    "workers": serve.workers,
+                    "concurrency": serve.concurrency,
                 },
             )
     except Exception as exc:  # noqa: BLE001 - BentoML raises many kinds; the model entry is undone below

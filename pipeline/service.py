@@ -487,8 +487,11 @@ class ChatShape:
 READY = False  # set once this worker's model is loaded: GET /health answers 200 from then on
 
 
+TRAFFIC = {"timeout": 300} | ({"concurrency": SERVE.concurrency} if SERVE.concurrency else {})
+
+
 @bentoml.asgi_app(openai_app, path="/v1")
-@bentoml.service(name="lmforge", traffic={"timeout": 300}, workers=1)
+@bentoml.service(name="lmforge", traffic=TRAFFIC, workers=SERVE.workers)
 class LMForge:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
@@ -504,11 +507,14 @@ class LMForge:
 
         batch_sizes = Histogram(
             "lmforge_batch_size",
-            "Requests admitted together, in one prefill",
+            "Requests admitted together, in one prefill, by service worker",
+            ["worker"],
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-        )
+        ).labels(worker=str(bentoml.server_context.worker_index))
+        # the workers share the machine's cores rather than each taking all of them
+        threads = max(1, (os.cpu_count() or 1) // SERVE.workers)
         self.engine = load_engine(
-            stored.path, max_batch_size=MAX_BATCH_SIZE, threads=os.cpu_count(), on_batch=batch_sizes.observe
+            stored.path, max_batch_size=MAX_BATCH_SIZE, threads=threads, on_batch=batch_sizes.observe
         )
         self.chat_template = CHAT_TEMPLATE or self.engine.tokenizer.chat_template
         self.created = int(time.time())

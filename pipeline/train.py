@@ -232,6 +232,8 @@ def attempt_store(rank: int, world_size: int):
     torchrun keeps one agent store across restarts, and gloo publishes each rank's address under a fixed
     key: a restarted rank could read its peer's address from the dead attempt and wait on it forever
     (seen here: both ranks stuck in gloo's connectFullMesh). A prefix per attempt keeps them apart.
+    Across nodes each agent counts its own restarts, so the count is no common key there; multi-node
+    runs get a fresh store from rank 0 every round instead (see infra.torchrun), and need no prefix.
     """
     from torch.distributed import PrefixStore, TCPStore
 
@@ -240,6 +242,8 @@ def attempt_store(rank: int, world_size: int):
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
         is_master=rank == 0 and not agent_hosts_it, multi_tenant=not agent_hosts_it,
     )  # fmt: skip
+    if not agent_hosts_it:
+        return base
     return PrefixStore(f"lmforge/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
 
 

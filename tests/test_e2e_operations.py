@@ -32,9 +32,13 @@ STAGE_TASKS = {"check-storage", "ingest", "validate", "preprocess", "train", "ev
 ARTIFACTS = {"validation-report", "metrics", "loss-curve", "gate-decision", "comparison", "bento", "lineage"}
 
 
+POOL = "lmforge"  # the work pool of the README's commands
+
+
 @pytest.fixture(scope="module")
 def operated(tmp_path_factory, s3_server):
-    """A workspace with its own Prefect server (started by `lmforge up --prefect`) and one promoted run."""
+    """A workspace with its own Prefect server (started by `lmforge up --prefect`) and one promoted run,
+    which a Prefect worker ran from a work pool: the README's commands, one after the other."""
     root = tmp_path_factory.mktemp("operated")
     ws, env, bucket = make_workspace(root / "ws", s3_server, "operated", None)
     env = dict(env, PREFECT_HOME=str(root / "prefect"))  # its own database: only this module's runs
@@ -46,11 +50,28 @@ def operated(tmp_path_factory, s3_server):
     listening = listening_in_tree(server.pid())
     assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening  # loopback default
     corpus = lag2_corpus(root / "corpus")
+    api_env = dict(env, PREFECT_API_URL=server.api_url)  # for the prefect CLI and the worker
+    deployment = f"lmforge-retrain/{load_params(ws).prefect.deployment}"
+    worker = None
     try:
-        first = run([BIN / "lmforge", "run", "--source", corpus], ws, env)
+        run([BIN / "prefect", "work-pool", "create", POOL, "--type", "process"], ws, api_env)
+        scheduled = run([BIN / "lmforge", "schedule", "--cron", "0 3 * * *", "--pool", POOL, "--source", corpus],
+                        ws, env)  # fmt: skip
+        worker_log = root / "worker.log"
+        worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", POOL], cwd=ws, env=api_env,
+                                  stdout=worker_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        first = run([BIN / "prefect", "deployment", "run", deployment, "--watch", "--watch-timeout", "1200"],
+                    ws, api_env, timeout=1300)  # fmt: skip
+        os.killpg(worker.pid, signal.SIGINT)
+        worker.wait(timeout=60)
+        # the later tests schedule their own deployment of the same name, served from their process
+        run([BIN / "prefect", "deployment", "delete", deployment], ws, api_env)
         yield {"ws": ws, "env": env, "bucket": bucket, "api": server.api_url, "corpus": corpus, "first": first,
+               "scheduled": scheduled, "worker_log": worker_log.read_text(),
                "cfg": s3_server.cfg.model_copy(update={"bucket": bucket}), "state": s3_server.state}  # fmt: skip
     finally:
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
         server.stop()
     assert server.pid() is None and port_is_free(port)
 
@@ -61,9 +82,13 @@ def flow_runs(api_url: str) -> list[dict]:
 
 def test_the_flow_run_shows_every_stage_its_logs_and_artifacts(operated):
     api_url = operated["api"]
-    assert "gate          PROMOTED" in operated["first"].stdout  # no PREFECT_API_URL given: found by the CLI
+    # `lmforge schedule --pool`, given no PREFECT_API_URL, found the workspace's server by itself
+    assert f"on pool {POOL}" in operated["scheduled"].stdout
     [flow_run] = flow_runs(api_url)
     assert (flow_run["state_type"], flow_run["state_name"]) == ("COMPLETED", "Promoted")
+    assert (
+        flow_run["work_pool_name"] == POOL and flow_run["id"] in operated["worker_log"]
+    )  # the worker ran it
     champion = read_champion(operated["cfg"], operated["state"])
     assert {f"data:{champion.data_md5[:12]}", f"params:{champion.lineage['params_hash']}",
             "profile:demo"} <= set(flow_run["tags"]), flow_run["tags"]  # fmt: skip

@@ -37,14 +37,16 @@ def _final_val_loss(ws: Workspace) -> float:
     return last["val_loss"]
 
 
-def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
-    """The pid of one torchrun worker, found by its RANK in the environment."""
+def _rank_pid(launcher: subprocess.Popen, rank: int, local_rank: int | None = None) -> int | None:
+    """The pid of one torchrun worker, found by its RANK (and LOCAL_RANK, the same on one node) in the
+    environment."""
+    local_rank = rank if local_rank is None else local_rank
     for pid in descendants(launcher.pid):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"RANK={rank}".encode() in env and b"LOCAL_RANK=" + str(rank).encode() in env:
+        if f"RANK={rank}".encode() in env and f"LOCAL_RANK={local_rank}".encode() in env:
             return pid
     return None
 
@@ -135,7 +137,65 @@ def test_killed_rank_restarts_and_resumes(tiny_workspace):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. the newest checkpoint is damaged (a kill or a full disk mid-write): fall back to the one before
+# 2. two nodes on this machine: the README's two-machine commands, one process per node
+
+TWO_NODES = [
+    "train.nnodes=2",
+    "train.nproc_per_node=1",
+    "train.rdzv_id=two-nodes",
+    "train.max_steps=200",
+    "train.checkpoint_every=20",
+    "train.eval_every=100",
+    "train.max_restarts=2",
+]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_together_and_both_resume_when_one_loses_its_rank(tiny_workspace, tmp_path):
+    """Two torchrun agents, each started as a node runs it (`python -m pipeline.train` on the same
+    workspace and params), meet at a c10d rendezvous on 127.0.0.1 and train as ranks 0 and 1, sharing
+    the checkpoint directory. The second node's rank is SIGKILLed mid-run: both agents restart their
+    workers, which resume from the shared checkpoint, and finish with the same weights on both ranks."""
+    from .conftest import free_port
+
+    ws, _ = tiny_workspace
+    write_overrides(ws.root, [*TWO_NODES, f"train.rdzv_endpoint=127.0.0.1:{free_port()}"])
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    env = dict(os.environ, LMFORGE_ROOT=str(ws.root), PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo")
+    nodes = [
+        subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=ws.root, env=env,
+                         stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        for log in logs
+    ]  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not list(ws.checkpoints_dir.glob("step_*")):
+            assert all(n.poll() is None for n in nodes), [log.read_text()[-2000:] for log in logs]
+            assert time.time() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.05)
+        [victim] = [pid for node in nodes if (pid := _rank_pid(node, rank=1, local_rank=0))]
+        os.kill(victim, signal.SIGKILL)
+        for node in nodes:
+            node.wait(timeout=600)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                _kill_everything(node)
+    outs = [log.read_text() for log in logs]
+    assert [n.returncode for n in nodes] == [0, 0], [out[-3000:] for out in outs]
+    both = "".join(outs)
+    assert sum("failed (exitcode: -9)" in out for out in outs) == 1  # the killed rank's agent saw it die
+    # rank 0, on the other node, was restarted too: it started twice, and the second time resumed
+    assert both.count("params, 2 x cpu") == 2 and "resuming from step_" in both, both[-3000:]
+    assert [r["step"] for r in _log(ws)] == list(range(1, 201))  # one curve: no gap, no repeat
+    summary = json.loads((ws.model_dir / "train_summary.json").read_text())
+    assert summary["world_size"] == 2
+    first, second = summary["rank_weight_checksums"]
+    assert first == second  # the ranks on the two nodes ended with the same weights
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. the newest checkpoint is damaged (a kill or a full disk mid-write): fall back to the one before
 
 CORRUPT_RUN = [
     "train.nproc_per_node=2",
@@ -188,7 +248,7 @@ def test_truncate_log_drops_a_torn_last_line(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. out-of-range params: rejected at load with the key path, before any process starts
+# 4. out-of-range params: rejected at load with the key path, before any process starts
 
 BAD_PARAMS = [
     (["train.batch_size=0"], "train.batch_size"),

@@ -78,6 +78,7 @@ def test_per_install_keys_and_local_config_are_git_ignored():
     assert sorted(result.stdout.split()) == sorted(ignored)
 
 
+@pytest.mark.slow
 def test_training_listens_on_loopback_only(tiny_workspace):
     """torchrun's rendezvous stores and gloo's sockets: none of them reachable from the network."""
     ws, _ = tiny_workspace

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -743,3 +744,56 @@ def test_n_choices_of_a_prompt_list_come_in_order_each_with_its_own_seed(server)
                 for choice in json.loads(line.removeprefix("data: "))["choices"]:
                     streamed[choice["index"]] = streamed.get(choice["index"], "") + choice["text"]
     assert streamed == {i: text for i, text in enumerate(alone)}
+
+
+# ---------------------------------------------------------------------------------------------
+# replicas: serve.workers processes behind one port
+
+
+def batches_by_worker(url: str) -> dict[str, tuple[float, float]]:
+    """worker -> (batches, requests), from the lmforge_batch_size histogram's worker label."""
+    found: dict[str, list[float]] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if match := re.match(r'lmforge_batch_size_(count|sum)\{worker="(\w+)"\} (\S+)', line):
+            kind, worker, value = match.groups()
+            found.setdefault(worker, [0.0, 0.0])[kind == "sum"] += float(value)
+    return {worker: (batches, requests) for worker, (batches, requests) in found.items()}
+
+
+def test_two_service_workers_answer_on_one_port_and_each_batches(trained, tmp_path):
+    """serve.workers=2 (and serve.concurrency, for autoscalers) in params: the Bento runs two worker
+    processes behind one port, each with its own model. Clients on their own connections reach both, and
+    each worker admits the requests it gets in shared batches."""
+    import bentoml
+
+    from pipeline.package import package
+
+    ws, params = trained
+    scaled = params.model_copy(
+        update={"serve": params.serve.model_copy(update={"workers": 2, "concurrency": 32})}
+    )
+    bento = package(ws, scaled, data_md5="0123456789abcdef0123456789abcdef.dir")
+    service = bentoml.get(bento["bento_tag"]).info.services[0]
+    assert service.config["workers"] == 2 and service.config["traffic"]["concurrency"] == 32
+
+    body = {"max_tokens": 48, "temperature": 0.7, "seed": 1, "ignore_eos": True}
+    ready = threading.Barrier(32)
+
+    def ask(i: int) -> int:
+        with httpx.Client(timeout=120) as client:  # a connection of its own, as 32 separate clients
+            ready.wait()
+            return client.post(f"{url}/v1/completions", json=body | {"prompt": f"the {i}"}).status_code
+
+    with BentoServer(bento["bento_tag"], tmp_path / "two-workers") as served:
+        url = served.url
+        deadline = time.monotonic() + 120
+        while len(batches_by_worker(url)) < 2:  # each worker's series appears once its model is loaded
+            assert time.monotonic() < deadline, f"one worker never came up: {batches_by_worker(url)}"
+            time.sleep(0.5)
+        with ThreadPoolExecutor(32) as pool:
+            assert list(pool.map(ask, range(32))) == [200] * 32
+        by_worker = batches_by_worker(url)
+    assert set(by_worker) == {"1", "2"}, by_worker  # both workers answered
+    assert sum(requests for _, requests in by_worker.values()) == 32
+    for worker, (batches, requests) in by_worker.items():
+        assert batches < requests, f"worker {worker}: {requests:.0f} requests in {batches:.0f} batches"

@@ -238,6 +238,7 @@ def test_embedded_endpoint_must_be_loopback_http_with_port(tmp_path, url):
         EmbeddedS3(StorageConfig(endpoint_url=url), tmp_path)
 
 
+@pytest.mark.slow
 def test_dvc_remote_push_and_pull_for_real(s3_server, tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
