@@ -764,8 +764,6 @@ def test_two_service_workers_answer_on_one_port_and_each_batches(trained, tmp_pa
     """serve.workers=2 (and serve.concurrency, for autoscalers) in params: the Bento runs two worker
     processes behind one port, each with its own model. Clients on their own connections reach both, and
     each worker admits the requests it gets in shared batches."""
-    import bentoml
-
     from pipeline.package import package
 
     ws, params = trained
@@ -773,8 +771,8 @@ def test_two_service_workers_answer_on_one_port_and_each_batches(trained, tmp_pa
         update={"serve": params.serve.model_copy(update={"workers": 2, "concurrency": 32})}
     )
     bento = package(ws, scaled, data_md5="0123456789abcdef0123456789abcdef.dir")
-    service = bentoml.get(bento["bento_tag"]).info.services[0]
-    assert service.config["workers"] == 2 and service.config["traffic"]["concurrency"] == 32
+    # (not bento.info's service config: it comes from this process's first import of pipeline.service,
+    # which earlier tests made with the defaults; the served process reads the Bento's own arguments)
 
     body = {"max_tokens": 48, "temperature": 0.7, "seed": 1, "ignore_eos": True}
     ready = threading.Barrier(32)
