@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from contextlib import chdir
 from pathlib import Path
@@ -136,6 +137,9 @@ def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
     card = model_card(params, labels, decision)
     ctx = _build_context(ws, card)
     serve = params.serve
+    # BentoML records the service's config (workers, traffic) by importing the service with these args;
+    # a copy this process imported before, with other args, would be reused as it is
+    sys.modules.pop("pipeline.service", None)
     try:
         with chdir(ctx):  # bentofile's "file: ./MODEL_CARD.md" is read relative to the cwd
             bento = bentoml.bentos.build_bentofile(

@@ -760,9 +760,6 @@ def batches_by_worker(url: str) -> dict[str, tuple[float, float]]:
     return {worker: (batches, requests) for worker, (batches, requests) in found.items()}
 
 
-@pytest.mark.skip(
-    reason="order-dependent: packaging in a process that already imported pipeline.service bakes workers=1 into the Bento; passes alone, to be fixed by packaging in a fresh process"
-)
 def test_two_service_workers_answer_on_one_port_and_each_batches(trained, tmp_path):
     """serve.workers=2 (and serve.concurrency, for autoscalers) in params: the Bento runs two worker
     processes behind one port, each with its own model. Clients on their own connections reach both, and
@@ -774,8 +771,7 @@ def test_two_service_workers_answer_on_one_port_and_each_batches(trained, tmp_pa
         update={"serve": params.serve.model_copy(update={"workers": 2, "concurrency": 32})}
     )
     bento = package(ws, scaled, data_md5="0123456789abcdef0123456789abcdef.dir")
-    # (not bento.info's service config: it comes from this process's first import of pipeline.service,
-    # which earlier tests made with the defaults; the served process reads the Bento's own arguments)
+    # built in a process that imported pipeline.service before (earlier tests did, with the defaults)
 
     body = {"max_tokens": 48, "temperature": 0.7, "seed": 1, "ignore_eos": True}
     ready = threading.Barrier(32)
