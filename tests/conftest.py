@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import re
@@ -29,8 +30,13 @@ os.environ.update(
     GX_ANALYTICS_ENABLED="false",
     TOKENIZERS_PARALLELISM="false",
 )
-# One BentoML store for the session, never the developer's ~/bentoml.
-os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="lmforge-test-bentoml-"))
+# One BentoML store per test process, never the developer's ~/bentoml. Each xdist worker sets its own:
+# the controller's would be inherited, and tests that count the store's Bentos would see the other's.
+_BENTOML_HOME = tempfile.mkdtemp(
+    prefix=f"lmforge-test-bentoml-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"
+)
+os.environ["BENTOML_HOME"] = _BENTOML_HOME
+atexit.register(shutil.rmtree, _BENTOML_HOME, ignore_errors=True)
 # The developer's own AWS keys would win over the test server's (see resolve_credentials).
 for _var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
     os.environ.pop(_var, None)

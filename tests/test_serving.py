@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
@@ -776,10 +777,20 @@ def test_two_service_workers_answer_on_one_port_and_each_batches(trained, tmp_pa
     body = {"max_tokens": 48, "temperature": 0.7, "seed": 1, "ignore_eos": True}
     ready = threading.Barrier(32)
 
-    def ask(i: int) -> int:
-        with httpx.Client(timeout=120) as client:  # a connection of its own, as 32 separate clients
-            ready.wait()
-            return client.post(f"{url}/v1/completions", json=body | {"prompt": f"the {i}"}).status_code
+    def ask(i: int, client: httpx.Client) -> int:
+        ready.wait()
+        return client.post(f"{url}/v1/completions", json=body | {"prompt": f"the {i}"}).status_code
+
+    def one_round() -> None:
+        """32 clients, each on a connection of its own, send at once."""
+        with ExitStack() as stack:
+            clients = [stack.enter_context(httpx.Client(timeout=120)) for _ in range(32)]
+            # Connect one at a time: a worker accepts every connection pending when it wakes, so 32
+            # arriving together would all go to whichever worker woke first.
+            for client in clients:
+                client.get(f"{url}/v1/models").raise_for_status()
+            with ThreadPoolExecutor(32) as pool:
+                assert list(pool.map(ask, range(32), clients)) == [200] * 32
 
     with BentoServer(bento["bento_tag"], tmp_path / "two-workers") as served:
         url = served.url
@@ -787,10 +798,15 @@ def test_two_service_workers_answer_on_one_port_and_each_batches(trained, tmp_pa
         while len(batches_by_worker(url)) < 2:  # each worker's series appears once its model is loaded
             assert time.monotonic() < deadline, f"one worker never came up: {batches_by_worker(url)}"
             time.sleep(0.5)
-        with ThreadPoolExecutor(32) as pool:
-            assert list(pool.map(ask, range(32))) == [200] * 32
-        by_worker = batches_by_worker(url)
-    assert set(by_worker) == {"1", "2"}, by_worker  # both workers answered
-    assert sum(requests for _, requests in by_worker.values()) == 32
+        # The kernel, not lmforge, picks the worker for each connection, so one round can miss a worker.
+        rounds = 0
+        while True:
+            one_round()
+            rounds += 1
+            by_worker = batches_by_worker(url)
+            if rounds == 3 or all(batches < requests for batches, requests in by_worker.values()):
+                break
+    assert set(by_worker) == {"1", "2"}, by_worker
+    assert sum(requests for _, requests in by_worker.values()) == 32 * rounds
     for worker, (batches, requests) in by_worker.items():
         assert batches < requests, f"worker {worker}: {requests:.0f} requests in {batches:.0f} batches"
