@@ -14,7 +14,7 @@ import yaml
 from pipeline.config import write_overrides
 from pipeline.registry import read_champion
 
-from .conftest import lag2_corpus
+from .conftest import TINY, lag2_corpus
 from .test_e2e_data import BIN, PASSING_TRAINING, REPO, git, make_workspace, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -101,13 +101,15 @@ def test_the_best_experiment_reaches_the_champion_only_through_the_gate(swept):
 
 def test_a_fresh_clone_runs_dvc_repro_after_lmforge_up(tmp_path, s3_server):
     """This repo as a user clones it: `lmforge up` rebuilds data/ (the builtin corpus, which data.dvc
-    records and a new remote lacks), and `dvc repro` runs every stage from the committed dvc.lock."""
+    records and a new remote lacks), and `dvc repro` runs every stage from the committed dvc.lock. Tiny
+    model params, as a user's `-p` would set them: the demo's own numbers are `make record`'s, checked by
+    test_run_record, and the demo sizes on a real corpus are test_e2e_data's tinyshakespeare run."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     if not (clone / "data.dvc").is_file():
         pytest.skip("this checkout has no committed run record")
     write_overrides(
-        clone, [f"storage.endpoint_url={s3_server.cfg.endpoint_url}", "storage.bucket=fresh-clone"]
+        clone, [f"storage.endpoint_url={s3_server.cfg.endpoint_url}", "storage.bucket=fresh-clone", *TINY]
     )
     env = dict(
         os.environ, LMFORGE_STATE_DIR=str(s3_server.state), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}"
@@ -121,4 +123,8 @@ def test_a_fresh_clone_runs_dvc_repro_after_lmforge_up(tmp_path, s3_server):
     status = run([BIN / "dvc", "status", "--json"], clone, env)
     assert json.loads(status.stdout) in ({}, {"gate": ["always changed"]}), status.stdout
     metrics = json.loads((clone / "artifacts" / "eval" / "metrics.json").read_text())
-    assert metrics["val_perplexity"] < metrics["bigram_val_perplexity"]
+    assert (
+        metrics["train_steps"] == 10 and 1 < metrics["val_perplexity"] < 300
+    )  # the tiny params' model, vocab 300
+    gate = json.loads((clone / "artifacts" / "gate_metrics.json").read_text())
+    assert gate["checks"] == 4 and not gate["promote"]  # 10 steps do not beat the bigram by the margin
