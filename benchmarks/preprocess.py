@@ -1,9 +1,12 @@
 """The preprocess section: the stage's encode pass against raw `tokenizers` encode_batch, same corpus and
-tokenizer."""
+tokenizer; and the whole stage on the Ray engine (a local cluster of 2 CPUs) against the local engine."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
+from pathlib import Path
 
 from benchmarks.harness import REPEATS, Bench, figure, interleaved, side
 
@@ -13,8 +16,8 @@ def run(b: Bench) -> dict:
     from tokenizers import Tokenizer
 
     from pipeline.corpus import open_corpus
+    from pipeline.engines import kept_documents
     from pipeline.preprocess import preprocess
-    from pipeline.validate import kept_documents
 
     ws, params = b.ws, b.params
     # the documents the stage encodes (validation's kept ones), in memory before any clock starts
@@ -43,6 +46,7 @@ def run(b: Bench) -> dict:
 
     stage_runs, bare_runs = interleaved(REPEATS, stage, bare)
     return {
+        "ray": ray_engine(b),
         "encode": figure(
             "preprocess: encode tokens/s",
             side("preprocess stage, encode pass", "tokens", stage_runs),
@@ -50,5 +54,60 @@ def run(b: Bench) -> dict:
             note=f"{len(texts):,} documents, batches of {size}; the stage also reads the corpus and writes shards",
             same_tokens=all(s.amount == r.amount for s, r in zip(stage_runs, bare_runs, strict=True)),
             documents=len(texts),
-        )
+        ),
     }
+
+
+def ray_engine(b: Bench) -> dict:
+    """The whole stage (read, filter, tokenizer sample and training, encode, shards) with data.engine=ray
+    on a local cluster of 2 CPUs, against data.engine=local, as a user runs them, interleaved. The
+    cluster starts once, as a RAY_ADDRESS cluster would be up already; its start-up is reported apart."""
+    from pipeline.config import DataConfig
+    from pipeline.preprocess import preprocess
+    from pipeline.ray_engine import RayEngine
+
+    ws = b.ws
+    engines = {name: DataConfig(engine=name, ray_cpus=2) for name in ("local", "ray")}
+    digests: dict[str, set[str]] = {name: set() for name in engines}
+
+    def run_on(name: str):
+        def measure() -> tuple[int, float]:
+            b.log(f"preprocess: the stage on the {name} engine")
+            params = b.params.model_copy(update={"data": engines[name]})
+            start = time.perf_counter()
+            manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params)
+            seconds = time.perf_counter() - start
+            digests[name].add(output_digest(ws.tokenizer_dir, ws.shards_dir))
+            return manifest.total_tokens, seconds
+
+        return measure
+
+    # the local engine as the stage runs it: tokenizers' own threads on every core (the bench turns
+    # them off for the other figures, which compare one thread with one thread)
+    threads = os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    try:
+        started = time.perf_counter()
+        with RayEngine(engines["ray"]):
+            cluster_seconds = time.perf_counter() - started
+            ray_runs, local_runs = interleaved(REPEATS, run_on("ray"), run_on("local"))
+    finally:
+        if threads is not None:
+            os.environ["TOKENIZERS_PARALLELISM"] = threads
+    return figure(
+        "preprocess: the whole stage, tokens/s, Ray engine (2 CPUs) vs local engine",
+        side("preprocess, data.engine=ray", "tokens", ray_runs),
+        side("preprocess, data.engine=local", "tokens", local_runs),
+        note=f"a local Ray cluster started once ({cluster_seconds:.1f} s, not counted); the filter's "
+        "decisions, the tokenizer's training and the shard writing run on the driver on both",
+        cluster_start_seconds=cluster_seconds,
+        same_output=len(digests["ray"] | digests["local"]) == 1,
+    )
+
+
+def output_digest(*dirs: Path) -> str:
+    """One hash of every file the stage wrote, names included: equal iff the outputs are byte-identical."""
+    h = hashlib.sha256()
+    for d in dirs:
+        for path in sorted(p for p in d.rglob("*") if p.is_file()):
+            h.update(str(path.relative_to(d)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()

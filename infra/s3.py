@@ -133,6 +133,32 @@ def s3_client(
     return boto3.client("s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region, config=config, **keys)
 
 
+def arrow_filesystem(cfg: S3Settings, state: Path, creds: Credentials | None = None):
+    """The same endpoint and credentials as a pyarrow S3FileSystem: what Ray's read tasks open files with
+    (it pickles, so each task gets it, and no task needs this workspace's state directory)."""
+    from urllib.parse import urlparse
+
+    from pyarrow.fs import S3FileSystem
+
+    creds = creds or resolve_credentials(cfg, state)
+    keys = {}
+    if creds:
+        keys = {
+            "access_key": creds.access_key,
+            "secret_key": creds.secret_key,
+            "session_token": creds.session_token,
+        }
+    endpoint = {}
+    if cfg.endpoint_url:
+        url = urlparse(cfg.endpoint_url)
+        endpoint = {
+            "endpoint_override": url.netloc,
+            "scheme": url.scheme or "http",
+            "force_virtual_addressing": False,
+        }
+    return S3FileSystem(region=cfg.region, connect_timeout=3, request_timeout=60, **endpoint, **keys)
+
+
 def error_code(exc: Exception) -> str:
     return str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
 

@@ -133,6 +133,17 @@ class PreprocessConfig(Section):
     contamination_ngram: int = Field(13, ge=2)  # val/test n-grams looked up in train (GPT-3's check)
 
 
+class DataConfig(Section):
+    """Where validate and preprocess do their per-document work; the output is the same on either."""
+
+    engine: Literal["local", "ray"] = "local"
+    # ray: the cluster to use ("auto", or ray://host:10001, ...); null takes RAY_ADDRESS, and without
+    # it lmforge starts a cluster of this machine on 127.0.0.1 for the stage and stops it after.
+    ray_address: str | None = None
+    ray_cpus: int | None = Field(None, ge=1)  # the local cluster's CPUs (null: all of this machine's)
+    ray_batch_docs: int = Field(256, ge=1)  # documents per Ray task batch (measure, tokenize)
+
+
 class ModelConfig(Section):
     model_config = ConfigDict(allow_inf_nan=False)  # .nan/.inf in YAML: one-sided bounds let inf through
 
@@ -253,6 +264,7 @@ class Params(Section):
     ingest: IngestConfig = IngestConfig()
     validation: ValidationConfig = ValidationConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
+    data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

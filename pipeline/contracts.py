@@ -117,8 +117,10 @@ class Manifest(Contract):
     tokenizer_sample: dict[str, int] | None = None  # chars and documents the tokenizer learnt from
     splits: dict[str, SplitInfo]
     total_tokens: int
-    encode_seconds: float
-    tokens_per_second: int
+    # this run's encode pass: on the object preprocess returns, never in the file, so that the same corpus
+    # and params write the same bytes on every run and engine
+    encode_seconds: float | None = Field(None, exclude=True)
+    tokens_per_second: int | None = Field(None, exclude=True)
     # the share of val and test n-grams that also occur in train: {"ngram", "sample_rate", "val", "test", ...}
     contamination: dict[str, Any] | None = None
 

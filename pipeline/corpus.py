@@ -18,6 +18,9 @@ A line longer than doc_chars is cut at whitespace, or between characters for scr
 spaces (Chinese, Japanese). Nothing is ever read whole: memory stays flat however large a file is.
 
 Invalid UTF-8 becomes U+FFFD, and the document is flagged (`utf8_ok`), so validation can name the file.
+
+A corpus is local by default; `open_corpus(root, fs)` reads it through a pyarrow filesystem instead (an
+S3 prefix, for the Ray engine's tasks, which must not depend on one machine's disk).
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from infra.errors import LmforgeError
 from pipeline.config import IngestConfig
+
+if TYPE_CHECKING:
+    from pyarrow.fs import FileSystem
 
 TEXT_FORMATS = (".txt", ".md")
 COMPRESSIONS = (".gz", ".zst")
@@ -60,11 +66,24 @@ class Document:
 
 @dataclass
 class CorpusFile:
-    path: Path
+    path: Path | str  # a local path, or a path in fs
     rel: str  # the path relative to the corpus root, as reports name it
     format: str  # one of FORMATS
     layout: str | None = None  # text files: the layout used (after `auto`)
     documents: int = 0  # filled in while reading
+    fs: FileSystem | None = None  # None: the local disk
+    size: int | None = None  # bytes, when the listing said
+
+    def open_raw(self) -> BinaryIO:
+        if self.fs is None:
+            return Path(self.path).open("rb", buffering=1 << 20)
+        return self.fs.open_input_stream(str(self.path), compression=None, buffer_size=1 << 20)
+
+    def open_random_access(self):  # Parquet reads its footer first
+        return Path(self.path).open("rb") if self.fs is None else self.fs.open_input_file(str(self.path))
+
+    def byte_size(self) -> int:
+        return Path(self.path).stat().st_size if self.size is None else self.size
 
 
 @dataclass
@@ -79,7 +98,7 @@ class Corpus:
         """Every document, in a stable order (files sorted, documents in file order)."""
         for cf in self.files:
             cf.documents = 0
-            for doc in _read_file(cf, cfg):
+            for doc in read_file_documents(cf, cfg):
                 cf.documents += 1
                 yield doc
 
@@ -99,8 +118,12 @@ def file_format(name: str) -> str | None:
     return next((f for f in sorted(FORMATS, key=len, reverse=True) if lower.endswith(f)), None)
 
 
-def open_corpus(root: Path) -> Corpus:
-    """The corpus at root (a file or a directory), with clear errors for what cannot be read."""
+def open_corpus(root: Path | str, fs: FileSystem | None = None) -> Corpus:
+    """The corpus at root (a file or a directory), with clear errors for what cannot be read.
+
+    With fs (a pyarrow filesystem), root is a path in it: "bucket/prefix" for S3."""
+    if fs is not None:
+        return _open_remote_corpus(str(root).rstrip("/"), fs)
     root = Path(root)
     if root.is_symlink() and not root.exists():
         raise CorpusError(f"{root}: broken symlink")
@@ -124,6 +147,44 @@ def open_corpus(root: Path) -> Corpus:
         what = f" (skipped: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})" if skipped else ""
         raise CorpusError(f"{root}: nothing readable; a corpus needs files of {', '.join(FORMATS)}{what}")
     return Corpus(root, files, skipped)
+
+
+def _open_remote_corpus(root: str, fs: FileSystem) -> Corpus:
+    """The same listing as a local directory's (sorted, hidden names skipped), from a pyarrow filesystem."""
+    import pyarrow as pa
+    from pyarrow.fs import FileSelector, FileType
+
+    try:
+        top = fs.get_file_info(root)
+        if top.type == FileType.File:
+            entries = [top]
+        else:
+            entries = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
+    except (pa.ArrowException, OSError) as exc:
+        raise CorpusError(f"{root}: cannot list ({exc})") from None
+    files, skipped = [], []
+
+    def walk_order(
+        rel: str,
+    ) -> list[tuple[int, str]]:  # os.walk's: a directory's files, then its subdirectories
+        *dirs, name = rel.split("/")
+        return [(1, d) for d in dirs] + [(0, name)]
+
+    found = [e for e in entries if e.type == FileType.File]
+    relative = {e.path: e.base_name if e.path == root else e.path[len(root) + 1 :] for e in found}
+    for info in sorted(found, key=lambda e: walk_order(relative[e.path])):
+        rel = relative[info.path]
+        if any(part.startswith(".") for part in rel.split("/")):
+            continue
+        fmt = file_format(info.base_name)
+        if fmt is None:
+            skipped.append(rel)
+        else:
+            files.append(CorpusFile(info.path, rel, fmt, fs=fs, size=info.size))
+    if not files:
+        what = f" (skipped: {', '.join(skipped[:5])})" if skipped else ""
+        raise CorpusError(f"{root}: nothing readable; a corpus needs files of {', '.join(FORMATS)}{what}")
+    return Corpus(Path(root), files, skipped)
 
 
 def walk_files(root: Path) -> list[Path]:
@@ -197,19 +258,18 @@ class _ZstdReader(io.RawIOBase):
         return n
 
 
-def _open_bytes(path: Path) -> BinaryIO:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if name.endswith(".zst"):
-        return io.BufferedReader(_ZstdReader(path.open("rb")), buffer_size=1 << 20)
-    return path.open("rb", buffering=1 << 20)
+def _open_bytes(cf: CorpusFile) -> BinaryIO:
+    if cf.format.endswith(".gz"):
+        return gzip.open(cf.open_raw(), "rb")
+    if cf.format.endswith(".zst"):
+        return io.BufferedReader(_ZstdReader(cf.open_raw()), buffer_size=1 << 20)
+    return cf.open_raw()
 
 
-def _open_text(path: Path) -> io.TextIOWrapper:
+def _open_text(cf: CorpusFile) -> io.TextIOWrapper:
     # utf-8-sig: a byte-order mark is not text. surrogateescape keeps the bytes that are not UTF-8 visible
     # (as lone surrogates) so that a document can say it held some, then they become U+FFFD.
-    return io.TextIOWrapper(_open_bytes(path), encoding="utf-8-sig", errors="surrogateescape")
+    return io.TextIOWrapper(_open_bytes(cf), encoding="utf-8-sig", errors="surrogateescape")
 
 
 def _repair(text: str) -> tuple[str, bool]:
@@ -219,10 +279,11 @@ def _repair(text: str) -> tuple[str, bool]:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), False
 
 
-def _read_file(cf: CorpusFile, cfg: IngestConfig) -> Iterator[Document]:
-    if cfg.max_file_bytes is not None and cf.path.stat().st_size > cfg.max_file_bytes:
+def read_file_documents(cf: CorpusFile, cfg: IngestConfig) -> Iterator[Document]:
+    """One file's documents, in file order; a text file's layout is set on cf."""
+    if cfg.max_file_bytes is not None and cf.byte_size() > cfg.max_file_bytes:
         raise CorpusError(
-            f"{cf.rel}: {cf.path.stat().st_size:,} bytes is over ingest.max_file_bytes ({cfg.max_file_bytes:,})"
+            f"{cf.rel}: {cf.byte_size():,} bytes is over ingest.max_file_bytes ({cfg.max_file_bytes:,})"
         )
     if cf.format == ".parquet":
         reader = _parquet_documents(cf, cfg)
@@ -244,7 +305,7 @@ def _read_file(cf: CorpusFile, cfg: IngestConfig) -> Iterator[Document]:
 
 def _jsonl_documents(cf: CorpusFile, cfg: IngestConfig) -> Iterator[Document]:
     key = cfg.text_field
-    with _open_text(cf.path) as fh:
+    with _open_text(cf) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -277,7 +338,7 @@ def _parquet_documents(cf: CorpusFile, cfg: IngestConfig) -> Iterator[Document]:
 
     key = cfg.text_field
     try:
-        pf = pq.ParquetFile(cf.path)
+        pf = pq.ParquetFile(cf.open_random_access())
     except (pa.ArrowException, OSError) as exc:
         raise CorpusError(f"{cf.rel}: not a readable Parquet file ({exc})") from None
     schema = pf.schema_arrow
@@ -342,9 +403,11 @@ def bounded_lines(fh: io.TextIOBase, limit: int) -> Iterator[str]:
         carry = ""
 
 
-def detect_layout(path: Path) -> str:
+def detect_layout(cf: CorpusFile | Path) -> str:
     """lines when the first MiB holds several lines and none is blank, else paragraphs."""
-    with _open_text(path) as fh:
+    if not isinstance(cf, CorpusFile):
+        cf = CorpusFile(cf, Path(cf).name, file_format(Path(cf).name) or ".txt")
+    with _open_text(cf) as fh:
         head = fh.read(DETECT_CHARS)
     lines = head.split("\n")
     if len(head) == DETECT_CHARS:
@@ -387,8 +450,8 @@ def pack_paragraphs(lines: Iterator[str], doc_chars: int) -> Iterator[str]:
 
 
 def _text_documents(cf: CorpusFile, cfg: IngestConfig) -> Iterator[Document]:
-    cf.layout = detect_layout(cf.path) if cfg.txt_layout == "auto" else cfg.txt_layout
-    with _open_text(cf.path) as fh:
+    cf.layout = detect_layout(cf) if cfg.txt_layout == "auto" else cfg.txt_layout
+    with _open_text(cf) as fh:
         lines = bounded_lines(fh, cfg.doc_chars)
         if cf.layout == "lines":
             docs = (line for line in lines if line.strip())

@@ -3,9 +3,11 @@
 It reads the documents validation kept (the same DocumentFilter: duplicates removed down to the
 paragraph, bad documents dropped), in three streaming passes over data/, so memory stays flat however
 large the corpus is:
-  1. hash every kept document and assign its split (by hash);
+  1. measure every document, filter, and assign each kept one its split (by the hash of its text);
   2. train a byte-level BPE on a bounded, uniform sample of the train split (or load the base model's);
   3. encode with the batch API, append EOS after each document, append to uint16/uint32 shards.
+The reading, measuring and encoding are data.engine's (this process, or a Ray cluster); the decisions,
+the splits and the writing are here, so both engines write the same bytes.
 Then it measures contamination: the share of val and test token n-grams that also occur in train.
 The shards are raw little-endian arrays that `np.memmap` opens without a copy; manifest.json says
 their dtype, token and document counts, and the contamination.
@@ -13,7 +15,6 @@ their dtype, token and document counts, and the contamination.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -28,7 +29,9 @@ from tqdm import tqdm
 from pipeline.base_model import resolve_base
 from pipeline.config import ConfigError, Params, Workspace, load_params
 from pipeline.contracts import SPLITS, Manifest, ValidationReport
-from pipeline.corpus import CorpusError, Document, open_corpus
+from pipeline.corpus import Corpus, CorpusError, open_corpus
+from pipeline.documents import DocumentFilter, KeepPlan
+from pipeline.engines import DataEngine, data_engine
 from pipeline.shards import load_shard, sorted_unique
 from pipeline.stage import run_stage
 
@@ -53,10 +56,6 @@ def split_by_hash(digests: list[bytes], val_fraction: float, test_fraction: floa
             candidates = [i for i, s in enumerate(splits) if s == donor]
             splits[min(candidates, key=lambda i: abs(position[i] - target))] = name
     return splits
-
-
-def _digest(doc: Document) -> bytes:
-    return hashlib.sha256(doc.text.encode("utf-8", errors="replace")).digest()
 
 
 # A model pre-trained from scratch has no chat format of its own: this plain one ("User: hi", blank
@@ -137,19 +136,40 @@ class ShardWriter:
             self._fh = None
 
 
-def _batches(docs: Iterator[tuple[str, Document]], size: int) -> Iterator[list[tuple[str, Document]]]:
-    batch = []
-    for item in docs:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def keep_plan(corpus: Corpus, params: Params, engine: DataEngine) -> tuple[KeepPlan, list[bytes], list[int]]:
+    """Pass 1: the filter over the engine's facts. The plan of the kept documents, and their digests and
+    kept lengths in corpus order."""
+    keep, plan = DocumentFilter(params.validation), KeepPlan(len(corpus.files))
+    digests, lengths = [], array("q")
+    for facts in tqdm(engine.facts(corpus, params), unit="doc", desc="split", disable=None, mininterval=2):
+        if not facts.blank and (verdict := keep(facts)).kept:
+            plan.add(facts.file, facts.index, verdict.fresh)
+            digests.append(facts.digest)
+            lengths.append(verdict.length)
+    return plan, digests, lengths
+
+
+def tokenizer_sample(
+    plan: KeepPlan, splits: list[str], digests: list[bytes], lengths: list[int], budget: int
+) -> tuple[KeepPlan, dict]:
+    """A uniform sample of the train split (by a second slice of each document's hash), in corpus order,
+    never more than budget characters."""
+    train_chars = sum(n for n, s in zip(lengths, splits, strict=True) if s == "train")
+    rate = min(1.0, budget / max(train_chars, 1))
+    sample, stats, k = KeepPlan(len(plan.kept)), {"chars": 0, "documents": 0}, 0
+    for file, kept in enumerate(plan.kept):
+        for index, fresh in kept.items():
+            position = int.from_bytes(digests[k][8:16], "big") / 2**64
+            if splits[k] == "train" and position < rate and stats["chars"] + lengths[k] <= budget:
+                sample.add(file, index, fresh)
+                stats["chars"] += lengths[k]
+                stats["documents"] += 1
+            k += 1
+    return sample, stats
 
 
 def preprocess(
-    corpus: Path,
+    corpus: Path | Corpus,
     tokenizer_dir: Path,
     shards_dir: Path,
     params: Params,
@@ -158,84 +178,67 @@ def preprocess(
 ) -> Manifest:
     """Run the three passes; write tokenizer_dir and shards_dir (replacing them whole); return the manifest.
 
+    The documents are read, measured and tokenized by data.engine; the result is the same on every engine.
     expected_documents, validation's count of kept documents, guards against a corpus that changed since.
     """
-    from pipeline.validate import kept_documents
-
     cfg = params.preprocess
-    source = open_corpus(corpus)
-    docs = lambda: kept_documents(source, params)  # noqa: E731 - each pass re-reads the corpus
+    source = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
+    with data_engine(params) as engine:
+        plan, digests, lengths = keep_plan(source, params, engine)
+        if expected_documents is not None and len(digests) != expected_documents:
+            raise CorpusError(
+                f"{corpus}: {len(digests):,} documents kept now, but validation kept {expected_documents:,}; "
+                "the corpus or the filter changed since validation (run the validate stage again)"
+            )
+        splits = split_by_hash(digests, cfg.val_fraction, cfg.test_fraction)
 
-    digests, lengths = [], array("q")
-    for doc in tqdm(docs(), unit="doc", desc="split", disable=None, mininterval=2):
-        digests.append(_digest(doc))
-        lengths.append(len(doc.text))
-    if expected_documents is not None and len(digests) != expected_documents:
-        raise CorpusError(
-            f"{corpus}: {len(digests):,} documents kept now, but validation kept {expected_documents:,}; "
-            "the corpus or the filter changed since validation (run the validate stage again)"
-        )
-    splits = split_by_hash(digests, cfg.val_fraction, cfg.test_fraction)
-    train_chars = sum(n for n, s in zip(lengths, splits, strict=True) if s == "train")
+        sample_stats = None
+        if base_dir is not None:
+            tokenizer = load_base_tokenizer(base_dir)
+        else:
+            sample, sample_stats = tokenizer_sample(plan, splits, digests, lengths, cfg.tokenizer_train_chars)
+            texts = engine.kept_texts(source, params, sample)
+            tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency, length=sample.count())
+        vocab_size = len(tokenizer)
+        dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+        eos = tokenizer.eos_token_id
+        backend = (
+            tokenizer.backend_tokenizer
+        )  # the raw Rust tokenizer: batch encoding without Python per token
 
-    sample = {"chars": 0, "documents": 0}
-    if base_dir is not None:
-        tokenizer = load_base_tokenizer(base_dir)
-    else:
-        # A uniform sample (by a second slice of each document's hash), never more than the budget.
-        rate = min(1.0, cfg.tokenizer_train_chars / max(train_chars, 1))
+        # Write beside the outputs, then rename: an interrupted run never leaves half a shard set behind.
+        tmp_tok, tmp_shards = (Path(f"{p}.tmp") for p in (tokenizer_dir, shards_dir))
+        for p in (tmp_tok, tmp_shards):
+            shutil.rmtree(p, ignore_errors=True)
+            p.mkdir(parents=True)
+        writers = {s: ShardWriter(tmp_shards, s, dtype, cfg.shard_tokens) for s in SPLITS}
+        doc_counts = {s: splits.count(s) for s in SPLITS}
 
-        def train_texts() -> Iterator[str]:
-            for d, s, digest in zip(docs(), splits, digests, strict=True):
-                position = int.from_bytes(digest[8:16], "big") / 2**64
-                if (
-                    s == "train"
-                    and position < rate
-                    and sample["chars"] + len(d.text) <= cfg.tokenizer_train_chars
-                ):
-                    sample["chars"] += len(d.text)
-                    sample["documents"] += 1
-                    yield d.text
-
-        tokenizer = train_tokenizer(train_texts(), cfg.vocab_size, cfg.min_frequency)
-    vocab_size = len(tokenizer)
-    dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-    eos = tokenizer.eos_token_id
-    backend = tokenizer.backend_tokenizer  # the raw Rust tokenizer: batch encoding without Python per token
-
-    # Write beside the outputs, then rename: an interrupted run never leaves half a shard set behind.
-    tmp_tok, tmp_shards = (Path(f"{p}.tmp") for p in (tokenizer_dir, shards_dir))
-    for p in (tmp_tok, tmp_shards):
-        shutil.rmtree(p, ignore_errors=True)
-        p.mkdir(parents=True)
-    writers = {s: ShardWriter(tmp_shards, s, dtype, cfg.shard_tokens) for s in SPLITS}
-    doc_counts = {s: splits.count(s) for s in SPLITS}
-
-    start = time.perf_counter()
-    with tqdm(total=len(splits), unit="doc", desc="tokenize", disable=None) as bar:
-        for batch in _batches(zip(splits, docs(), strict=True), cfg.encode_batch_docs):
-            encodings = backend.encode_batch([d.text for _, d in batch], add_special_tokens=False)
-            for (split, _), enc in zip(batch, encodings, strict=True):
-                writers[split].write(np.array(enc.ids + [eos], dtype=np.int64))
-            bar.update(len(batch))
-    seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        encoded = engine.token_ids(source, params, plan, backend)
+        with tqdm(total=len(splits), unit="doc", desc=f"tokenize ({engine.name})", disable=None) as bar:
+            for split, ids in zip(splits, encoded, strict=True):
+                writers[split].write(np.append(np.asarray(ids, dtype=np.int64), eos))
+                bar.update()
+        seconds = time.perf_counter() - start
     for w in writers.values():
         w.close()
 
     tokenizer.save_pretrained(tmp_tok)
+    total = sum(w.tokens for w in writers.values())
     manifest = Manifest(
         dtype=dtype.name,
         vocab_size=vocab_size,
         eos_token_id=eos,
         tokenizer="base" if base_dir else "trained",
-        tokenizer_sample=None if base_dir else sample,
+        tokenizer_sample=sample_stats,
         splits={
             s: {"documents": doc_counts[s], "tokens": writers[s].tokens, "shards": writers[s].shards}
             for s in SPLITS
         },
-        total_tokens=sum(w.tokens for w in writers.values()),
+        total_tokens=total,
         encode_seconds=round(seconds, 3),
-        tokens_per_second=round(sum(w.tokens for w in writers.values()) / max(seconds, 1e-9)),
+        tokens_per_second=round(total / max(seconds, 1e-9)),
     )
     manifest.contamination = contamination(tmp_shards, manifest, cfg.contamination_ngram)
     manifest.write(tmp_shards)

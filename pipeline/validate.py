@@ -18,138 +18,31 @@ run the suite: it takes seconds to import, and the CLI must start fast.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
 from array import array
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from tqdm import tqdm
 
-from pipeline.config import Params, ValidationConfig, Workspace, load_params
+from pipeline.config import Params, Workspace, load_params
 from pipeline.contracts import ArtifactError, Check, ValidationReport, write_text_atomic
-from pipeline.corpus import Corpus, Document, open_corpus
+from pipeline.corpus import Corpus, open_corpus
+from pipeline.documents import DocumentFacts, DocumentFilter, Verdict
+from pipeline.engines import DataEngine, data_engine
 from pipeline.stage import run_stage
 
-# What a reader cannot see or a tokenizer should not learn: U+FFFD (what undecodable bytes became), the
-# C0 controls other than \t \n \r, DEL and the C1 controls, lone surrogates (JSON "\ud800" escapes) and
-# private-use characters. One compiled class, counted in C.
-NONPRINTABLE = re.compile(
-    "[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ue000-\uf8ff\U000f0000-\U0010ffff]"
-)
-BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")  # a paragraph break: one or more whitespace-only lines
-SNIPPET_CHARS = 80
 EXAMPLES_PER_REASON = 3
 DROP_REASONS = ("nonprintable", "too_short", "too_long")  # quality: counted against max_dropped_fraction
 DUPLICATE_REASONS = ("duplicate", "near_duplicate")  # counted against max_duplicate_ratio
-SHINGLE_CHARS = 5  # near-duplicates: MinHash over character 5-grams, which works for every script
-
-
-# ---------------------------------------------------------------------------------------------
-# the per-document policy
-
-
-def paragraphs(text: str) -> list[str]:
-    return [p for p in BLANK_LINES.split(text.strip()) if p.strip()]
-
-
-def _key(text: str) -> int:
-    # surrogatepass: a lone surrogate from JSON must hash, not crash, and not collide with U+FFFD
-    return int.from_bytes(
-        hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little"
-    )
-
-
-@dataclass
-class Verdict:
-    text: str | None  # what is kept (duplicate paragraphs removed), None when the document is dropped
-    reason: str | None  # why it was dropped: one of DROP_REASONS or DUPLICATE_REASONS
-    length: int  # characters after duplicate paragraphs were removed
-    nonprintable_ratio: float
-    removed_paragraphs: int = 0
-    duplicate_of: str | None = None  # the source of the earlier, identical document
-
-
-class DocumentFilter:
-    """Keeps or drops each document in corpus order; deterministic, so validate and preprocess agree.
-
-    Order: exact duplicates first (of a whole earlier document, or every paragraph seen before), then
-    the remaining paragraphs are judged on the quality bounds, then near-duplicates when enabled. Only a
-    kept document's paragraphs count as seen, so a clean copy after a dropped one is still kept.
-    """
-
-    def __init__(self, cfg: ValidationConfig):
-        self.cfg = cfg
-        self.seen_paragraphs: set[int] = set()
-        self.first_source: dict[int, str] = {}  # whole-document key -> the first kept document's source
-        self.lsh, self.sketched = None, 0  # sketched: the next LSH key
-        if cfg.near_duplicates:
-            from datasketch import MinHashLSH
-
-            self.lsh = MinHashLSH(threshold=cfg.near_duplicate_threshold, num_perm=cfg.minhash_permutations)
-
-    def __call__(self, doc: Document) -> Verdict:
-        whole = _key(doc.text)
-        if (original := self.first_source.get(whole)) is not None:
-            return Verdict(None, "duplicate", 0, 0.0, duplicate_of=original)
-        paras = paragraphs(doc.text)
-        if not paras:
-            return Verdict(None, "too_short", 0, 0.0)
-        keys = [whole] if paras == [doc.text] else [_key(p) for p in paras]
-        fresh = [i for i, k in enumerate(keys) if k not in self.seen_paragraphs]
-        if not fresh:
-            return Verdict(None, "duplicate", 0, 0.0)
-        text = doc.text if len(fresh) == len(paras) else "\n\n".join(paras[i] for i in fresh)
-        length = len(text)
-        ratio = len(NONPRINTABLE.findall(text)) / max(length, 1)
-        verdict = Verdict(text, None, length, ratio, removed_paragraphs=len(paras) - len(fresh))
-        if ratio > self.cfg.max_nonprintable_ratio:
-            verdict.reason = "nonprintable"
-        elif length < self.cfg.min_doc_chars:
-            verdict.reason = "too_short"
-        elif length > self.cfg.max_doc_chars:
-            verdict.reason = "too_long"
-        elif self.lsh is not None and self._near_duplicate(text):
-            verdict.reason = "near_duplicate"
-        if verdict.reason:
-            verdict.text = None
-            return verdict
-        self.first_source[whole] = doc.source
-        self.seen_paragraphs.update(keys[i] for i in fresh)
-        return verdict
-
-    def _near_duplicate(self, text: str) -> bool:
-        from datasketch import MinHash
-
-        norm = " ".join(text.lower().split())
-        shingles = {norm[i : i + SHINGLE_CHARS] for i in range(max(1, len(norm) - SHINGLE_CHARS + 1))}
-        sketch = MinHash(num_perm=self.cfg.minhash_permutations, seed=1)
-        sketch.update_batch([s.encode("utf-8", "surrogatepass") for s in shingles])
-        if self.lsh.query(sketch):
-            return True
-        self.lsh.insert(self.sketched, sketch)
-        self.sketched += 1
-        return False
-
-
-def kept_documents(corpus: Corpus, params: Params) -> Iterator[Document]:
-    """The documents validation keeps, with duplicate paragraphs removed: what preprocess trains on."""
-    keep = DocumentFilter(params.validation)
-    for doc in corpus.documents(params.ingest):
-        if doc.text.strip():
-            verdict = keep(doc)
-            if verdict.text is not None:
-                yield Document(doc.source, verdict.text, doc.utf8_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +66,7 @@ class Measures:
         self.dropped.append(nan if dup else float(verdict.reason is not None))
         self.duplicate.append(dup)
         self.utf8_ok.append(utf8_ok)
-        self.kept_chars.append(verdict.length if verdict.text is not None else 0)
+        self.kept_chars.append(verdict.length if verdict.kept else 0)
         for name, count in secret_counts.items():
             self.secrets[name].append(count)
 
@@ -195,70 +88,18 @@ class Measures:
         return pd.DataFrame(columns)
 
 
-def _quoted(text: str) -> str:
-    """repr(): any script stays readable, while control, private-use and other invisible characters are
-    escaped (terminal-safe); U+FFFD too, since it marks bytes that were not UTF-8."""
-    return repr(text).replace("\ufffd", "\\ufffd")
-
-
-def _snippet(text: str, start: int = 0, limit: int = SNIPPET_CHARS) -> str:
-    """text[start:] quoted, at most limit characters in all, '...' marking a cut."""
-    head = "..." if start > 0 else ""
-    piece = text[start : start + limit]
-    while True:
-        tail = "..." if start + len(piece) < len(text) else ""
-        out = f"{head}{_quoted(piece)}{tail}"
-        if len(out) <= limit or not piece:
-            return out
-        # escapes make the quoted form longer than the piece: shrink in proportion, by one at least
-        piece = piece[: min(len(piece) - 1, len(piece) * (limit - 8) // len(out))]
-
-
-def _mask(secret: str) -> str:
-    """Enough to recognise the kind of secret (AKIA...), never enough to use it."""
-    keep = 4 if len(secret) >= 16 else 0
-    return secret[:keep] + "*" * min(len(secret) - keep, 20)
-
-
-def _mask_all(text: str, patterns: list[re.Pattern]) -> str:
-    for pattern in patterns:
-        text = pattern.sub(lambda m: _mask(m.group(0)), text)
-    return text
-
-
-def _secret_example(source: str, text: str, match: re.Match, patterns: list[re.Pattern]) -> str:
-    # The text just before the secret, with any other secret in it masked too; never the text after it
-    # (a private key's body follows its header).
-    before = _mask_all(text[max(0, match.start() - 200) : match.start()], patterns)
-    masked = _mask(match.group(0))
-    context = before[-40:]
-    while context and len(_quoted(context + masked)) > SNIPPET_CHARS - 3:
-        context = context[1:]
-    cut = "..." if len(context) < match.start() else ""
-    return f"{source} at char {match.start()}: {cut}{_quoted(context + masked)}"
-
-
-def _bad_char_example(source: str, text: str, ratio: float) -> str:
-    """The first non-printable character in context, not the possibly clean start of the document."""
-    bad = NONPRINTABLE.search(text)
-    start = max(0, bad.start() - 20) if bad else 0
-    where = f", first at char {bad.start()}" if bad else ""
-    return f"{source} (nonprintable ratio {ratio:.3f}{where}): {_snippet(text, start)}"
-
-
-def _drop_example(source: str, text: str, verdict: Verdict, patterns: list[re.Pattern]) -> str:
+def _drop_example(facts: DocumentFacts, verdict: Verdict) -> str:
     """The dropped document's source, why, and a short masked snippet."""
-    text = _mask_all(text, patterns)
     if verdict.reason == "duplicate":
         of = (
             f" duplicates {verdict.duplicate_of}"
             if verdict.duplicate_of
             else " (every paragraph seen before)"
         )
-        return f"{source}{of}: {_snippet(text)}"
+        return f"{facts.source}{of}: {facts.snippet}"
     if verdict.reason == "nonprintable":
-        return _bad_char_example(source, text, verdict.nonprintable_ratio)
-    return f"{source} ({verdict.length} chars, {verdict.reason}): {_snippet(text)}"
+        return f"{facts.source} (nonprintable ratio {verdict.nonprintable_ratio:.3f}{facts.bad_char}"
+    return f"{facts.source} ({verdict.length} chars, {verdict.reason}): {facts.snippet}"
 
 
 @dataclass
@@ -275,40 +116,37 @@ class Findings:
     utf8_example: str | None = None
 
 
-def measure(corpus: Corpus, params: Params, dropped_out: IO[str]) -> tuple[Measures, Findings]:
+def measure(
+    corpus: Corpus, params: Params, dropped_out: IO[str], engine: DataEngine | None = None
+) -> tuple[Measures, Findings]:
     """One pass over the corpus: every document filtered and measured, every dropped one written out."""
-    patterns = {name: re.compile(p) for name, p in params.validation.secret_patterns.items()}
-    compiled = list(patterns.values())
+    names = list(params.validation.secret_patterns)
     keep = DocumentFilter(params.validation)
-    measures, found = Measures(list(patterns)), Findings()
-    with tqdm(unit="doc", desc="validate", disable=None, mininterval=2) as bar:
-        for doc in corpus.documents(params.ingest):
+    measures, found = Measures(names), Findings()
+    engine = engine or data_engine(params)
+    with tqdm(unit="doc", desc=f"validate ({engine.name})", disable=None, mininterval=2) as bar:
+        for facts in engine.facts(corpus, params):
             bar.update()
-            if not doc.text.strip():
+            if facts.blank:
                 found.empty += 1  # nothing to learn or to judge, like a blank line
                 continue
             found.documents += 1
-            found.read_chars += len(doc.text)
-            counts = {}
-            for name, pattern in patterns.items():  # on the raw text: a dropped document is still read
-                matches = list(pattern.finditer(doc.text))
-                counts[name] = len(matches)
-                if matches and name not in found.secret_examples:
-                    found.secret_examples[name] = _secret_example(doc.source, doc.text, matches[0], compiled)
-            if not doc.utf8_ok and found.utf8_example is None:
-                ratio = len(NONPRINTABLE.findall(doc.text)) / len(doc.text)
-                found.utf8_example = _bad_char_example(doc.source, _mask_all(doc.text, compiled), ratio)
-            verdict = keep(doc)
-            measures.add(verdict, doc.utf8_ok, counts)
+            found.read_chars += facts.chars
+            for name, example in zip(names, facts.secret_examples, strict=True):
+                if example is not None and name not in found.secret_examples:
+                    found.secret_examples[name] = example
+            if not facts.utf8_ok and found.utf8_example is None:
+                found.utf8_example = f"{facts.source} (nonprintable ratio {facts.nonprintable / facts.chars:.3f}{facts.bad_char}"
+            verdict = keep(facts)
+            measures.add(verdict, facts.utf8_ok, dict(zip(names, facts.secret_counts, strict=True)))
             found.removed_paragraphs += verdict.removed_paragraphs
             if verdict.reason:
                 found.reasons[verdict.reason] += 1
-                example = _drop_example(doc.source, doc.text, verdict, compiled)
-                found.examples.setdefault(verdict.reason, [])
-                if len(found.examples[verdict.reason]) < EXAMPLES_PER_REASON:
-                    found.examples[verdict.reason].append(example)
-                record = {"source": doc.source, "reason": verdict.reason, "chars": len(doc.text),
-                          "snippet": _snippet(_mask_all(doc.text, compiled))}  # fmt: skip
+                examples = found.examples.setdefault(verdict.reason, [])
+                if len(examples) < EXAMPLES_PER_REASON:
+                    examples.append(_drop_example(facts, verdict))
+                record = {"source": facts.source, "reason": verdict.reason, "chars": facts.chars,
+                          "snippet": facts.snippet}  # fmt: skip
                 if verdict.duplicate_of:
                     record["duplicate_of"] = verdict.duplicate_of
                 dropped_out.write(json.dumps(record) + "\n")
@@ -449,17 +287,19 @@ def run_suite(table, found: Findings, params: Params, champion_chars: int | None
 
 
 def validate_corpus(
-    path: Path, params: Params, name: str | None = None, champion_chars: int | None = None
+    path: Path | Corpus, params: Params, name: str | None = None, champion_chars: int | None = None
 ) -> ValidationReport:
-    """Validate the corpus at path (file or directory); name is what the report calls it (default: path).
+    """Validate the corpus at path (file or directory, or an opened Corpus); name is what the report
+    calls it (default: path). The documents are read and measured by data.engine.
 
     champion_chars turns on the shrink guard (see build_suite). A CorpusError (missing, nothing readable,
     truncated, malformed records) propagates to the caller.
     """
-    corpus = open_corpus(path)
+    corpus = path if isinstance(path, Corpus) else open_corpus(path)
     dropped = tempfile.SpooledTemporaryFile(max_size=8 << 20, mode="w+", encoding="utf-8")
     try:
-        measures, found = measure(corpus, params, dropped)
+        with data_engine(params) as engine:
+            measures, found = measure(corpus, params, dropped, engine)
         table = measures.table()
         checks = run_suite(table, found, params, champion_chars)
     except BaseException:

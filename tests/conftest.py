@@ -7,6 +7,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -238,6 +239,16 @@ def bento(trained):
 
     ws, params = trained
     return package(ws, params, data_md5="0123456789abcdef0123456789abcdef.dir")
+
+
+def stop_group(proc: subprocess.Popen, sig: int, grace: float) -> None:
+    """Signal a process started with start_new_session, and its group; SIGKILL the group after grace s."""
+    os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def listening_in_tree(pid: int) -> set[str]:

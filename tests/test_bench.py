@@ -140,6 +140,12 @@ def test_both_sides_did_the_same_work(results):
     data, _, _ = results
     f = figures(data)
     assert f["preprocess.encode"]["detail"]["same_tokens"]
+    # the two engines wrote the same bytes in every run, so they counted the same tokens
+    ray = f["preprocess.ray"]
+    assert ray["detail"]["same_output"], ray["detail"]
+    amounts = [[r["amount"] for r in ray[s]["runs"]] for s in ("lmforge", "baseline")]
+    assert amounts[0] == amounts[1] and len(set(amounts[0])) == 1, amounts
+    assert ray["detail"]["cluster_start_seconds"] > 0.5  # a real cluster started
     # greedy decoding of the same model: the service, the bare loop and model.generate write the same
     # completions, and the service counts the tokens the bare loop produced
     for name in ("serve.overhead", "serve.decode"):

@@ -22,7 +22,7 @@ from infra.processes import port_is_free
 from pipeline.config import PrefectConfig, load_params, write_overrides
 from pipeline.registry import read_champion
 
-from .conftest import lag2_corpus, listening_in_tree
+from .conftest import lag2_corpus, listening_in_tree, stop_group
 from .test_e2e_data import BIN, PASSING_TRAINING, api, free_port, make_workspace, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -647,9 +647,5 @@ def test_cancelling_a_scheduled_run_stops_every_rank(operated):
             time.sleep(1)
         assert state == "CANCELLED"
     finally:
-        os.killpg(scheduler.pid, signal.SIGINT)
-        try:
-            scheduler.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(scheduler.pid, signal.SIGKILL)
+        stop_group(scheduler, signal.SIGINT, grace=30)
     assert not training_processes(ws)

@@ -6,8 +6,8 @@ import pytest
 
 from pipeline.config import IngestConfig
 from pipeline.corpus import CorpusError, read_documents
+from pipeline.documents import paragraphs
 from pipeline.ingest import stage_corpus, swap_in, write_builtin_corpus
-from pipeline.validate import paragraphs
 
 CFG = IngestConfig(doc_chars=100)
 

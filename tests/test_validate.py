@@ -13,16 +13,9 @@ import yaml
 
 from pipeline.config import ConfigError, load_params, resolve_params
 from pipeline.corpus import CorpusError, Document, open_corpus
-from pipeline.validate import (
-    SNIPPET_CHARS,
-    DocumentFilter,
-    format_failure,
-    format_summary,
-    kept_documents,
-    main,
-    validate_corpus,
-    write_report,
-)
+from pipeline.documents import SNIPPET_CHARS, DocumentFilter, FactFinder, kept_text
+from pipeline.engines import kept_documents
+from pipeline.validate import format_failure, format_summary, main, validate_corpus, write_report
 
 from .conftest import POEM_LINES
 
@@ -52,8 +45,14 @@ def failed_checks(corpus: Path, params=SMALL) -> dict:
 
 
 def verdicts(texts: list[str], params=SMALL) -> list:
-    keep = DocumentFilter(params.validation)
-    return [keep(Document(f"a#{i}", t)) for i, t in enumerate(texts)]
+    """Each text's verdict, with .text set to what it keeps (None when dropped)."""
+    find, keep = FactFinder(params.validation), DocumentFilter(params.validation)
+    got = []
+    for i, text in enumerate(texts):
+        verdict = keep(find(Document(f"a#{i}", text), 0, i))
+        verdict.text = kept_text(text, verdict.fresh) if verdict.kept else None
+        got.append(verdict)
+    return got
 
 
 def test_filter_drops_duplicates_down_to_the_paragraph():
