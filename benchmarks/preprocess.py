@@ -103,6 +103,7 @@ def ray_engine(b: Bench) -> dict:
         "decisions, the tokenizer's training and the shard writing run on the driver on both",
         cluster_start_seconds=cluster_seconds,
         encode_seconds=encode_seconds,  # the encode pass; the rest is reading, the filter, the tokenizer
+        driver_seconds=driver_parts(b),
         same_output=len(digests["ray"] | digests["local"]) == 1,
     )
 
@@ -114,3 +115,68 @@ def output_digest(*dirs: Path) -> str:
         for path in sorted(p for p in d.rglob("*") if p.is_file()):
             h.update(str(path.relative_to(d)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
+
+
+def driver_parts(b: Bench) -> dict[str, float]:
+    """What the Ray engine leaves serial on the driver, each part timed alone in this process on the same
+    corpus: turning the tasks' fact rows into Python, the filter's decisions, training the tokenizer on
+    its sample, and turning the tasks' token ids into shards. With more machines the rest (reading,
+    measuring, encoding) spreads out; this does not."""
+    import tempfile
+
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.corpus import open_corpus, read_file_documents
+    from pipeline.documents import DocumentFacts, DocumentFilter, KeepPlan
+    from pipeline.engines import LocalEngine
+    from pipeline.preprocess import ShardWriter, split_by_hash, tokenizer_sample, train_tokenizer
+    from pipeline.ray_engine import FACT_FIELDS, _DocumentBatch, _measure
+
+    params, corpus, local = b.params, open_corpus(b.ws.data), LocalEngine()
+    cfg = params.preprocess
+    b.log("preprocess: the Ray driver's serial parts, timed alone")
+    tables = []  # what the facts pass's tasks send back, made here
+    for file, cf in enumerate(corpus.files):
+        batch = _DocumentBatch(file)
+        for index, doc in enumerate(read_file_documents(cf, params.ingest)):
+            batch.add(index, doc.source, doc.utf8_ok, doc.text)
+        tables.append(_measure(batch.table(cf.layout), params.validation))
+    timer, parts = time.perf_counter(), {}
+    facts = []
+    for table in tables:  # as RayEngine.facts turns them into DocumentFacts
+        for row in table.to_pylist():
+            if row["text"] is not None:
+                row["text"] = row["text"].decode("utf-8", "surrogatepass")
+            facts.append(DocumentFacts(**{k: row[k] for k in FACT_FIELDS}))
+    parts["fact_rows"] = time.perf_counter() - timer
+
+    timer = time.perf_counter()
+    keep, plan, digests, lengths = DocumentFilter(params.validation), KeepPlan(len(corpus.files)), [], []
+    for f in facts:  # as keep_plan decides
+        if not f.blank and (verdict := keep(f)).kept:
+            plan.add(f.file, f.index, verdict.fresh)
+            digests.append(f.digest)
+            lengths.append(verdict.length)
+    parts["filter"] = time.perf_counter() - timer
+
+    splits = split_by_hash(digests, cfg.val_fraction, cfg.test_fraction)
+    sample, _ = tokenizer_sample(plan, splits, digests, lengths, cfg.tokenizer_train_chars)
+    texts = list(local.kept_texts(corpus, params, sample))
+    timer = time.perf_counter()
+    tokenizer = train_tokenizer(iter(texts), cfg.vocab_size, cfg.min_frequency, length=len(texts))
+    parts["tokenizer_training"] = time.perf_counter() - timer
+
+    ids = list(local.token_ids(corpus, params, plan, tokenizer.backend_tokenizer))
+    offsets = np.concatenate([[0], np.cumsum([len(i) for i in ids])]).astype(np.int32)
+    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(ids).astype(np.uint32)))
+    with tempfile.TemporaryDirectory() as out:
+        timer = time.perf_counter()
+        dtype = np.dtype(np.uint16 if len(tokenizer) <= 2**16 else np.uint32)  # as the stage picks it
+        writer = ShardWriter(Path(out), "train", dtype, cfg.shard_tokens)
+        starts, values = column.offsets.to_numpy(), column.values.to_numpy()
+        for i in range(len(column)):  # as RayEngine.token_ids slices them and the stage writes them
+            writer.write(np.append(np.asarray(values[starts[i] : starts[i + 1]], dtype=np.int64), 0))
+        writer.close()
+        parts["shard_writing"] = time.perf_counter() - timer
+    return {**{k: round(v, 3) for k, v in parts.items()}, "tokens": int(offsets[-1])}

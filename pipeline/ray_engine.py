@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import fields
@@ -115,6 +116,12 @@ class RayEngine(AbstractContextManager):
                     f"data.engine=ray: cannot reach the Ray cluster at {where} ({exc}){hint}"
                 ) from None
             self.started = True
+        how = "connected to" if address else "started a local" if self.started else "using the"
+        print(
+            f"data.engine=ray: {how} Ray cluster at {ray.get_runtime_context().gcs_address} "
+            f"({len(ray.nodes())} node(s), {ray.cluster_resources().get('CPU', 0):g} CPUs)",
+            file=sys.stderr,
+        )
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "bars disabled": by us
         ctx = ray.data.DataContext.get_current()

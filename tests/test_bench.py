@@ -146,6 +146,10 @@ def test_both_sides_did_the_same_work(results):
     amounts = [[r["amount"] for r in ray[s]["runs"]] for s in ("lmforge", "baseline")]
     assert amounts[0] == amounts[1] and len(set(amounts[0])) == 1, amounts
     assert ray["detail"]["cluster_start_seconds"] > 0.5  # a real cluster started
+    # the driver's serial parts, each timed, on the very tokens the stage's encode pass produced
+    driver = ray["detail"]["driver_seconds"]
+    assert all(driver[k] > 0 for k in ("fact_rows", "filter", "tokenizer_training", "shard_writing")), driver
+    assert driver["tokens"] == f["preprocess.encode"]["lmforge"]["runs"][0]["amount"], driver
     # greedy decoding of the same model: the service, the bare loop and model.generate write the same
     # completions, and the service counts the tokens the bare loop produced
     for name in ("serve.overhead", "serve.decode"):

@@ -127,3 +127,27 @@ def test_chinese_poems_with_private_use_glyphs_train(corpora_ws, tmp_path):
     worst = max(("val", "test"), key=leak.get)
     expected = f"FAIL: contamination {leak[worst]:.2%} of {worst} n-grams seen in train > 5.00%: "
     assert any(reason.startswith(expected) for reason in gate["reasons"]), gate["reasons"]
+
+
+def test_a_run_on_the_ray_engine_then_on_the_local_one_reruns_no_stage(corpora_ws, tmp_path):
+    """`lmforge run -p data.engine=ray`: ingest's check and the DVC stages validate and preprocess run
+    on a Ray cluster of their own. Switching back to the local engine reruns no stage: the outputs would be the same bytes,
+    so data.* is not a stage param."""
+    ws, env, _ = corpora_ws
+    source = tmp_path / "docs"
+    source.mkdir()
+    names = sorted(topics)
+    for i, name in enumerate(names[::3]):  # a corpus of its own: the other tests' runs left theirs
+        (source / f"{i:03d}_{name.replace(' ', '_')}.md").write_text(topics[name])
+    result = run([BIN / "lmforge", "run", "--source", source, "-p", "data.engine=ray"], ws, env, timeout=900)
+    output = result.stdout + result.stderr
+    # a local cluster of its own for each: ingest's check of the staged corpus, validate, preprocess
+    assert output.count("data.engine=ray: started a local Ray cluster at 127.0.0.1:") == 3, output[-4000:]
+    report, manifest = artifacts(ws)
+    assert report["success"] and report["stats"]["files"] == len(names[::3])
+    assert trained_documents(manifest) == report["stats"]["kept_documents"]
+    again = run([BIN / "lmforge", "run", "--source", source, "-p", "data.engine=local"], ws, env, timeout=900)
+    output = again.stdout + again.stderr
+    for stage in ("validate", "preprocess", "train"):
+        assert f"stage {stage} is up to date (dvc status): skipped" in output, output[-4000:]
+    assert "data.engine=ray" not in output
