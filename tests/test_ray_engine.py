@@ -199,16 +199,18 @@ print(json.dumps({**inside, "left": len(descendants(os.getpid()))}))
 
 
 def test_an_external_cluster_from_ray_address_is_used_and_left_running(corpus, tmp_path):
-    """`ray start --head`, then the stage with RAY_ADDRESS: the tasks run on that cluster (lmforge's
-    modules shipped to it), which is still up after the stage."""
+    """The README's commands for a cluster: `ray start --head`, a second node joining it with
+    `ray start --address`, then the stage with RAY_ADDRESS. The tasks run on that cluster of two nodes
+    (lmforge's modules shipped to it), which is still up after the stage."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Ray's session dir stays under /tmp/ray (its socket paths must be short); `ray start` enables token
-    # auth, and a client given an address sends the token (~/.ray/auth_token) only with RAY_AUTH_MODE set
-    env.update(SINGLE_MACHINE, RAY_AUTH_MODE="token")
+    # auth, and a client given an address sends the token (~/.ray/auth_token) only with RAY_AUTH_MODE set.
+    # Not single-machine mode, which refuses a second node: --node-ip-address keeps both on loopback.
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token")
     ray = [BIN / "ray"]
-    # --block keeps the cluster's processes under this one, so stopping it stops only this cluster
-    start = [
+    # --block keeps each node's processes under its own, so stopping it stops only this cluster
+    head_cmd = [
         *ray,
         "start",
         "--head",
@@ -217,18 +219,27 @@ def test_an_external_cluster_from_ray_address_is_used_and_left_running(corpus, t
         "--include-dashboard=false",
         "--block",
     ]
-    log = tmp_path / "head.log"
-    with log.open("wb") as out:
-        head = subprocess.Popen(start, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
+    node_cmd = [*ray, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--block"]
+    log, node_log = tmp_path / "head.log", tmp_path / "node.log"
+    nodes = []
+
+    def wait_for(cpus: str) -> None:
         for _ in range(120):
-            assert head.poll() is None, log.read_text()[-3000:]
+            for proc, out in zip(nodes, (log, node_log), strict=False):
+                assert proc.poll() is None, out.read_text()[-3000:]
             up = subprocess.run([*ray, "status", f"--address=127.0.0.1:{port}"], capture_output=True,
                                 text=True, env=env)  # fmt: skip
-            if up.returncode == 0:
-                break
+            if up.returncode == 0 and f"{cpus} CPU" in up.stdout:
+                return
             time.sleep(1)
-        assert up.returncode == 0, up.stderr[-2000:]
+        raise AssertionError(f"the cluster never showed {cpus} CPU: {up.stdout[-2000:]} {up.stderr[-2000:]}")
+
+    try:
+        for cmd, out in ((head_cmd, log), (node_cmd, node_log)):
+            with out.open("wb") as fh:
+                nodes.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                              start_new_session=True))  # fmt: skip
+            wait_for("2.0" if cmd is head_cmd else "3.0")
         assert not list(session_dir(log).glob("runtime_resources/py_modules_files/*"))
         stage_env = dict(env, RAY_ADDRESS=f"127.0.0.1:{port}", LMFORGE_ROOT=str(tmp_path))
         (tmp_path / "params.yaml").write_text((Path(__file__).parents[1] / "params.yaml").read_text())
@@ -238,15 +249,17 @@ def test_an_external_cluster_from_ray_address_is_used_and_left_running(corpus, t
             capture_output=True, text=True, env=stage_env, timeout=600,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
+        # (Ray names the head by this host's address, whatever address the client was given)
+        pattern = rf"data.engine=ray: connected to Ray cluster at \S+:{port} \(2 node\(s\), 3 CPUs\)"
+        assert re.search(pattern, done.stderr), done.stderr[-2000:]
         assert json.loads((tmp_path / "report" / "report.json").read_text())["stats"]["files"] == 5
-        status = subprocess.run([*ray, "status", f"--address=127.0.0.1:{port}"], capture_output=True,
-                                text=True, env=env, timeout=120)  # fmt: skip
-        assert status.returncode == 0 and "2.0 CPU" in status.stdout, status.stdout + status.stderr
+        wait_for("3.0")  # still up, both nodes
         # the stage ran its tasks there: the cluster holds the modules it shipped (pipeline, infra)
         shipped = list(session_dir(log).glob("runtime_resources/py_modules_files/*/*"))
         assert {p.name for p in shipped} == {"pipeline", "infra"}, shipped
     finally:
-        stop_group(head, signal.SIGTERM, grace=60)
+        for proc in reversed(nodes):
+            stop_group(proc, signal.SIGTERM, grace=60)
 
 
 def session_dir(head_log: Path) -> Path:
