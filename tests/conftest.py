@@ -242,12 +242,15 @@ def bento(trained):
 
 
 def stop_group(proc: subprocess.Popen, sig: int, grace: float) -> None:
-    """Signal a process started with start_new_session, and its group; SIGKILL the group after grace s."""
-    os.killpg(proc.pid, sig)
+    """Signal a process started with start_new_session, and its group; SIGKILL the group after grace s.
+    A group already gone is fine: stopping must never fail (it runs in finally, before other stops)."""
     try:
+        os.killpg(proc.pid, sig)
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    except ProcessLookupError:
         proc.wait(timeout=30)
 
 
