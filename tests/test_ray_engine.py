@@ -203,7 +203,8 @@ def test_an_external_cluster_from_ray_address_is_used_and_left_running(corpus, t
     `ray start --address`, then the stage with RAY_ADDRESS. The tasks run on that cluster of two nodes
     (lmforge's modules shipped to it), which is still up after the stage."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # not this process's single-machine mode (the module's own cluster set it), which refuses a second node
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *SINGLE_MACHINE)}
     # Ray's session dir stays under /tmp/ray (its socket paths must be short); `ray start` enables token
     # auth, and a client given an address sends the token (~/.ray/auth_token) only with RAY_AUTH_MODE set.
     # Not single-machine mode, which refuses a second node: --node-ip-address keeps both on loopback.
