@@ -123,15 +123,15 @@ def driver_parts(b: Bench) -> dict[str, float]:
     its sample, and turning the tasks' token ids into shards. With more machines the rest (reading,
     measuring, encoding) spreads out; this does not."""
     import tempfile
+    from types import SimpleNamespace
 
     import numpy as np
     import pyarrow as pa
 
     from pipeline.corpus import open_corpus, read_file_documents
-    from pipeline.documents import DocumentFacts, DocumentFilter, KeepPlan
     from pipeline.engines import LocalEngine
-    from pipeline.preprocess import ShardWriter, split_by_hash, tokenizer_sample, train_tokenizer
-    from pipeline.ray_engine import FACT_FIELDS, _DocumentBatch, _measure
+    from pipeline.preprocess import ShardWriter, keep_plan, split_by_hash, tokenizer_sample, train_tokenizer
+    from pipeline.ray_engine import _DocumentBatch, _measure, facts_from_table
 
     params, corpus, local = b.params, open_corpus(b.ws.data), LocalEngine()
     cfg = params.preprocess
@@ -143,21 +143,12 @@ def driver_parts(b: Bench) -> dict[str, float]:
             batch.add(index, doc.source, doc.utf8_ok, doc.text)
         tables.append(_measure(batch.table(cf.layout), params.validation))
     timer, parts = time.perf_counter(), {}
-    facts = []
-    for table in tables:  # as RayEngine.facts turns them into DocumentFacts
-        for row in table.to_pylist():
-            if row["text"] is not None:
-                row["text"] = row["text"].decode("utf-8", "surrogatepass")
-            facts.append(DocumentFacts(**{k: row[k] for k in FACT_FIELDS}))
+    facts = [f for table in tables for f in facts_from_table(table)]
     parts["fact_rows"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    keep, plan, digests, lengths = DocumentFilter(params.validation), KeepPlan(len(corpus.files)), [], []
-    for f in facts:  # as keep_plan decides
-        if not f.blank and (verdict := keep(f)).kept:
-            plan.add(f.file, f.index, verdict.fresh)
-            digests.append(f.digest)
-            lengths.append(verdict.length)
+    replay = SimpleNamespace(facts=lambda corpus, params: iter(facts))  # the rows above, as an engine
+    plan, digests, lengths = keep_plan(corpus, params, replay)
     parts["filter"] = time.perf_counter() - timer
 
     splits = split_by_hash(digests, cfg.val_fraction, cfg.test_fraction)

@@ -144,9 +144,20 @@ def open_corpus(root: Path | str, fs: FileSystem | None = None) -> Corpus:
         else:
             files.append(CorpusFile(path, rel, fmt))
     if not files:
-        what = f" (skipped: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})" if skipped else ""
-        raise CorpusError(f"{root}: nothing readable; a corpus needs files of {', '.join(FORMATS)}{what}")
+        raise nothing_readable(root, skipped)
     return Corpus(root, files, skipped)
+
+
+def nothing_readable(root: Path | str, skipped: list[str]) -> CorpusError:
+    more = ", ..." if len(skipped) > 5 else ""
+    what = f" (skipped: {', '.join(skipped[:5])}{more})" if skipped else ""
+    return CorpusError(f"{root}: nothing readable; a corpus needs files of {', '.join(FORMATS)}{what}")
+
+
+def _walk_order(rel: str) -> list[tuple[int, str]]:
+    """os.walk's order as a sort key: a directory's files, then its subdirectories."""
+    *dirs, name = rel.split("/")
+    return [(1, d) for d in dirs] + [(0, name)]
 
 
 def _open_remote_corpus(root: str, fs: FileSystem) -> Corpus:
@@ -164,15 +175,9 @@ def _open_remote_corpus(root: str, fs: FileSystem) -> Corpus:
         raise CorpusError(f"{root}: cannot list ({exc})") from None
     files, skipped = [], []
 
-    def walk_order(
-        rel: str,
-    ) -> list[tuple[int, str]]:  # os.walk's: a directory's files, then its subdirectories
-        *dirs, name = rel.split("/")
-        return [(1, d) for d in dirs] + [(0, name)]
-
     found = [e for e in entries if e.type == FileType.File]
     relative = {e.path: e.base_name if e.path == root else e.path[len(root) + 1 :] for e in found}
-    for info in sorted(found, key=lambda e: walk_order(relative[e.path])):
+    for info in sorted(found, key=lambda e: _walk_order(relative[e.path])):
         rel = relative[info.path]
         if any(part.startswith(".") for part in rel.split("/")):
             continue
@@ -182,8 +187,7 @@ def _open_remote_corpus(root: str, fs: FileSystem) -> Corpus:
         else:
             files.append(CorpusFile(info.path, rel, fmt, fs=fs, size=info.size))
     if not files:
-        what = f" (skipped: {', '.join(skipped[:5])})" if skipped else ""
-        raise CorpusError(f"{root}: nothing readable; a corpus needs files of {', '.join(FORMATS)}{what}")
+        raise nothing_readable(root, skipped)
     return Corpus(Path(root), files, skipped)
 
 

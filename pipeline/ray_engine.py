@@ -150,12 +150,9 @@ class RayEngine(AbstractContextManager):
         )  # fmt: skip
         counts, layouts = [0] * len(corpus.files), {}
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                _raise_error(row)
-                counts[row["file"]] += 1
-                if row["text"] is not None:
-                    row["text"] = row["text"].decode("utf-8", "surrogatepass")
-                yield DocumentFacts(**{k: row[k] for k in FACT_FIELDS})
+            for facts in facts_from_table(batch):
+                counts[facts.file] += 1
+                yield facts
             files, layout = batch.column("file").to_pylist(), batch.column("layout").to_pylist()
             layouts.update(zip(files, layout, strict=True))
         self.stats.append(ds.stats())
@@ -228,6 +225,15 @@ def _plan_columns(plan: KeepPlan | None, file: int) -> dict:
         return {"indices": None, "fresh": None}
     kept = plan.kept[file]
     return {"indices": list(kept), "fresh": list(kept.values())}
+
+
+def facts_from_table(table: pa.Table) -> Iterator[DocumentFacts]:
+    """The driver's side of the facts pass: each row a task measured, as DocumentFacts."""
+    for row in table.to_pylist():
+        _raise_error(row)
+        if row["text"] is not None:
+            row["text"] = row["text"].decode("utf-8", "surrogatepass")
+        yield DocumentFacts(**{k: row[k] for k in FACT_FIELDS})
 
 
 def _raise_error(row: dict) -> None:
