@@ -10,7 +10,7 @@ TORCH_WHEELS ?= /opt/wheels
 TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-*.whl),--find-links $(TORCH_WHEELS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 UV_INSTALL   := $(BIN)/uv pip install --python $(BIN)/python $(TORCH_SOURCE)
 
-.PHONY: demo test install lock clean browser record
+.PHONY: demo test test-demo install lock clean browser record
 
 demo: $(STAMP)
 	$(BIN)/lmforge up
@@ -30,7 +30,11 @@ record:
 TEST_WORKERS ?= 2
 test: $(STAMP) browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not demo"
+
+# The demo profile trained on tinyshakespeare (6 min); `make record` runs the demo itself on the builtin corpus.
+test-demo: $(STAMP)
+	$(BIN)/python -m pytest -m demo
 
 # Debian's Chromium for the Prefect UI test; where apt cannot install it, that one test skips with the reason.
 browser:

@@ -271,9 +271,9 @@ def listening_in_tree(pid: int) -> set[str]:
 # fixtures are built once; modules that share a session fixture's model and server share a worker.
 SHARED_GROUPS = {"test_serving": "trained-model", "test_reliability_service": "trained-model"}
 # The longest groups first (minutes measured on a clean clone): one started last would run alone.
-LONGEST_FIRST = ["test_e2e_operations", "test_e2e_experiments", "test_reliability_data", "test_e2e_data",
-                 "test_reliability_storage", "test_bench", "trained-model", "test_e2e_corpora",
-                 "test_reliability_train"]  # fmt: skip
+LONGEST_FIRST = ["test_e2e_operations", "test_bench", "test_e2e_experiments", "trained-model", "test_e2e_corpora",
+                 "test_e2e_data", "test_reliability_train", "test_reliability_storage", "test_reliability_data",
+                 "test_ray_engine"]  # fmt: skip
 
 
 def test_group(nodeid: str) -> str:

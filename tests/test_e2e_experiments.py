@@ -103,7 +103,7 @@ def test_a_fresh_clone_runs_dvc_repro_after_lmforge_up(tmp_path, s3_server):
     """This repo as a user clones it: `lmforge up` rebuilds data/ (the builtin corpus, which data.dvc
     records and a new remote lacks), and `dvc repro` runs every stage from the committed dvc.lock. Tiny
     model params, as a user's `-p` would set them: the demo's own numbers are `make record`'s, checked by
-    test_run_record, and the demo sizes on a real corpus are test_e2e_data's tinyshakespeare run."""
+    test_run_record, and the demo sizes on a real corpus are `make test-demo`'s tinyshakespeare run."""
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     if not (clone / "data.dvc").is_file():

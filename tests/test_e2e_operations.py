@@ -20,10 +20,20 @@ from infra.dvc import stage_out_md5
 from infra.prefect_server import PrefectServer
 from infra.processes import port_is_free
 from pipeline.config import PrefectConfig, load_params, write_overrides
+from pipeline.contracts import Decision
 from pipeline.registry import read_champion
 
 from .conftest import lag2_corpus, listening_in_tree, stop_group
-from .test_e2e_data import BIN, PASSING_TRAINING, api, free_port, make_workspace, run
+from .test_e2e_data import (
+    BIN,
+    PASSING_TRAINING,
+    api,
+    bentos_in_store,
+    free_port,
+    make_workspace,
+    run,
+    summary_value,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -124,6 +134,10 @@ def test_the_flow_run_shows_every_stage_its_logs_and_artifacts(operated):
     assert "# Gate: PROMOTE" in by_key["gate-decision"]["data"]
     assert by_key["comparison"]["data"].startswith("# No champion yet")
     assert "![loss curves](data:image/png;base64,iVBOR" in by_key["comparison"]["data"]
+    # the first champion has nothing to go back to: rollback refuses and changes nothing
+    rolled = run([BIN / "lmforge", "rollback"], operated["ws"], operated["env"], check=False)
+    assert rolled.returncode == 1 and "no earlier champion" in rolled.stderr, rolled.stderr
+    assert read_champion(operated["cfg"], operated["state"]) == champion
 
 
 def run_watched(cmd: list, cwd: Path, env: dict, actions: dict, on_start=None) -> tuple[int, str]:
@@ -309,8 +323,6 @@ def test_a_code_only_change_retrains_to_the_same_model_while_a_second_run_waits(
     alone: DVC reruns train, which resumes from the run's last checkpoint and exports the very model the
     champion is, so the flow ends in "No change" after the gate (nothing packaged or published). The
     second run waits for the workspace lock meanwhile, then finds nothing stale: "No change" as well."""
-    from .test_e2e_data import bentos_in_store
-
     ws, env, corpus = operated["ws"], operated["env"], operated["corpus"]
     champion = read_champion(operated["cfg"], operated["state"])
     bentos = bentos_in_store(env)
@@ -361,10 +373,10 @@ def test_a_code_only_change_retrains_to_the_same_model_while_a_second_run_waits(
 
 def test_a_rejected_challenger_ends_in_a_state_named_rejected_with_a_comparison(operated):
     """A 40-step challenger loses to the 400-step champion: the run's state says so, and its comparison
-    artifact puts the two side by side."""
+    artifact puts the two side by side. A rejected model is never packaged."""
     champion = read_champion(operated["cfg"], operated["state"])
     ws, env = operated["ws"], operated["env"]
-    pushed = remote_keys(operated)
+    pushed, bentos = remote_keys(operated), bentos_in_store(env)
     short = ["train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=40"]
     try:
         rejected = run([BIN / "lmforge", "run", "--source", operated["corpus"], *(a for o in short for a in ("-p", o))],
@@ -376,6 +388,9 @@ def test_a_rejected_challenger_ends_in_a_state_named_rejected_with_a_comparison(
     assert (last["state_type"], last["state_name"]) == ("COMPLETED", "Rejected")
     assert "FAIL: val perplexity" in last["state"]["message"]
     assert read_champion(operated["cfg"], operated["state"]) == champion
+    assert bentos_in_store(env) == bentos
+    gate = Decision.load(ws / "artifacts" / "gate.json")
+    assert gate.promote is False and gate.champion == champion
     artifacts = api(
         f"{operated['api']}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [last["id"]]}}}
     )
@@ -552,6 +567,11 @@ def test_a_training_that_dies_is_retried_by_the_flow_and_resumes_from_its_checkp
         "step_000300",
     ]
     assert "gate          PROMOTED" in result.stdout, result.stdout[-3000:]
+    # the summary names what was promoted: the model in the DVC remote, and the Bento exported to S3
+    champion = read_champion(operated["cfg"], operated["state"])
+    assert champion.model_url == summary_value(result.stdout, "model in S3")
+    assert summary_value(result.stdout, "Bento") == f"{champion.bento_tag}  ({champion.bento_url})"
+    assert champion.bento_tag in bentos_in_store(env) and champion.lineage["data_md5"] == champion.data_md5
     last = flow_runs(operated["api"])[-1]
     tasks = api(f"{operated['api']}/task_runs/filter", {"flow_runs": {"id": {"any_": [last["id"]]}}})
     (train,) = [t for t in tasks if t["name"].startswith("train-")]
@@ -588,8 +608,10 @@ def test_rollback_then_serve_serves_the_model_rolled_back_to(operated):
     model_tag = bentoml.get(previous.bento_tag).info.labels["model_tag"]
     bentoml.delete(previous.bento_tag)
     bentoml.models.delete(model_tag)
-    with lmforge_serve(ws, env) as (reply, _):
+    with lmforge_serve(ws, env) as (reply, server):
         card = reply["data"][0]
+        listening = listening_in_tree(server.pid)
+    assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening  # loopback default
     assert card["id"] == model_tag
     assert card["lineage"] == previous.lineage
     assert card["lineage"]["params_hash"] != current.lineage["params_hash"]

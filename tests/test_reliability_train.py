@@ -208,25 +208,27 @@ CORRUPT_RUN = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damaged", ["model.safetensors", "state.pt"])  # state.pt holds the optimizer
-def test_truncated_latest_checkpoint_resumes_from_the_previous(tiny_workspace, damaged):
+def test_truncated_latest_checkpoints_resume_from_the_newest_whole_one(tiny_workspace):
+    """The newest checkpoint's weights and the one before's optimizer state (state.pt) are both cut in
+    half: each is named unreadable in turn, and the run resumes from the third newest."""
     ws, _ = tiny_workspace
     write_overrides(ws.root, CORRUPT_RUN)
     proc = _launch(ws, start_new_session=True)
     try:
-        _wait_for_checkpoints(ws, proc, 2)
+        _wait_for_checkpoints(ws, proc, 3)
     finally:
         _kill_everything(proc)  # the whole tree at once, as a power cut or an OOM-killed job would
     assert proc.returncode == -signal.SIGKILL  # killed, not finished
-    *_, previous, latest = sorted(ws.checkpoints_dir.glob("step_*"))
-    target = latest / damaged
-    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    *_, whole, previous, latest = sorted(ws.checkpoints_dir.glob("step_*"))
+    for target in (latest / "model.safetensors", previous / "state.pt"):
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
 
     proc = _launch(ws, start_new_session=True)
     out = _finish(proc)
     assert proc.returncode == 0, out[-3000:]
     assert f"checkpoint {latest.name} is unreadable" in out, out[-3000:]
-    assert f"resuming from {previous.name}" in out
+    assert f"checkpoint {previous.name} is unreadable" in out, out[-3000:]
+    assert f"resuming from {whole.name}" in out
     assert [r["step"] for r in _log(ws)] == list(range(1, 151))  # continuous: no gap, no repeat
     assert (ws.model_dir / "model.safetensors").is_file()
 

@@ -5,6 +5,7 @@ Re-record with `make record` (the demo in a fresh clone of HEAD, its record copi
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,16 @@ def test_the_small_outputs_in_git_are_the_ones_dvc_lock_records(lock):
         assert md5(REPO / out["path"]) == out["md5"], f"{out['path']} is not the output dvc.lock records"
     data = load(REPO / "data.dvc")["outs"][0]["md5"]
     assert all(d["md5"] == data for e in lock.values() for d in e.get("deps", []) if d["path"] == "data")
+
+
+def test_the_recorded_demo_run_beat_the_bigram_and_was_promoted(lock):
+    """The demo profile learns: the recorded run of this very code (the test above checks that) beat
+    the bigram by the gate's margin on held-out val data, under the absolute bound, and was promoted.
+    `make test-demo` checks the same profile on tinyshakespeare."""
+    metrics = json.loads((REPO / "artifacts" / "eval" / "metrics.json").read_text())
+    gate = load(REPO / "params.yaml")["gate"]
+    assert metrics["val_perplexity"] <= (1 - gate["min_gain_over_bigram"]) * metrics["bigram_val_perplexity"]
+    assert metrics["val_perplexity"] <= gate["max_val_perplexity"]
+    assert metrics["train_steps"] == load(REPO / "params.yaml")["train"]["max_steps"]
+    decision = json.loads((REPO / "artifacts" / "gate.json").read_text())
+    assert decision["promote"] is True and decision["challenger"]["val_perplexity"] == metrics["val_perplexity"]
