@@ -67,6 +67,66 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
         server.stop()
 
 
+POOL = "lmforge"  # the work pool of the README's commands
+
+
+@pytest.fixture(scope="session")
+def operated(tmp_path_factory) -> Iterator[dict]:
+    """A workspace with its own S3 and Prefect server (started by `lmforge up --prefect`) and one promoted
+    run, which a Prefect worker ran from a work pool: the README's commands, one after the other. The
+    operations tests and the bad-corpus tests use its champion (one group, one worker: see below). Its
+    own state dir, so no other workspace's CLI finds its Prefect server."""
+    from infra.prefect_server import PrefectServer
+    from infra.processes import port_is_free
+    from pipeline.config import PrefectConfig, load_params, write_overrides
+
+    from .test_e2e_data import BIN, PASSING_TRAINING, make_workspace, run
+
+    root = tmp_path_factory.mktemp("operated")
+    s3 = start_embedded_s3(root / "state", bucket="operated")
+    worker = server = None
+    try:
+        own = S3Server(s3.cfg, root / "state", ensure_embedded_credentials(root / "state"), s3)
+        ws, env, bucket = make_workspace(root / "ws", own, "operated", None)
+        env = dict(env, PREFECT_HOME=str(own.state / "prefect"))  # the prefect CLI's too, not ~/.prefect
+        port = free_port()
+        write_overrides(ws, [f"prefect.port={port}", *PASSING_TRAINING])
+        up = run([BIN / "lmforge", "up", "--prefect"], ws, env)
+        assert f"Prefect started at http://127.0.0.1:{port}" in up.stdout
+        server = PrefectServer(PrefectConfig(port=port), own.state)
+        listening = listening_in_tree(server.pid())
+        assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening  # loopback default
+        corpus = lag2_corpus(root / "corpus")
+        api_env = dict(env, PREFECT_API_URL=server.api_url)  # for the prefect CLI and the worker
+        deployment = f"lmforge-retrain/{load_params(ws).prefect.deployment}"
+        run([BIN / "prefect", "work-pool", "create", POOL, "--type", "process"], ws, api_env)
+        scheduled = run([BIN / "lmforge", "schedule", "--cron", "0 3 * * *", "--pool", POOL, "--source", corpus],
+                        ws, env)  # fmt: skip
+        worker_log = root / "worker.log"
+        worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", POOL], cwd=ws, env=api_env,
+                                  stdout=worker_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        first = run([BIN / "prefect", "deployment", "run", deployment, "--watch", "--watch-timeout", "1200"],
+                    ws, api_env, timeout=1300)  # fmt: skip
+        os.killpg(worker.pid, signal.SIGINT)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine can stall its graceful shutdown; the run is done
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=30)
+        # the later tests schedule their own deployment of the same name, served from their process
+        run([BIN / "prefect", "deployment", "delete", deployment], ws, api_env)
+        yield {"ws": ws, "env": env, "bucket": bucket, "api": server.api_url, "corpus": corpus, "first": first,
+               "scheduled": scheduled, "worker_log": worker_log.read_text(),
+               "cfg": own.cfg.model_copy(update={"bucket": bucket}), "state": own.state, "s3": own}  # fmt: skip
+    finally:
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+        if server is not None:
+            server.stop()
+        s3.stop()
+    assert server.pid() is None and port_is_free(port)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -269,11 +329,11 @@ def listening_in_tree(pid: int) -> set[str]:
 # call and teardown together) must be marked slow. The summary names every unmarked one.
 # `make test` runs the suite on pytest-xdist workers. Each module runs whole on one worker, so its
 # fixtures are built once; modules that share a session fixture's model and server share a worker.
-SHARED_GROUPS = {"test_serving": "trained-model", "test_reliability_service": "trained-model"}
+SHARED_GROUPS = {"test_serving": "trained-model", "test_reliability_service": "trained-model",
+                 "test_e2e_operations": "operated", "test_reliability_data": "operated"}  # fmt: skip
 # The longest groups first (minutes measured on a clean clone): one started last would run alone.
-LONGEST_FIRST = ["test_e2e_operations", "test_bench", "test_e2e_experiments", "trained-model", "test_e2e_corpora",
-                 "test_e2e_data", "test_reliability_train", "test_reliability_storage", "test_reliability_data",
-                 "test_ray_engine"]  # fmt: skip
+LONGEST_FIRST = ["operated", "test_bench", "test_e2e_experiments", "trained-model", "test_e2e_corpora",
+                 "test_e2e_data", "test_reliability_train", "test_reliability_storage", "test_ray_engine"]  # fmt: skip
 
 
 def test_group(nodeid: str) -> str:

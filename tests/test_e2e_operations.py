@@ -17,20 +17,17 @@ from pathlib import Path
 import pytest
 
 from infra.dvc import stage_out_md5
-from infra.prefect_server import PrefectServer
-from infra.processes import port_is_free
-from pipeline.config import PrefectConfig, load_params, write_overrides
+from pipeline.config import load_params, write_overrides
 from pipeline.contracts import Decision
 from pipeline.registry import read_champion
 
-from .conftest import lag2_corpus, listening_in_tree, stop_group
+from .conftest import POOL, listening_in_tree, stop_group
 from .test_e2e_data import (
     BIN,
     PASSING_TRAINING,
     api,
     bentos_in_store,
     free_port,
-    make_workspace,
     run,
     summary_value,
 )
@@ -40,54 +37,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 STAGE_TASKS = {"check-storage", "ingest", "validate", "preprocess", "train", "evaluate", "gate", "package", "push",
                "publish"}  # fmt: skip
 ARTIFACTS = {"validation-report", "metrics", "loss-curve", "gate-decision", "comparison", "bento", "lineage"}
-
-
-POOL = "lmforge"  # the work pool of the README's commands
-
-
-@pytest.fixture(scope="module")
-def operated(tmp_path_factory, s3_server):
-    """A workspace with its own Prefect server (started by `lmforge up --prefect`) and one promoted run,
-    which a Prefect worker ran from a work pool: the README's commands, one after the other."""
-    root = tmp_path_factory.mktemp("operated")
-    ws, env, bucket = make_workspace(root / "ws", s3_server, "operated", None)
-    env = dict(env, PREFECT_HOME=str(root / "prefect"))  # its own database: only this module's runs
-    port = free_port()
-    write_overrides(ws, [f"prefect.port={port}", *PASSING_TRAINING])
-    up = run([BIN / "lmforge", "up", "--prefect"], ws, env)
-    assert f"Prefect started at http://127.0.0.1:{port}" in up.stdout
-    server = PrefectServer(PrefectConfig(port=port), s3_server.state)
-    listening = listening_in_tree(server.pid())
-    assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening  # loopback default
-    corpus = lag2_corpus(root / "corpus")
-    api_env = dict(env, PREFECT_API_URL=server.api_url)  # for the prefect CLI and the worker
-    deployment = f"lmforge-retrain/{load_params(ws).prefect.deployment}"
-    worker = None
-    try:
-        run([BIN / "prefect", "work-pool", "create", POOL, "--type", "process"], ws, api_env)
-        scheduled = run([BIN / "lmforge", "schedule", "--cron", "0 3 * * *", "--pool", POOL, "--source", corpus],
-                        ws, env)  # fmt: skip
-        worker_log = root / "worker.log"
-        worker = subprocess.Popen([BIN / "prefect", "worker", "start", "--pool", POOL], cwd=ws, env=api_env,
-                                  stdout=worker_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        first = run([BIN / "prefect", "deployment", "run", deployment, "--watch", "--watch-timeout", "1200"],
-                    ws, api_env, timeout=1300)  # fmt: skip
-        os.killpg(worker.pid, signal.SIGINT)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:  # a loaded machine can stall its graceful shutdown; the run is done
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(timeout=30)
-        # the later tests schedule their own deployment of the same name, served from their process
-        run([BIN / "prefect", "deployment", "delete", deployment], ws, api_env)
-        yield {"ws": ws, "env": env, "bucket": bucket, "api": server.api_url, "corpus": corpus, "first": first,
-               "scheduled": scheduled, "worker_log": worker_log.read_text(),
-               "cfg": s3_server.cfg.model_copy(update={"bucket": bucket}), "state": s3_server.state}  # fmt: skip
-    finally:
-        if worker is not None and worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGKILL)
-        server.stop()
-    assert server.pid() is None and port_is_free(port)
 
 
 def flow_runs(api_url: str) -> list[dict]:

@@ -22,8 +22,8 @@ import pytest
 from pipeline.config import load_params, write_overrides
 from pipeline.registry import read_champion
 
-from .conftest import lag2_corpus
-from .test_e2e_data import BIN, PASSING_TRAINING, free_port, make_workspace, object_count, run
+from .conftest import S3Server
+from .test_e2e_data import BIN, free_port, object_count, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -178,17 +178,13 @@ BAD_CORPORA: dict[str, tuple[BadCorpus, str]] = {
 
 
 @pytest.fixture(scope="module")
-def champion_ws(tmp_path_factory, s3_server, prefect_api):
-    """A workspace whose champion was trained on a real corpus of ~150k characters."""
-    root = tmp_path_factory.mktemp("reliability-data") / "ws"
-    root.mkdir()
-    ws, env, bucket = make_workspace(root, s3_server, "reliability-data", prefect_api)
+def champion_ws(operated):
+    """The operations tests' workspace, whose champion was trained on a real corpus of ~150k characters.
+    Every test here leaves it as it found it (each checks that it did)."""
+    ws = operated["ws"]
     # a small corpus may be valid on its own: only the shrink guard should stop a tenth of this one
-    write_overrides(ws, ["validation.min_total_chars=5000", *PASSING_TRAINING])
-    corpus = lag2_corpus(root.parent / "good")
-    result = run([BIN / "lmforge", "run", "--source", corpus], ws, env, timeout=900)
-    assert "PROMOTED" in result.stdout, result.stdout[-3000:]
-    return ws, env, bucket, corpus
+    write_overrides(ws, ["validation.min_total_chars=5000"])
+    return ws, operated["env"], operated["bucket"], operated["corpus"], operated["s3"]
 
 
 def tenth_of(corpus: Path, tmp_path: Path) -> Path:
@@ -197,7 +193,7 @@ def tenth_of(corpus: Path, tmp_path: Path) -> Path:
     return write(tmp_path / "small" / "docs.jsonl", "\n".join(lines[: len(lines) // 10]) + "\n")
 
 
-def snapshot(ws: Path, s3_server, bucket: str) -> dict:
+def snapshot(ws: Path, s3: S3Server, bucket: str) -> dict:
     """Everything a bad corpus must leave alone."""
     params = load_params(ws)
     files = {
@@ -210,21 +206,21 @@ def snapshot(ws: Path, s3_server, bucket: str) -> dict:
         "files": files,
         "data.dvc": (ws / "data.dvc").read_text(),
         "dvc.lock": (ws / "dvc.lock").read_text(),
-        "champion": read_champion(params.storage, s3_server.state),
-        "objects": object_count(s3_server, bucket),
+        "champion": read_champion(params.storage, s3.state),
+        "objects": object_count(s3, bucket),
         "leftovers": sorted(p.name for p in ws.iterdir() if p.name.startswith(".data-")),
     }
 
 
 @pytest.mark.parametrize("case", list(BAD_CORPORA))
-def test_bad_corpus_is_rejected_and_changes_nothing(case, champion_ws, s3_server, tmp_path):
-    ws, env, bucket, corpus = champion_ws
+def test_bad_corpus_is_rejected_and_changes_nothing(case, champion_ws, tmp_path):
+    ws, env, bucket, corpus, s3 = champion_ws
     make, message = BAD_CORPORA[case]
     if case == "shrinks_to_10pct":  # the same kind of data, a tenth of it: valid on its own
         source = tenth_of(corpus, tmp_path)
     else:
         source = make(tmp_path)
-    before = snapshot(ws, s3_server, bucket)
+    before = snapshot(ws, s3, bucket)
     assert before["champion"].data_stats["total_chars"] > 100_000
     result = run([BIN / "lmforge", "ingest", "--source", source], ws, env, check=False)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -234,31 +230,31 @@ def test_bad_corpus_is_rejected_and_changes_nothing(case, champion_ws, s3_server
         assert result.stderr.count("observed") == 1, result.stderr
     for secret in (FAKE_AWS_KEY, FAKE_GITHUB_TOKEN):
         assert secret not in result.stdout + result.stderr  # named, never echoed
-    assert snapshot(ws, s3_server, bucket) == before
+    assert snapshot(ws, s3, bucket) == before
 
 
 @pytest.mark.parametrize("case", ["binary_garbage", "shrinks_to_10pct"])
-def test_the_flow_stops_before_training(case, champion_ws, s3_server, tmp_path):
+def test_the_flow_stops_before_training(case, champion_ws, tmp_path):
     """Through `lmforge run`: the ingest task fails, no stage runs, nothing is promoted."""
-    ws, env, bucket, corpus = champion_ws
+    ws, env, bucket, corpus, s3 = champion_ws
     if case == "shrinks_to_10pct":
         source = tenth_of(corpus, tmp_path)
     else:
         source = BAD_CORPORA[case][0](tmp_path)
-    before = snapshot(ws, s3_server, bucket)
+    before = snapshot(ws, s3, bucket)
     result = run([BIN / "lmforge", "run", "--source", source], ws, env, check=False)
     out = result.stdout + result.stderr
     assert result.returncode == 1, out[-3000:]
     assert BAD_CORPORA[case][1] in out and "data/ is unchanged" in out
     for stage in ("validate", "preprocess", "train", "publish"):
         assert f"Task run '{stage}" not in out
-    assert snapshot(ws, s3_server, bucket) == before
+    assert snapshot(ws, s3, bucket) == before
 
 
-def test_shrink_guard_can_be_turned_off_on_purpose(champion_ws, s3_server, tmp_path):
+def test_shrink_guard_can_be_turned_off_on_purpose(champion_ws, tmp_path):
     """A deliberate shrink is allowed with the param the error names; it is not a hidden default."""
-    ws, env, bucket, corpus = champion_ws
-    before = snapshot(ws, s3_server, bucket)
+    ws, env, bucket, corpus, s3 = champion_ws
+    before = snapshot(ws, s3, bucket)
     lines = (corpus / "docs.jsonl").read_text().splitlines()
     source = write(tmp_path / "small" / "docs.jsonl", "\n".join(lines[:100]) + "\n")
     result = run(
@@ -280,12 +276,12 @@ def test_shrink_guard_can_be_turned_off_on_purpose(champion_ws, s3_server, tmp_p
         assert (ws / "data" / "docs.jsonl").read_bytes() == source.read_bytes()
     finally:  # put the champion's corpus back for the other tests
         run([BIN / "lmforge", "ingest", "--source", corpus, "--no-push"], ws, env)
-    assert snapshot(ws, s3_server, bucket) == before
+    assert snapshot(ws, s3, bucket) == before
 
 
-def test_s3_source_failures_are_clear_retried_when_useful_and_change_nothing(champion_ws, s3_server):
-    ws, env, bucket, _ = champion_ws
-    before = snapshot(ws, s3_server, bucket)
+def test_s3_source_failures_are_clear_retried_when_useful_and_change_nothing(champion_ws):
+    ws, env, bucket, _, s3 = champion_ws
+    before = snapshot(ws, s3, bucket)
     # a prefix with nothing under it, and a bucket that does not exist: no retry can help
     for source, message in {
         f"s3://{bucket}/incoming/missing": "no objects under that prefix",
@@ -315,4 +311,4 @@ def test_s3_source_failures_are_clear_retried_when_useful_and_change_nothing(cha
     out = result.stdout + result.stderr
     assert result.returncode == 1 and f"S3 endpoint {dead} is not reachable" in out, out[-3000:]
     assert "Retry 1/2" in out and "Retry 2/2" in out
-    assert snapshot(ws, s3_server, bucket) == before
+    assert snapshot(ws, s3, bucket) == before

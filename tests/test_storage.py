@@ -42,7 +42,7 @@ def test_start_is_idempotent_and_status_reports(s3_server):
     pid = s3_server.server.pid()
     t0 = time.monotonic()
     assert "already running" in s3_server.server.start()
-    assert time.monotonic() - t0 < 2 and s3_server.server.pid() == pid
+    assert time.monotonic() - t0 < 5 and s3_server.server.pid() == pid  # no restart, no wait for one
     put_json(s3_server.cfg, s3_server.state, "status/one.json", {"n": 1})
     status = s3_server.server.status()
     assert status["running"] and status["pid"] == pid and status["endpoint"] == s3_server.cfg.endpoint_url
@@ -239,15 +239,19 @@ def test_embedded_endpoint_must_be_loopback_http_with_port(tmp_path, url):
 
 
 @pytest.mark.slow
-def test_dvc_remote_push_and_pull_for_real(s3_server, tmp_path):
+def test_dvc_remote_push_and_pull_for_real(s3_server, tmp_path, monkeypatch):
     repo = tmp_path / "repo"
     repo.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
     subprocess.run([DVC, "init", "-q"], cwd=repo, check=True)
     committed = (repo / ".dvc" / "config").read_text()
-    t0 = time.monotonic()
-    configure_dvc_remote(repo, s3_server.cfg, s3_server.state)
-    assert time.monotonic() - t0 < 1
+
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"configure_dvc_remote started a process: {args[:1]}")
+
+    with monkeypatch.context() as patched:  # DVC's config API in this process, never the dvc CLI
+        patched.setattr(subprocess.Popen, "__init__", no_process)
+        configure_dvc_remote(repo, s3_server.cfg, s3_server.state)
     assert (repo / ".dvc" / "config").read_text() == committed  # the committed file is untouched
     assert (repo / ".dvc" / "config.local").stat().st_mode & 0o777 == 0o600
 
