@@ -69,9 +69,10 @@ def test_the_recorded_demo_run_beat_the_bigram_and_was_promoted(lock):
     the bigram by the gate's margin on held-out val data, under the absolute bound, and was promoted.
     `make test-demo` checks the same profile on tinyshakespeare."""
     metrics = json.loads((REPO / "artifacts" / "eval" / "metrics.json").read_text())
-    gate = load(REPO / "params.yaml")["gate"]
+    params = load(REPO / "params.yaml")
+    gate = params["gate"]
     assert metrics["val_perplexity"] <= (1 - gate["min_gain_over_bigram"]) * metrics["bigram_val_perplexity"]
     assert metrics["val_perplexity"] <= gate["max_val_perplexity"]
-    assert metrics["train_steps"] == load(REPO / "params.yaml")["train"]["max_steps"]
+    assert metrics["train_steps"] == params["train"]["max_steps"]
     decision = json.loads((REPO / "artifacts" / "gate.json").read_text())
     assert decision["promote"] is True and decision["challenger"]["val_perplexity"] == metrics["val_perplexity"]
