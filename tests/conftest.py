@@ -87,7 +87,7 @@ def operated(tmp_path_factory) -> Iterator[dict]:
     worker = server = None
     try:
         own = S3Server(s3.cfg, root / "state", ensure_embedded_credentials(root / "state"), s3)
-        ws, env, bucket = make_workspace(root / "ws", own, "operated", None)
+        ws, env, bucket = make_workspace(root / "ws", own, "operated", None, processes=2)  # DDP
         env = dict(env, PREFECT_HOME=str(own.state / "prefect"))  # the prefect CLI's too, not ~/.prefect
         port = free_port()
         write_overrides(ws, [f"prefect.port={port}", *PASSING_TRAINING])

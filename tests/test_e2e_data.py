@@ -55,14 +55,18 @@ def git(ws: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=ws, check=True, capture_output=True, text=True).stdout
 
 
-def make_workspace(ws: Path, s3_server, name: str, prefect_api: str | None) -> tuple[Path, dict, str]:
+def make_workspace(
+    ws: Path, s3_server, name: str, prefect_api: str | None, processes: int = 1
+) -> tuple[Path, dict, str]:
     """A git workspace at ws holding this repo's files, pointed at its own bucket on the test S3 server;
-    its flow runs report to the Prefect server at prefect_api, or to an ephemeral one if that is None."""
+    its flow runs report to the Prefect server at prefect_api, or to an ephemeral one if that is None.
+    Training runs under real torchrun with `processes` ranks: 1 where the flow, not DDP, is under test
+    (each rank imports torch and transformers for itself: about 16 s of a core here), 2 for DDP."""
     copy_project(REPO, ws)
     bucket = f"ws-{abs(hash(name)) % 10**8}-{random.Random().randint(0, 10**6)}"
-    # tiny model and run, but real torchrun DDP with 2 processes; the preprocess vocab stays large enough
+    # tiny model and run; the preprocess vocab stays large enough
     tiny = [o for o in TINY if not o.startswith("preprocess.vocab_size")] + [
-        "train.nproc_per_node=2",
+        f"train.nproc_per_node={processes}",
         "preprocess.vocab_size=1024",
     ]
     write_overrides(

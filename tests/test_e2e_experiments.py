@@ -27,7 +27,8 @@ def swept(tmp_path_factory, s3_server, prefect_api):
     400 steps."""
     root = tmp_path_factory.mktemp("experiments")
     ws, env, bucket = make_workspace(root / "ws", s3_server, "experiments", prefect_api)
-    write_overrides(ws, [*PASSING_TRAINING, "train.max_steps=100"])
+    # one process with both ranks' batch: 100 steps see as many tokens as the gate needs
+    write_overrides(ws, [*PASSING_TRAINING, "train.max_steps=100", "train.batch_size=32"])
     corpus = lag2_corpus(root / "corpus")
     first = run([BIN / "lmforge", "run", "--source", corpus], ws, env)
     assert "gate          PROMOTED" in first.stdout, first.stdout[-3000:]

@@ -29,6 +29,7 @@ def test_ngram_baselines_match_hand_computation():
     assert ppl["bigram"] == pytest.approx(math.exp(-np.log([3 / 6, 3 / 5, 2 / 6]).mean()))
 
 
+@pytest.mark.slow  # over 30 s on a loaded 2-core machine
 def test_evaluate_stage_on_a_tiny_model(tiny_workspace):
     ws, params = tiny_workspace
     threads = torch.get_num_threads()

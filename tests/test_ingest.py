@@ -12,6 +12,7 @@ from pipeline.ingest import stage_corpus, swap_in, write_builtin_corpus
 CFG = IngestConfig(doc_chars=100)
 
 
+@pytest.mark.slow  # over 30 s on a loaded 2-core machine
 def test_builtin_corpus_is_deterministic_and_about_4mb(tmp_path):
     write_builtin_corpus(tmp_path / "one")
     write_builtin_corpus(tmp_path / "two")

@@ -27,9 +27,9 @@ from .test_e2e_data import BIN, PASSING_TRAINING, git, make_workspace, run
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-# A bigger model than the other e2e tests: ~100 MB of checkpoints, so the push takes long enough to
-# be caught in the middle.
-HEAVY = [*PASSING_TRAINING, "model.n_embd=256", "model.n_layer=4", "train.max_steps=200"]
+# Wider than the other e2e tests' model and 20 checkpoints kept: ~80 MB in 40 files, so the push takes
+# long enough to be caught in the middle; one layer keeps the training itself short.
+BIG_PUSH = [*PASSING_TRAINING, "model.n_embd=128", "train.checkpoint_every=20", "train.keep_checkpoints=20"]
 
 
 def objects(server: S3Server) -> int:
@@ -89,7 +89,7 @@ def test_s3_killed_mid_push_then_a_rerun_completes_and_a_clone_pulls_exactly_the
     own_s3 = S3Server(
         own_s3.cfg.model_copy(update={"bucket": bucket}), own_s3.state, own_s3.creds, own_s3.server
     )
-    write_overrides(ws, HEAVY)
+    write_overrides(ws, BIG_PUSH)
     corpus = lag2_corpus(tmp_path / "corpus")
     log = (tmp_path / "run1.log").open("w")
     proc = subprocess.Popen(
