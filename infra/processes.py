@@ -42,15 +42,31 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
             return False
 
 
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's local ports for outgoing connections. A server port picked inside it can be taken
+    by any client's socket between the check and the server's bind."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return low, high
+
+
 def free_port_block(size: int = 1) -> int:
-    """The first of `size` consecutive loopback ports nothing listens on, at a random place in 20000-60000
-    (random, so that servers started at once in other processes rarely pick the same block)."""
+    """The first of `size` consecutive loopback ports nothing listens on, at a random place in 20000-65535
+    outside the ephemeral range (random, so that servers started at once in other processes rarely pick
+    the same block). Where that range leaves no room, anywhere in 20000-60000."""
+    low, high = ephemeral_port_range()
+    spans = [(a, b) for a, b in ((20000, low), (high + 1, 65536)) if b - a > size]  # [a, b) of ports
+    spans = spans or [(20000, 60000)]
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(20000, 60000 - size)
+        start, stop = rng.choices(spans, weights=[b - a for a, b in spans])[0]
+        base = rng.randrange(start, stop - size + 1)
         if all(port_is_free(base + i) for i in range(size)):
             return base
-    raise LmforgeError(f"no block of {size} free loopback ports found in 20000-60000")
+    where = ", ".join(f"{a}-{b - 1}" for a, b in spans)
+    raise LmforgeError(f"no block of {size} free loopback ports found in {where}")
 
 
 def free_port() -> int:

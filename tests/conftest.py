@@ -8,7 +8,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from infra.embedded_s3 import EmbeddedS3, start_on_free_ports
+from infra.processes import free_port  # outside the ephemeral range: no client socket takes it first
 from infra.s3 import Credentials, ensure_embedded_credentials
 from pipeline.config import StorageConfig
 
@@ -125,12 +125,6 @@ def operated(tmp_path_factory) -> Iterator[dict]:
             server.stop()
         s3.stop()
     assert server.pid() is None and port_is_free(port)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

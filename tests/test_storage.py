@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from infra.dvc import configure_dvc_remote
-from infra.embedded_s3 import EmbeddedS3
-from infra.processes import free_port_block, start_time
+from infra.embedded_s3 import PORT_OFFSETS, EmbeddedS3
+from infra.processes import ephemeral_port_range, free_port_block, start_time
 from infra.s3 import (
     StorageError,
     credential_source,
@@ -185,6 +185,16 @@ def weed_processes(data_dir: Path) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def test_server_ports_are_picked_outside_the_ephemeral_range():
+    """A client socket takes its local port from the ephemeral range at any moment, so a server port
+    picked there can be gone by the time the server binds it: weed mini's admin port once was, after
+    weed's own check of its ports, and weed exited 2 minutes later with S3 in use."""
+    low, high = ephemeral_port_range()
+    for _ in range(100):
+        base = free_port_block(len(PORT_OFFSETS))
+        assert not any(low <= base + i <= high for i in range(len(PORT_OFFSETS))), (base, low, high)
 
 
 def test_failed_start_leaves_nothing_and_a_frozen_server_still_stops(tmp_path):
