@@ -47,7 +47,7 @@ install: $(STAMP)
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/pip install -q uv
-	$(UV_INSTALL) torch==2.13.0
+	$(UV_INSTALL) --compile-bytecode torch==2.13.0
 	$(UV_INSTALL) --compile-bytecode -r requirements.lock
 	$(UV_INSTALL) --no-deps -e .
 	rm -f $(VENV)/.installed-* && touch $@
