@@ -91,14 +91,20 @@ def test_s3_killed_mid_push_then_a_rerun_completes_and_a_clone_pulls_exactly_the
     )
     write_overrides(ws, BIG_PUSH)
     corpus = lag2_corpus(tmp_path / "corpus")
+    assert not (ws / "artifacts" / "gate.json").exists()  # a fresh workspace: no earlier run's gate
     log = (tmp_path / "run1.log").open("w")
     proc = subprocess.Popen(
         [BIN / "lmforge", "run", "--source", corpus], cwd=ws, env=env, stdout=log, stderr=subprocess.STDOUT
     )
     try:
-        # the flow pushes only after training: the first objects in the bucket are the push starting
+        # the flow pushes only after the gate: the first objects in the bucket after it are the push
+        # starting. Until the gate's file appears, a cheap file check, not a listing every 50 ms.
         baseline = objects(own_s3)
         deadline = time.time() + 900
+        while not (ws / "artifacts" / "gate.json").is_file():
+            assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-4000:]
+            assert time.time() < deadline, "the gate never ran"
+            time.sleep(0.2)
         while (count := objects(own_s3)) <= baseline:
             assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-4000:]
             assert time.time() < deadline, "the push never started"
