@@ -24,7 +24,7 @@ COMMIT = ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm"]
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, s3_server, prefect_api):
     """A workspace whose champion trained 100 steps, its run record committed, then a sweep over 200 and
-    400 steps."""
+    400 steps, run two at a time."""
     root = tmp_path_factory.mktemp("experiments")
     ws, env, bucket = make_workspace(root / "ws", s3_server, "experiments", prefect_api)
     # one process with both ranks' batch: 100 steps see as many tokens as the gate needs
@@ -35,7 +35,8 @@ def swept(tmp_path_factory, s3_server, prefect_api):
     git(ws, "add", "-A")  # the run record: dvc.lock, data.dvc, metrics and the other small outputs
     git(ws, *COMMIT, "champion: 100 steps")
     champion = read_champion(s3_server.cfg.model_copy(update={"bucket": bucket}), s3_server.state)
-    sweep = run([BIN / "lmforge", "sweep", "-p", "train.max_steps=200,400"], ws, env, timeout=1200)
+    # both at once through DVC's queue (two queue workers), as `--jobs` promises
+    sweep = run([BIN / "lmforge", "sweep", "-p", "train.max_steps=200,400", "--jobs", "2"], ws, env, timeout=1200)
     cfg = s3_server.cfg.model_copy(update={"bucket": bucket})
     return {"ws": ws, "env": env, "corpus": corpus, "sweep": sweep, "champion": champion, "cfg": cfg,
             "state": s3_server.state}  # fmt: skip
@@ -58,6 +59,7 @@ def experiments(swept) -> dict[int, dict]:
 def test_a_sweep_records_both_experiments_in_dvc(swept):
     out = swept["sweep"].stdout
     assert "Queued experiment" in out and "train.max_steps" in out
+    assert "Started '2' new experiments task queue workers." in out  # --jobs 2 reached DVC's queue
     found = experiments(swept)
     assert set(found) == {200, 400}, found
     for exp in found.values():
