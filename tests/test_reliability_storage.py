@@ -101,16 +101,17 @@ def test_s3_killed_mid_push_then_a_rerun_completes_and_a_clone_pulls_exactly_the
         # starting. Until the gate's file appears, a cheap file check, not a listing every 50 ms.
         baseline = objects(own_s3)
         deadline = time.time() + 900
-        while not (ws / "artifacts" / "gate.json").is_file():
-            assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-4000:]
-            assert time.time() < deadline, "the gate never ran"
-            time.sleep(0.2)
-        while (count := objects(own_s3)) <= baseline:
-            assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-4000:]
-            assert time.time() < deadline, "the push never started"
-            time.sleep(0.05)
+
+        def wait_while_running(done, interval: float, what: str) -> None:
+            while not done():
+                assert proc.poll() is None, (tmp_path / "run1.log").read_text()[-4000:]
+                assert time.time() < deadline, what
+                time.sleep(interval)
+
+        wait_while_running((ws / "artifacts" / "gate.json").is_file, 0.2, "the gate never ran")
+        wait_while_running(lambda: objects(own_s3) > baseline, 0.05, "the push never started")
+        killed_at = objects(own_s3)
         os.killpg(own_s3.server.pid(), signal.SIGKILL)  # the server crashes mid-push
-        killed_at = count
         own_s3.server.stop()  # clears the pidfile and sockets of the dead server
         proc.wait(timeout=600)  # the push task retries against the dead server, then the run fails
     finally:
