@@ -35,13 +35,13 @@ QUICK = [
     "train.eval_every=10",
     "train.eval_batches=2",
     "train.checkpoint_every=10",
-    "evaluate.max_windows=32",
+    "evaluate.max_bytes=20000",
     "evaluate.max_new_tokens=8",
 ]
 # Full mode keeps the workspace's model and batch; steady-state throughput needs no full-length run, and
 # evaluate runs only so that the real package step has metrics to put in the Bento.
 # Each train run is one of REPEATS, so 30 steps (24 steady ones, about 12 s of the demo model here).
-FULL = ["train.max_steps=30", "evaluate.max_windows=200"]
+FULL = ["train.max_steps=30", "evaluate.max_bytes=100000"]
 
 Log = Callable[[str], None]
 

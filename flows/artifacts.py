@@ -24,18 +24,18 @@ def validation(ws: Workspace) -> None:
 def metrics(ws: Workspace) -> None:
     m = read_metrics(ws.eval_dir)
     rows = [
-        {"split": split, "model": m[f"{split}_perplexity"], "bigram": m[f"bigram_{split}_perplexity"],
-         "unigram": m[f"unigram_{split}_perplexity"], "tokens": m[f"{split}_tokens"],
+        {"split": split, "model": m[f"{split}_bits_per_byte"], "bigram": m[f"bigram_{split}_bits_per_byte"],
+         "unigram": m[f"unigram_{split}_bits_per_byte"], "base": m.get(f"base_{split}_bits_per_byte"),
+         "perplexity per token": m[f"{split}_perplexity"], "bytes": m[f"{split}_bytes"],
          "contamination": m.get(f"{split}_contamination")}
         for split in ("val", "test")
     ]  # fmt: skip
-    rows.append({"split": "throughput (tokens/s)", "model": m.get("train_tokens_per_s"), "bigram": None,
-                 "unigram": None, "tokens": m.get("eval_tokens_per_s"), "contamination": None})  # fmt: skip
     create_table_artifact(
         rows,
         key="metrics",
-        description="Perplexity against the n-gram baselines, lower is better; contamination is the share of "
-        "the split's 13-grams that also occur in train",
+        description="Bits per byte on the held-out text against the n-gram baselines (and a fine-tune's base), "
+        "lower is better; perplexity per token holds for this tokenizer only; contamination is the share of "
+        "the split's word 13-grams that also occur in train",
     )
 
 
@@ -75,8 +75,8 @@ def lineage(record: ChampionRecord) -> None:
         "git sha": record.git_sha,
         "params hash": (record.lineage or {}).get("params_hash"),
         "profile": record.profile,
-        "val perplexity": record.metrics.get("val_perplexity"),
-        "test perplexity": record.metrics.get("test_perplexity"),
+        "val bits per byte": record.metrics.get("val_bits_per_byte"),
+        "test bits per byte": record.metrics.get("test_bits_per_byte"),
         "model md5": record.model_md5,
         "flow run": str(flow_run.id),
         "promoted at": record.promoted_at,
@@ -90,28 +90,32 @@ def lineage(record: ChampionRecord) -> None:
     )
 
 
-COMPARED = ["val_perplexity", "test_perplexity", "bigram_val_perplexity", "val_contamination", "test_contamination",
-            "train_tokens_per_s"]  # fmt: skip
-
-
 def comparison(ws: Workspace, decision: Decision) -> None:
-    """Challenger against champion: the metrics side by side and both loss curves in one picture."""
+    """Challenger against champion on this run's held-out bytes, each with its own tokenizer, and both loss
+    curves in one picture (the curves are per token of each model's own tokenizer)."""
     from pipeline.plots import plot_curves
 
-    challenger, champion = decision.challenger, decision.champion
-    theirs = champion.metrics if champion else {}
-    rows = ["| metric | challenger | champion |", "|---|---|---|"]
-    rows += [f"| {key} | {challenger.get(key, '—')} | {theirs.get(key, '—')} |" for key in COMPARED]
+    champion = decision.champion
+    rows = ["| on this run's text | challenger | other | difference | interval |", "|---|---|---|---|---|"]
+    for against, by_split in decision.head_to_head.items():
+        for split, c in by_split.items():
+            low, high = c["interval"]
+            rows.append(f"| {split} bits/byte vs {against} | {c['challenger_bits_per_byte']} | {c['other_bits_per_byte']} "
+                        f"| {c['relative_difference']:+.2%} | {low:+.2%} to {high:+.2%} ({c['confidence']:.0%}) |")  # fmt: skip
+    for who, results in decision.tasks.items():
+        for found in results.values():
+            rows += [f"| task {found['task']} {k} ({who}) | {v} | | | |" for k, v in found["metrics"].items()]
     curves = {"challenger": read_curve(ws.eval_dir)}
     if champion and champion.loss_curve:
         curves["champion"] = champion.loss_curve
     png = ws.eval_dir / "comparison.png"
-    plot_curves(curves, png, "challenger against champion")
+    plot_curves(curves, png, "challenger against champion (nats per token of each one's tokenizer)")
     data = base64.b64encode(png.read_bytes()).decode()
     png.unlink()  # a picture for the UI only: not a DVC out
     head = f"# Challenger against champion `{champion.bento_tag}`" if champion else "# No champion yet"
+    table = "\n".join(rows) + "\n\n" if len(rows) > 2 else ""
     create_markdown_artifact(
-        f"{head}\n\n" + "\n".join(rows) + f"\n\n![loss curves](data:image/png;base64,{data})\n",
+        f"{head}\n\n{table}![loss curves](data:image/png;base64,{data})\n",
         key="comparison",
-        description="The challenger's metrics and loss curves beside the champion's",
+        description="The challenger against the champion on the same held-out bytes, and both loss curves",
     )

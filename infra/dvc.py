@@ -145,3 +145,28 @@ def configure_dvc_remote(root: Path, cfg: RemoteSettings, state: Path) -> None:
     except ConfigError as exc:
         raise StorageError(f"{root}/.dvc/config.local: {exc}") from None
     os.chmod(root / ".dvc" / "config.local", 0o600)  # it may hold the secret
+
+
+def pull_directory(md5: str, dest: Path, cfg: RemoteSettings, state: Path, on_line: LineSink = print) -> Path:
+    """The directory DVC stored in the remote as md5 (a `.dir` hash from dvc.lock), checked out at dest.
+
+    `dvc pull` does it, in a throwaway DVC repository that names only that out, so DVC checks every
+    file's hash; dest appears whole or not at all. A fresh clone runs the same code."""
+    import tempfile
+
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    repo = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        dvc(["init", "--no-scm", "--quiet"], repo, on_line)
+        configure_dvc_remote(repo, cfg, state)
+        out = {"md5": md5, "path": "out", "hash": "md5"}
+        (repo / "out.dvc").write_text(yaml.safe_dump({"outs": [out]}))
+        dvc(["pull", "out.dvc"], repo, on_line)
+        os.replace(repo / "out", dest)
+    except CommandError as exc:
+        raise StorageError(f"could not pull {md5} from {cfg.dvc_remote_url}: {exc}") from None
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)
+    return dest

@@ -277,12 +277,24 @@ def print_summary(summary) -> None:
     typer.echo(f"  tokens        {tokens} (vocab {summary.vocab_size:,})")
     typer.echo(f"  data in S3    {summary.data_url}")
     typer.echo(
-        f"  val ppl       {m['val_perplexity']:.2f}  (bigram {m['bigram_val_perplexity']:.2f}, unigram {m['unigram_val_perplexity']:.2f})"
+        f"  val           {m['val_bits_per_byte']:.4f} bits/byte  (bigram {m['bigram_val_bits_per_byte']:.4f}, "
+        f"unigram {m['unigram_val_bits_per_byte']:.4f})"
     )
-    typer.echo(f"  test ppl      {m['test_perplexity']:.2f}")
+    typer.echo(f"  test          {m['test_bits_per_byte']:.4f} bits/byte")
+    for against, by_split in summary.head_to_head.items():
+        c = by_split["val"]
+        low, high = c["interval"]
+        typer.echo(
+            f"  vs {against:<10} {c['other_bits_per_byte']:.4f} bits/byte on the same val text: "
+            f"{c['relative_difference']:+.2%} ({c['confidence']:.0%} interval {low:+.2%} to {high:+.2%})"
+        )
+    typer.echo(
+        f"  per token     val ppl {m['val_perplexity']:.2f} (bigram {m['bigram_val_perplexity']:.2f}), "
+        f"test ppl {m['test_perplexity']:.2f}: this tokenizer's only"
+    )
     if (leak := summary.contamination) is not None:
         typer.echo(
-            f"  contamination {leak['val']:.2%} of val, {leak['test']:.2%} of test {leak['ngram']}-grams also in train"
+            f"  contamination {leak['val']:.2%} of val, {leak['test']:.2%} of test word {leak['ngram']}-grams also in train"
         )
     typer.echo(f"  training      {m['train_tokens_per_s']:,} tokens/s on {m['train_world_size']} processes")
     verdict = {"No change": "no change (the champion is this same model)", "Promoted": "PROMOTED",

@@ -36,7 +36,9 @@ class ConfigError(UsageError, ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No number anywhere may be inf or NaN: `-p gate.champion_tolerance=inf` would switch a check off
+    # without a word, and one-sided bounds (gt=0) let inf through.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class StorageConfig(Section):
@@ -119,8 +121,6 @@ class ValidationConfig(Section):
 
 
 class PreprocessConfig(Section):
-    model_config = ConfigDict(allow_inf_nan=False)  # .nan/.inf in YAML: one-sided bounds let inf through
-
     vocab_size: int = Field(8192, ge=300, le=2**31)
     min_frequency: int = Field(2, ge=1)
     val_fraction: float = Field(0.05, gt=0, lt=0.5)
@@ -130,7 +130,8 @@ class PreprocessConfig(Section):
     # The tokenizer learns from a uniform sample of the train split of at most this many characters,
     # so its memory stays bounded however large the corpus is.
     tokenizer_train_chars: int = Field(200_000_000, ge=10_000)
-    contamination_ngram: int = Field(13, ge=2)  # val/test n-grams looked up in train (GPT-3's check)
+    # val/test n-grams of words (characters in scripts written without spaces) looked up in train
+    contamination_ngram: int = Field(13, ge=2)
 
 
 class DataConfig(Section):
@@ -145,8 +146,6 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    model_config = ConfigDict(allow_inf_nan=False)  # .nan/.inf in YAML: one-sided bounds let inf through
-
     base: str | None = None
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
@@ -162,8 +161,6 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    model_config = ConfigDict(allow_inf_nan=False)  # .nan/.inf in YAML: one-sided bounds let inf through
-
     nproc_per_node: int = Field(2, ge=1)
     nnodes: int = Field(1, ge=1)
     rdzv_endpoint: str = Field("localhost:0", pattern=r"^[\w.\-\[\]:]+:\d+$")
@@ -197,10 +194,10 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    model_config = ConfigDict(allow_inf_nan=False)  # .nan/.inf in YAML: one-sided bounds let inf through
-
     batch_size: int = Field(16, ge=1)
-    max_windows: int | None = Field(2000, ge=1)
+    # The held-out text scored per split, in UTF-8 bytes (null: all of it). Documents are taken in the
+    # order of their text's hash until the budget is spent, so every model is scored on the same ones.
+    max_bytes: int | None = Field(2_000_000, ge=1)
     smoothing_k: float = Field(0.1, gt=0)
     prompts: list[str] = Field(
         default_factory=lambda: ["The ", "Return the ", "This module provides"], min_length=1
@@ -218,12 +215,35 @@ class EvaluateConfig(Section):
         return prompts
 
 
+class TaskRule(Section):
+    """One lm-evaluation-harness task file and the rule its metric must hold (see tasks.py)."""
+
+    file: str = Field(min_length=1)  # a task YAML, relative to the workspace
+    metric: str = Field(min_length=1)  # as lm-eval names it: acc, acc_norm, exact_match, bits_per_byte, ...
+    # the challenger may be worse than the champion by at most this much, in the metric's own unit
+    # (lm-eval says whether higher is better)
+    max_drop: float | None = Field(None, ge=0)
+    threshold: float | None = None  # an absolute bound: at least this (higher is better) or at most
+
+    @model_validator(mode="after")
+    def _has_a_rule(self) -> TaskRule:
+        if self.max_drop is None and self.threshold is None:
+            raise ValueError(f"task {self.file}: give max_drop (against the champion), threshold, or both")
+        return self
+
+
 class GateConfig(Section):
-    max_val_perplexity: float = Field(400.0, gt=1)
+    # per token: holds for this run's tokenizer only (null: no threshold)
+    max_val_perplexity: float | None = Field(400.0, gt=1)
     min_gain_over_bigram: float = Field(0.10, ge=0, lt=1)
+    # Against the champion, on this run's held-out bytes: the challenger's val bits per byte may be at
+    # most this much (relative) worse, at the upper end of the bootstrap interval of the difference.
     champion_tolerance: float = Field(0.02, ge=0)
-    # Share of val/test n-grams seen in train above which a perplexity is not evidence.
+    confidence: float = Field(0.95, gt=0.5, lt=1)  # of that interval
+    bootstrap_samples: int = Field(1000, ge=100)  # resamples of the held-out documents
+    # Share of val/test word n-grams seen in train above which a held-out figure is not evidence.
     max_contamination: float = Field(0.05, ge=0, le=1)
+    tasks: list[TaskRule] = []  # the user's own lm-evaluation-harness tasks, run on both models
 
 
 class ServeConfig(Section):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from infra.errors import UsageError
 
 SPLITS = ("train", "val", "test")
+HELD_OUT = ("val", "test")
 
 
 class ArtifactError(UsageError):
@@ -121,7 +123,10 @@ class Manifest(Contract):
     # and params write the same bytes on every run and engine
     encode_seconds: float | None = Field(None, exclude=True)
     tokens_per_second: int | None = Field(None, exclude=True)
-    # the share of val and test n-grams that also occur in train: {"ngram", "sample_rate", "val", "test", ...}
+    # the held-out text, split -> a JSONL file beside the shards ({"text": ...} per document, corpus order)
+    text: dict[str, str] | None = None
+    # the share of val and test word n-grams that also occur in train:
+    # {"unit", "ngram", "sample_rate", "val", "test", "val_ngrams", ..., "by_script": {script: {...}}}
     contamination: dict[str, Any] | None = None
 
     @classmethod
@@ -133,6 +138,27 @@ class Manifest(Contract):
 
     def tokens(self) -> dict[str, int]:
         return {split: info.tokens for split, info in self.splits.items()}
+
+    def held_out_texts(self, shards_dir: Path, split: str) -> list[str]:
+        """The split's documents as text, in corpus order."""
+        if not self.text or split not in self.text:
+            raise ArtifactError(
+                f"{shards_dir / self.FILE} names no {split} text (written by an older lmforge); "
+                "run the preprocess stage again"
+            )
+        return list(read_held_out(shards_dir, self.text[split]))
+
+
+def read_held_out(shards_dir: Path, name: str) -> Iterator[str]:
+    path = shards_dir / name
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                yield json.loads(line)["text"]
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: run the preprocess stage again") from None
+    except (ValueError, KeyError, TypeError):
+        raise ArtifactError(f"{path} is damaged; run the preprocess stage again") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +216,9 @@ def read_curve(eval_dir: Path) -> list[dict]:
 
 
 METRICS_FILE = "metrics.json"
+# artifacts/eval/scores.json: per split, the documents scored and each model's bits, tokens and bytes per
+# document ({"val": {"documents": [...], "challenger": {...}, "base": {...}}, ...}), for the gate
+SCORES_FILE = "scores.json"
 
 
 def read_metrics(eval_dir: Path) -> dict[str, Any]:
@@ -282,6 +311,10 @@ class Decision(Contract):
     reasons: list[str]
     challenger: dict[str, Any]  # the challenger's metrics (evaluate's metrics.json)
     champion: ChampionRecord | None
+    # "champion" / "base" -> split -> the challenger against that model on the same bytes
+    # (scoring.paired_difference: both bits per byte, the relative difference and its interval)
+    head_to_head: dict[str, Any] = {}
+    tasks: dict[str, Any] = {}  # "challenger" / "champion" -> task file -> its lm-eval metrics
 
     @property
     def checks_passed(self) -> int:
@@ -306,6 +339,7 @@ class RunSummary(Contract):
     contamination: dict[str, Any] | None
     metrics: dict[str, Any]
     reasons: list[str]
+    head_to_head: dict[str, Any] = {}  # the gate's comparisons on the same bytes (Decision.head_to_head)
     model_url: str | None = None
     bento_tag: str | None = None
     bento_url: str | None = None

@@ -1,8 +1,12 @@
-"""Evaluate: perplexity on val and test, against unigram and bigram baselines on the same tokens.
+"""Evaluate: the model on the held-out text, in bits per byte and per token, against n-gram baselines.
 
-The baselines are fitted on the train shards and scored on exactly the positions the model predicts
-(each window's tokens after its first), so the three perplexities are directly comparable. Also
-writes sample continuations, the loss curve (PNG, and JSON for `dvc plots`) and metrics.json.
+Every val and test document (up to evaluate.max_bytes of them) is scored the way lm-evaluation-harness
+scores rolling log-likelihood (pipeline/scoring.py): bits per byte is the unit that compares models
+whatever their tokenizers, and the gate compares the champion (and a fine-tune's base) in it, on these
+same documents. Perplexity per token stays as a figure of this tokenizer. The unigram and bigram
+baselines are fitted on the train shards and score exactly the tokens the model predicts. Also writes
+the per-document scores (scores.json, for the gate's bootstrap), sample continuations, the loss curve
+(PNG, and JSON for `dvc plots`) and metrics.json.
 """
 
 from __future__ import annotations
@@ -16,15 +20,25 @@ import torch
 
 from pipeline.config import ConfigError, EvaluateConfig, Params, Workspace, load_params
 from pipeline.contracts import (
+    HELD_OUT,
     METRICS_FILE,
+    SCORES_FILE,
     Manifest,
     TrainSummary,
     write_json,
 )
-from pipeline.data import fixed_windows, mean_loss
 from pipeline.generation import context_length
 from pipeline.model import load_model
 from pipeline.plots import plot_loss_curve
+from pipeline.scoring import (
+    LN2,
+    DocScores,
+    encode_documents,
+    prefix_token_id,
+    score_documents,
+    score_model_dir,
+    select_documents,
+)
 from pipeline.shards import load_shard, sorted_unique
 from pipeline.stage import run_stage
 
@@ -61,13 +75,16 @@ class NGramBaseline:
         counts = np.where(found, self.pair_counts[idx] if len(self.pairs) else 0, 0)
         return -np.log((counts + self.k) / (self.prev_counts[prev] + self.k * self.vocab))
 
-    def perplexities(self, windows: torch.Tensor) -> dict[str, float]:
-        ids = windows.numpy()
-        prev, targets = ids[:, :-1].ravel(), ids[:, 1:].ravel()
-        return {
-            "unigram": math.exp(self.unigram_nll(targets).mean()),
-            "bigram": math.exp(self.bigram_nll(prev, targets).mean()),
-        }
+    def score(self, encoded: list[list[int]], prefix: int, model: DocScores) -> dict[str, DocScores]:
+        """Both baselines on the very tokens the model predicted (each document after the prefix token)."""
+        targets = np.concatenate([np.empty(0, np.int64), *(np.asarray(ids, np.int64) for ids in encoded)])
+        prev = np.concatenate([np.empty(0, np.int64), *(np.asarray([prefix, *ids[:-1]], np.int64) for ids in encoded if ids)])
+        doc = np.repeat(np.arange(len(encoded)), [len(ids) for ids in encoded])
+        out = {}
+        for name, nll in (("unigram", self.unigram_nll(targets)), ("bigram", self.bigram_nll(prev, targets))):
+            bits = np.bincount(doc, weights=nll, minlength=len(encoded)) / LN2
+            out[name] = DocScores(model.documents, bits, model.tokens, model.bytes)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,13 +120,22 @@ def generate_samples(model, tokenizer, cfg: EvaluateConfig, device: torch.device
 # the stage
 
 
+def split_figures(prefix: str, split: str, scores: DocScores) -> dict:
+    return {
+        f"{prefix}{split}_bits_per_byte": round(scores.bits_per_byte, 6),
+        f"{prefix}{split}_perplexity": round(math.exp(scores.loss), 3),
+    }
+
+
 def evaluate(params: Params, ws: Workspace) -> dict:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from pipeline.base_model import resolve_base
+
     hf_logging.set_verbosity_error()  # generate() warns about pad == eos, which is how GPT-2 is set up
 
-    cfg, block = params.evaluate, params.model.block_size
+    cfg = params.evaluate
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     manifest = Manifest.read(ws.shards_dir)
@@ -119,45 +145,57 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     baseline = NGramBaseline(
         load_shard(ws.shards_dir, "train", manifest), manifest.vocab_size, cfg.smoothing_k
     )
+    base_dir = resolve_base(params.model.base, ws, params) if params.model.base else None
 
     metrics: dict = {}
+    scores: dict = {}
     eval_tokens, eval_seconds = 0, 0.0
-    for split in ("val", "test"):
-        windows = fixed_windows(load_shard(ws.shards_dir, split, manifest), block, cfg.max_windows)
+    for split in HELD_OUT:
+        texts = select_documents(manifest.held_out_texts(ws.shards_dir, split), cfg.max_bytes)
         start = time.perf_counter()
-        loss, tokens = mean_loss(model, windows, cfg.batch_size, device)
+        mine = score_documents(model, tokenizer, texts, cfg.batch_size, device)
         eval_seconds += time.perf_counter() - start
-        eval_tokens += windows.numel()
-        base = baseline.perplexities(windows)
+        eval_tokens += int(mine.tokens.sum())
+        baselines = baseline.score(encode_documents(tokenizer, texts), prefix_token_id(tokenizer), mine)
         metrics |= {
-            f"{split}_loss": round(loss, 5),
-            f"{split}_perplexity": round(math.exp(loss), 3),
-            f"{split}_tokens": tokens,
-            f"unigram_{split}_perplexity": round(base["unigram"], 3),
-            f"bigram_{split}_perplexity": round(base["bigram"], 3),
+            **split_figures("", split, mine),
+            f"{split}_loss": round(mine.loss, 5),
+            f"{split}_tokens": int(mine.tokens.sum()),
+            f"{split}_bytes": int(mine.bytes.sum()),
+            f"{split}_documents": len(texts),
+            **split_figures("unigram_", split, baselines["unigram"]),
+            **split_figures("bigram_", split, baselines["bigram"]),
         }
-    # Measured by preprocess: a perplexity on val/test n-grams that were also trained on is not evidence.
+        scores[split] = {"documents": mine.documents, "challenger": mine.to_dict()}
+        if base_dir is not None:  # a fine-tune must beat its base on the same bytes: the gate checks
+            theirs = score_model_dir(base_dir, texts, cfg.batch_size, device)
+            metrics[f"base_{split}_bits_per_byte"] = round(theirs.bits_per_byte, 6)
+            scores[split]["base"] = theirs.to_dict()
+    # Measured by preprocess: a figure on val/test n-grams that were also trained on is not evidence.
     contamination = manifest.contamination or {}
-    for split in ("val", "test"):
+    for split in HELD_OUT:
         metrics[f"{split}_contamination"] = contamination.get(split)
-    metrics["eval_tokens_per_s"] = round(eval_tokens / eval_seconds)
+    metrics["eval_tokens_per_s"] = round(eval_tokens / max(eval_seconds, 1e-9))
     metrics |= {"train_" + k: v for k, v in train_summary.to_dict().items()}
 
     ws.eval_dir.mkdir(parents=True, exist_ok=True)
     samples = generate_samples(model, tokenizer, cfg, device)
     write_json(ws.eval_dir / "samples.json", samples)
     plot_loss_curve(ws.train_log, ws.eval_dir)
+    write_json(ws.eval_dir / SCORES_FILE, scores)
     write_json(ws.eval_dir / METRICS_FILE, metrics)
     return metrics
 
 
 def run() -> None:
     ws = Workspace.find()
-    metrics = evaluate(load_params(ws.root), ws)
+    m = evaluate(load_params(ws.root), ws)
+    base = f", base {m['base_val_bits_per_byte']:.4f}" if "base_val_bits_per_byte" in m else ""
     print(
-        f"evaluate: val ppl {metrics['val_perplexity']:.2f} (bigram {metrics['bigram_val_perplexity']:.2f}, "
-        f"unigram {metrics['unigram_val_perplexity']:.2f}), test ppl {metrics['test_perplexity']:.2f}; "
-        f"contamination val {metrics['val_contamination']:.2%}, test {metrics['test_contamination']:.2%}"
+        f"evaluate: val {m['val_bits_per_byte']:.4f} bits/byte (bigram {m['bigram_val_bits_per_byte']:.4f}, "
+        f"unigram {m['unigram_val_bits_per_byte']:.4f}{base}), test {m['test_bits_per_byte']:.4f}; "
+        f"per token: val ppl {m['val_perplexity']:.2f} (bigram {m['bigram_val_perplexity']:.2f}); "
+        f"contamination val {m['val_contamination']:.2%}, test {m['test_contamination']:.2%}"
     )
 
 

@@ -19,10 +19,12 @@ from infra.processes import CommandError, venv_env
 from pipeline.config import PARAMS_FILE, ConfigError, Workspace, read_params_file, resolve_params
 
 # what `lmforge sweep` tabulates of each experiment, from the metrics files in dvc.yaml
+# (bits per byte rank models whatever their tokenizers; perplexity per token only within one tokenizer)
 COLUMNS = {
-    "val ppl": ("artifacts/eval/metrics.json", "val_perplexity"),
-    "test ppl": ("artifacts/eval/metrics.json", "test_perplexity"),
-    "bigram val": ("artifacts/eval/metrics.json", "bigram_val_perplexity"),
+    "val bpb": ("artifacts/eval/metrics.json", "val_bits_per_byte"),
+    "test bpb": ("artifacts/eval/metrics.json", "test_bits_per_byte"),
+    "bigram val bpb": ("artifacts/eval/metrics.json", "bigram_val_bits_per_byte"),
+    "val ppl/token": ("artifacts/eval/metrics.json", "val_perplexity"),
     "val leak": ("artifacts/eval/metrics.json", "val_contamination"),
     "gate": ("artifacts/gate_metrics.json", "promote"),
 }
@@ -123,12 +125,12 @@ def column(exp: dict, name: str):
 
 
 def ranked(found: list[dict]) -> list[dict]:
-    """Best val perplexity first; an experiment without one (it failed) last."""
-    return sorted(found, key=lambda e: column(e, "val ppl") or float("inf"))
+    """Best val bits per byte first; an experiment without one (it failed) last."""
+    return sorted(found, key=lambda e: column(e, "val bpb") or float("inf"))
 
 
 def table(found: list[dict], swept: list[str]) -> str:
-    """The experiments as a text table, best val perplexity first."""
+    """The experiments as a text table, best val bits per byte first."""
     keys = [g.partition("=")[0] for g in swept]
 
     def param(exp: dict, key: str):

@@ -44,9 +44,11 @@ def lineage(ws: Workspace, params: Params, decision: Decision, data_md5: str | N
         "git_sha": str(git_sha(ws.root)),
         "params_hash": params_hash(params),
         "profile": params.profile,
-        "val_perplexity": f"{metrics['val_perplexity']:.4f}",
+        "val_bits_per_byte": f"{metrics['val_bits_per_byte']:.4f}",
+        "test_bits_per_byte": f"{metrics['test_bits_per_byte']:.4f}",
+        "bigram_val_bits_per_byte": f"{metrics['bigram_val_bits_per_byte']:.4f}",
+        "val_perplexity": f"{metrics['val_perplexity']:.4f}",  # per token of this model's tokenizer
         "test_perplexity": f"{metrics['test_perplexity']:.4f}",
-        "bigram_val_perplexity": f"{metrics['bigram_val_perplexity']:.4f}",
         "gate": "promote" if decision.promote else "reject",
     }
 
@@ -69,11 +71,13 @@ A small causal language model trained by lmforge.
   batch {tc.batch_size} x {tc.grad_accum} accumulation x {m.get("train_world_size", tc.nproc_per_node)} processes
 
 ## Metrics (lower is better)
-| | val perplexity | test perplexity |
-|---|---|---|
-| this model | {m["val_perplexity"]:.2f} | {m["test_perplexity"]:.2f} |
-| bigram baseline | {m["bigram_val_perplexity"]:.2f} | {m.get("bigram_test_perplexity", float("nan")):.2f} |
-| unigram baseline | {m["unigram_val_perplexity"]:.2f} | {m.get("unigram_test_perplexity", float("nan")):.2f} |
+Bits per byte compare across tokenizers; perplexity is per token of this model's tokenizer.
+
+| | val bits/byte | test bits/byte | val perplexity | test perplexity |
+|---|---|---|---|---|
+| this model | {m["val_bits_per_byte"]:.4f} | {m["test_bits_per_byte"]:.4f} | {m["val_perplexity"]:.2f} | {m["test_perplexity"]:.2f} |
+| bigram baseline | {m["bigram_val_bits_per_byte"]:.4f} | {m["bigram_test_bits_per_byte"]:.4f} | {m["bigram_val_perplexity"]:.2f} | {m["bigram_test_perplexity"]:.2f} |
+| unigram baseline | {m["unigram_val_bits_per_byte"]:.4f} | {m["unigram_test_bits_per_byte"]:.4f} | {m["unigram_val_perplexity"]:.2f} | {m["unigram_test_perplexity"]:.2f} |
 
 ## Gate
 {reasons}

@@ -84,6 +84,7 @@ def summarize(
         contamination=manifest.contamination,
         metrics=decision.challenger,
         reasons=decision.reasons,
+        head_to_head=decision.head_to_head,
         model_url=record.model_url if record else None,
         bento_tag=record.bento_tag if record else None,
         bento_url=record.bento_url if record else None,

@@ -8,13 +8,16 @@ large the corpus is:
   3. encode with the batch API, append EOS after each document, append to uint16/uint32 shards.
 The reading, measuring and encoding are data.engine's (this process, or a Ray cluster); the decisions,
 the splits and the writing are here, so both engines write the same bytes.
-Then it measures contamination: the share of val and test token n-grams that also occur in train.
+Then it writes the val and test text (val.jsonl, test.jsonl: every model, whatever its tokenizer, is
+scored on these same bytes) and measures contamination: the share of val and test word n-grams that
+also occur in train (pipeline/contamination.py), a figure of the text, not of the tokenizer.
 The shards are raw little-endian arrays that `np.memmap` opens without a copy; manifest.json says
-their dtype, token and document counts, and the contamination.
+their dtype, token and document counts, the held-out text files, and the contamination.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -28,11 +31,11 @@ from tqdm import tqdm
 
 from pipeline.base_model import resolve_base
 from pipeline.config import ConfigError, Params, Workspace, load_params
-from pipeline.contracts import SPLITS, Manifest, ValidationReport
+from pipeline.contamination import contamination
+from pipeline.contracts import HELD_OUT, SPLITS, Manifest, ValidationReport, read_held_out
 from pipeline.corpus import Corpus, CorpusError, open_corpus
 from pipeline.documents import DocumentFilter, KeepPlan
 from pipeline.engines import DataEngine, data_engine
-from pipeline.shards import load_shard, sorted_unique
 from pipeline.stage import run_stage
 
 EOS_TOKEN = "<|endoftext|>"
@@ -149,6 +152,17 @@ def keep_plan(corpus: Corpus, params: Params, engine: DataEngine) -> tuple[KeepP
     return plan, digests, lengths
 
 
+def subplan(plan: KeepPlan, splits: list[str], wanted: set[str]) -> KeepPlan:
+    """The part of plan whose documents are in the wanted splits (splits is in corpus order)."""
+    part, k = KeepPlan(len(plan.kept)), 0
+    for file, kept in enumerate(plan.kept):
+        for index, fresh in kept.items():
+            if splits[k] in wanted:
+                part.add(file, index, fresh)
+            k += 1
+    return part
+
+
 def tokenizer_sample(
     plan: KeepPlan, splits: list[str], digests: list[bytes], lengths: list[int], budget: int
 ) -> tuple[KeepPlan, dict]:
@@ -221,8 +235,24 @@ def preprocess(
                 writers[split].write(np.append(np.asarray(ids, dtype=np.int64), eos))
                 bar.update()
         seconds = time.perf_counter() - start
-    for w in writers.values():
-        w.close()
+        for w in writers.values():
+            w.close()
+
+        # the held-out text as it is, one JSON line per document in corpus order: what evaluate scores
+        held_out_splits = [s for s in splits if s in HELD_OUT]
+        files = {s: (tmp_shards / f"{s}.jsonl").open("w", encoding="utf-8") for s in HELD_OUT}
+        texts = engine.kept_texts(source, params, subplan(plan, splits, set(HELD_OUT)))
+        for split, text in zip(held_out_splits, texts, strict=True):
+            files[split].write(json.dumps({"text": text}) + "\n")  # ASCII escapes: a lone surrogate survives
+        for fh in files.values():
+            fh.close()
+        held_out_chars = sum(n for n, s in zip(lengths, splits, strict=True) if s in HELD_OUT)
+        leak = contamination(
+            ((s, text) for s in HELD_OUT for text in read_held_out(tmp_shards, f"{s}.jsonl")),
+            engine.kept_texts(source, params, subplan(plan, splits, {"train"})),
+            cfg.contamination_ngram,
+            held_out_chars,
+        )
 
     tokenizer.save_pretrained(tmp_tok)
     total = sum(w.tokens for w in writers.values())
@@ -237,85 +267,16 @@ def preprocess(
             for s in SPLITS
         },
         total_tokens=total,
+        text={s: f"{s}.jsonl" for s in HELD_OUT},
         encode_seconds=round(seconds, 3),
         tokens_per_second=round(total / max(seconds, 1e-9)),
+        contamination=leak,
     )
-    manifest.contamination = contamination(tmp_shards, manifest, cfg.contamination_ngram)
     manifest.write(tmp_shards)
     for tmp, final in ((tmp_tok, tokenizer_dir), (tmp_shards, shards_dir)):
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
     return manifest
-
-
-# ---------------------------------------------------------------------------------------------
-# contamination: val/test n-grams that also occur in train
-
-
-NGRAM_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial hash wraps mod 2**64
-CHUNK_TOKENS = 1 << 22  # tokens hashed at a time: about 150 MB of temporaries
-# At most this many val+test n-grams are kept for the estimate (a hash-based sample, so memory stays
-# bounded however large the splits are; a sampled n-gram is sampled in every split, train included).
-HELD_OUT_SAMPLE = 1 << 23
-
-
-def ngram_hashes(ids: np.ndarray, n: int, eos: int) -> np.ndarray:
-    """A mixed 64-bit hash of every n-gram of ids that lies inside one document (no EOS in it)."""
-    if len(ids) < n:
-        return np.empty(0, np.uint64)
-    ids = ids.astype(np.uint64)
-    count = len(ids) - n + 1
-    h = np.zeros(count, np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(n):
-            h = h * NGRAM_HASH_BASE + ids[j : j + count]
-        # splitmix64's finalizer: every bit of the result depends on every token, so a threshold on
-        # the hash is a uniform sample
-        h ^= h >> np.uint64(30)
-        h *= np.uint64(0xBF58476D1CE4E5B9)
-        h ^= h >> np.uint64(27)
-        h *= np.uint64(0x94D049BB133111EB)
-        h ^= h >> np.uint64(31)
-    eos_seen = np.concatenate([[0], np.cumsum(ids == eos)])
-    return h[eos_seen[n:] == eos_seen[:count]]
-
-
-def split_ngram_hashes(shards_dir: Path, manifest: Manifest, split: str, n: int) -> Iterator[np.ndarray]:
-    """The split's n-gram hashes, chunk by chunk (chunks overlap by n-1 tokens; shards are read apart)."""
-    eos = manifest.eos_token_id
-    for ids in load_shard(shards_dir, split, manifest):
-        for start in range(0, max(len(ids) - n + 1, 0), CHUNK_TOKENS):
-            yield ngram_hashes(np.asarray(ids[start : start + CHUNK_TOKENS + n - 1]), n, eos)
-
-
-def contamination(shards_dir: Path, manifest: Manifest, n: int) -> dict:
-    """The share of val and test n-grams (GPT-3's check, n=13) that also occur in train.
-
-    Memory is bounded: at most HELD_OUT_SAMPLE held-out n-grams are kept (sorted), and train streams
-    past them chunk by chunk; every lookup is a merge of two sorted arrays.
-    """
-    held_tokens = sum(manifest.splits[s].tokens for s in ("val", "test"))
-    rate = min(1.0, HELD_OUT_SAMPLE / max(held_tokens, 1))
-    cut = np.uint64(min(2**64 - 1, int(rate * 2**64)))
-
-    def sampled(split: str) -> Iterator[np.ndarray]:
-        for h in split_ngram_hashes(shards_dir, manifest, split, n):
-            yield h if rate >= 1 else h[h < cut]
-
-    held_out = {
-        s: sorted_unique(np.concatenate([np.empty(0, np.uint64), *sampled(s)]), return_counts=True)
-        for s in ("val", "test")
-    }
-    wanted = sorted_unique(np.concatenate([unique for unique, _ in held_out.values()]))
-    found = [np.intersect1d(wanted, sorted_unique(h), assume_unique=True) for h in sampled("train")]
-    seen = sorted_unique(np.concatenate([np.empty(0, np.uint64), *found]))
-    result: dict = {"ngram": n, "sample_rate": round(rate, 6)}
-    for split, (unique, counts) in held_out.items():
-        _, hit, _ = np.intersect1d(unique, seen, assume_unique=True, return_indices=True)
-        total = int(counts.sum())
-        result[split] = round(float(counts[hit].sum() / total), 6) if total else 0.0
-        result[f"{split}_ngrams"] = total
-    return result
 
 
 def run() -> None:
@@ -332,7 +293,7 @@ def run() -> None:
     c = manifest.contamination
     print(
         f"preprocess: vocab {manifest.vocab_size:,}, tokens: {counts} ({manifest.tokens_per_second:,} tok/s)\n"
-        f"contamination: {c['val']:.2%} of val and {c['test']:.2%} of test {c['ngram']}-grams also occur in train"
+        f"contamination: {c['val']:.2%} of val and {c['test']:.2%} of test word {c['ngram']}-grams also occur in train"
     )
 
 

@@ -66,6 +66,21 @@ def rollback(cfg: StorageConfig, state: Path) -> ChampionRecord:
     return record
 
 
+def champion_model_dir(record: ChampionRecord, params: Params, ws: Workspace) -> Path:
+    """The champion's model, pulled from the DVC remote by the md5 in its record (kept in the state dir
+    while it is the champion)."""
+    import shutil
+
+    from infra.dvc import pull_directory
+
+    models = ws.state / "champion-models"
+    name = record.model_md5.removesuffix(".dir")
+    for old in models.glob("*") if models.is_dir() else []:
+        if old.name != name and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+    return pull_directory(record.model_md5, models / name, params.storage, ws.state)
+
+
 def git_sha(root: Path) -> str | None:
     result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
     return result.stdout.strip() if result.returncode == 0 else None

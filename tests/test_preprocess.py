@@ -9,7 +9,8 @@ import pytest
 from pipeline.config import GateConfig, resolve_params
 from pipeline.corpus import CorpusError, read_documents
 from pipeline.gate import decide
-from pipeline.preprocess import EOS_TOKEN, SPLITS, contamination, ngram_hashes, preprocess, split_by_hash
+from pipeline.contamination import contamination, ngram_hashes
+from pipeline.preprocess import EOS_TOKEN, SPLITS, preprocess, split_by_hash
 from pipeline.shards import load_shard, sorted_unique
 
 WORDS = "the a model data shard token train loss step value river stone light quick brown fox jumps over lazy dog".split()
@@ -111,9 +112,9 @@ def test_sorted_unique_matches_numpy():
 
 
 def test_ngram_hashes_stay_inside_documents():
-    eos = 9
-    ids = np.array([1, 2, 3, 4, eos, 1, 2, 3, 4, 5], dtype=np.uint16)
-    h = ngram_hashes(ids, 3, eos)
+    boundary = 9
+    ids = np.array([1, 2, 3, 4, boundary, 1, 2, 3, 4, 5], dtype=np.uint64)
+    h = ngram_hashes(ids, 3, boundary)
     assert len(h) == 2 + 3  # 1-2-3, 2-3-4 | 1-2-3, 2-3-4, 3-4-5; none across the EOS
     assert h[0] == h[2] and h[1] == h[3] and len(set(h.tolist())) == 3
 
@@ -172,19 +173,22 @@ def test_near_identical_paragraphs_leak_and_the_gate_refuses_with_the_figure(tmp
 
 def test_a_sampled_estimate_agrees_with_the_exact_figure(tmp_path, monkeypatch):
     """On splits too large to keep every held-out n-gram, a hash-based sample of them estimates the share."""
-    import pipeline.preprocess as pre
+    import pipeline.contamination as leak_module
 
-    manifest = preprocess(
-        leaky_corpus(tmp_path / "c", near=True), tmp_path / "t", tmp_path / "s", LEAK_PARAMS
-    )
-    exact = manifest.contamination
+    corpus = leaky_corpus(tmp_path / "c", near=True)
+    exact = preprocess(corpus, tmp_path / "t", tmp_path / "s", LEAK_PARAMS).contamination
     assert exact["sample_rate"] == 1.0
-    monkeypatch.setattr(pre, "HELD_OUT_SAMPLE", (exact["val_ngrams"] + exact["test_ngrams"]) // 10)
-    estimate = contamination(tmp_path / "s", manifest, 13)
+    held_chars = sum(len(t) for s in ("val", "test") for t in read_jsonl_texts(tmp_path / "s" / f"{s}.jsonl"))
+    monkeypatch.setattr(leak_module, "HELD_OUT_SAMPLE", held_chars // 10)
+    estimate = preprocess(corpus, tmp_path / "t2", tmp_path / "s2", LEAK_PARAMS).contamination
     assert 0.05 < estimate["sample_rate"] < 0.15
     assert estimate["val_ngrams"] < exact["val_ngrams"] / 4
     for split in ("val", "test"):
         assert abs(estimate[split] - exact[split]) < 0.05, (split, estimate, exact)
+
+
+def read_jsonl_texts(path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text().splitlines()]
 
 
 def test_the_near_duplicate_filter_removes_that_leak(tmp_path):
@@ -198,14 +202,76 @@ def test_the_near_duplicate_filter_removes_that_leak(tmp_path):
     assert 40 <= kept < 60  # of 600: 15 near-copies of each of 40 documents
 
 
-def test_contamination_counts_every_train_shard(tmp_path, corpus):
-    """Train is streamed past the held-out n-grams shard by shard: a leak in the last shard counts too."""
-    params = resolve_params({}, ["preprocess.vocab_size=300", "preprocess.shard_tokens=1024"])
-    manifest = preprocess(corpus, tmp_path / "tok", tmp_path / "shards", params)
-    assert len(manifest.splits["train"].shards) > 3
-    val = np.concatenate(load_shard(tmp_path / "shards", "val"))
-    last = tmp_path / "shards" / manifest.splits["train"].shards[-1].file
-    with last.open("ab") as fh:
-        val.tofile(fh)  # the whole val split, appended to the last train shard
-    manifest.splits["train"].shards[-1].tokens += len(val)
-    assert contamination(tmp_path / "shards", manifest, 13)["val"] == 1.0
+def test_contamination_counts_a_leak_in_the_last_train_chunk(monkeypatch):
+    """Train streams past the held-out n-grams chunk by chunk: a leak at the very end counts too."""
+    import pipeline.contamination as leak_module
+
+    monkeypatch.setattr(leak_module, "CHUNK_UNITS", 200)
+    rng = random.Random(3)
+    held = " ".join(rng.choices(RNG_WORDS, k=60))
+    train = [" ".join(rng.choices(RNG_WORDS, k=60)) for _ in range(50)]
+    clean = contamination([("val", held)], train, 13, len(held))
+    assert clean["val"] == 0.0 and clean["val_ngrams"] == 60 - 12
+    # the same words in another case, other punctuation and line breaks: the same word n-grams
+    leaked = contamination([("val", held)], [*train, held.upper().replace(" ", ",\n")], 13, len(held))
+    assert leaked["val"] == 1.0 and leaked["test"] == 0.0 and leaked["test_ngrams"] == 0
+
+
+def test_contamination_is_a_figure_of_the_text_not_of_the_tokenizer(tmp_path):
+    """One corpus, two tokenizers (one trained here with 400 tokens, one of 1,200 learnt on other text, as a
+    base model brings): the same documents in the same splits, so the same figure to the last digit."""
+    corpus = leaky_corpus(tmp_path / "c", near=True)
+    own = preprocess(corpus, tmp_path / "t", tmp_path / "s", LEAK_PARAMS)
+    other_text = tmp_path / "other"
+    other_text.mkdir()
+    (other_text / "docs.jsonl").write_text("".join(
+        json.dumps({"text": " ".join(random.Random(i).choices(WORDS, k=200))}) + "\n" for i in range(300)
+    ))  # fmt: skip
+    preprocess(other_text, tmp_path / "base", tmp_path / "s0", resolve_params({}, ["preprocess.vocab_size=1200"]))
+    with_base = preprocess(corpus, tmp_path / "t2", tmp_path / "s2", LEAK_PARAMS, base_dir=tmp_path / "base")
+    assert with_base.vocab_size != own.vocab_size and with_base.total_tokens != own.total_tokens
+    assert with_base.contamination == own.contamination
+    assert own.contamination["val"] > 0.3  # the near-identical paragraphs do leak, under either tokenizer
+
+
+def chinese_documents(count: int, seed: int, leak_from: list[str] = ()) -> list[str]:
+    """Poem-like documents: lines of five characters drawn from real poems and the Thousand Character
+    Classic, the common characters more often (so short runs repeat across documents, as in real text)."""
+    from .conftest import POEM_LINES
+    from .test_corpus import QIANZIWEN
+
+    chars = [c for c in "".join(POEM_LINES) + QIANZIWEN if c not in "，。"]
+    rng = random.Random(seed)
+    docs = []
+    for i in range(count):
+        lines = ["".join(rng.choices(chars, k=5)) + rng.choice("，。") for _ in range(16)]
+        if leak_from:
+            lines[4:4] = [leak_from[i % len(leak_from)]]
+        docs.append("".join(lines))
+    return docs
+
+
+def test_a_chinese_corpus_with_no_leak_measures_near_zero_and_a_leak_is_seen(tmp_path):
+    """Chinese has no spaces: its characters are the units, so 13 of them are a phrase, not four characters
+    of byte-level tokens. Mixed with English, each script is reported apart."""
+    corpus = tmp_path / "zh"
+    corpus.mkdir()
+    (corpus / "poems.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n"
+                                                for d in chinese_documents(400, seed=0)))  # fmt: skip
+    params = resolve_params({}, ["preprocess.vocab_size=400", "preprocess.val_fraction=0.1"])
+    clean = preprocess(corpus, tmp_path / "t", tmp_path / "s", params).contamination
+    assert clean["val_ngrams"] > 2000 and clean["val"] < 0.005 and clean["test"] < 0.005, clean
+    assert list(clean["by_script"]) == ["Han"]
+
+    # a stanza of 40 shared ones in every document (distinct documents, so dedup keeps them): a real leak,
+    # in the Chinese documents only, beside English ones that do not leak
+    shared = ["".join(random.Random(100 + k).choices("天地玄黄宇宙洪荒日月盈昃辰宿列张寒来暑往", k=30)) for k in range(40)]
+    english = [" ".join(random.Random(k).choices(RNG_WORDS, k=120)) for k in range(300)]
+    (corpus / "poems.jsonl").write_text("".join(
+        json.dumps({"text": d}, ensure_ascii=False) + "\n"
+        for d in chinese_documents(400, seed=0, leak_from=shared) + english
+    ))  # fmt: skip
+    mixed = preprocess(corpus, tmp_path / "t2", tmp_path / "s2", params).contamination
+    han, latin = mixed["by_script"]["Han"], mixed["by_script"]["Latin"]
+    assert han["val"] > 0.05 and latin["val"] < 0.005, mixed
+    assert mixed["val_ngrams"] == han["val_ngrams"] + latin["val_ngrams"]
