@@ -164,7 +164,11 @@ def pull_directory(md5: str, dest: Path, cfg: RemoteSettings, state: Path, on_li
         out = {"md5": md5, "path": "out", "hash": "md5"}
         (repo / "out.dvc").write_text(yaml.safe_dump({"outs": [out]}))
         dvc(["pull", "out.dvc"], repo, on_line)
-        os.replace(repo / "out", dest)
+        try:
+            os.replace(repo / "out", dest)
+        except OSError:
+            if not dest.is_dir():  # another process (a parallel experiment) may have put its copy first
+                raise
     except CommandError as exc:
         raise StorageError(f"could not pull {md5} from {cfg.dvc_remote_url}: {exc}") from None
     finally:

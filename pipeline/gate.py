@@ -99,7 +99,7 @@ def decide(
         checks.append(
             (
                 clean,
-                f"contamination {leaks[worst]:.2%} of {worst} n-grams seen in train "
+                f"contamination {leaks[worst]:.2%} of {worst} word n-grams seen in train "
                 f"{'<=' if clean else '>'} {cfg.max_contamination:.2%}"
                 + ("" if clean else ": the figures were measured on leaked data and are not evidence"),
             )

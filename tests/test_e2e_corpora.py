@@ -125,7 +125,7 @@ def test_chinese_poems_with_private_use_glyphs_train(corpora_ws, tmp_path):
     gate = json.loads((ws / "artifacts/gate.json").read_text())
     assert not gate["promote"] and "REJECTED" in result.stdout
     worst = max(("val", "test"), key=leak.get)
-    expected = f"FAIL: contamination {leak[worst]:.2%} of {worst} n-grams seen in train > 5.00%: "
+    expected = f"FAIL: contamination {leak[worst]:.2%} of {worst} word n-grams seen in train > 5.00%: "
     assert any(reason.startswith(expected) for reason in gate["reasons"]), gate["reasons"]
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import filecmp
+import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +27,10 @@ import pytest
 from infra.dvc import copy_project
 from infra.s3 import s3_client
 from pipeline.config import write_overrides
+from pipeline.contracts import Decision
 
 from .conftest import TINY, free_port, lag2_corpus
+from .test_evaluate_gate import reference_bits_per_byte
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -167,14 +171,31 @@ def test_two_dataset_versions_round_trip_through_s3(workspace, s3_server, tmp_pa
     lag2_corpus(tmp_path / "poems", seed=1).joinpath("docs.jsonl").rename(v2 / "poems.jsonl")
     words_corpus(tmp_path / "words").joinpath("docs.jsonl").rename(v2 / "sub" / "words.jsonl")
 
-    first = run([lmforge, "run", "--source", v1], ws, env)
+    first = run([lmforge, "run", "--source", v1, *(a for o in PASSING_TRAINING for a in ("-p", o))], ws, env)
+    assert "gate          PROMOTED" in first.stdout, first.stdout[-3000:]
     md5_first = summary_value(first.stdout, "dataset md5")
     assert md5_first.endswith(".dir") and "tokens        train" in first.stdout
     assert (ws / "data" / "docs.jsonl").read_bytes() == v1.read_bytes()
     git(ws, "add", "data.dvc", "dvc.lock")
     git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v1")
+    champion_model = shutil.copytree(ws / "artifacts" / "model", tmp_path / "v1-model")
 
-    second = run([lmforge, "run", "--source", v2], ws, env)
+    short = ["train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=40"]
+    second = run([lmforge, "run", "--source", v2, *(a for o in short for a in ("-p", o))], ws, env)
+    # the gate re-scored the champion (pulled from the remote) on v2's val text, with the champion's own
+    # tokenizer: the figure in gate.json is that, not the champion record's figure from v1's val split
+    decision = Decision.load(ws / "artifacts" / "gate.json")
+    scored = json.loads((ws / "artifacts" / "eval" / "scores.json").read_text())["val"]["documents"]
+    v2_val = [json.loads(line)["text"] for line in (ws / "artifacts/shards/val.jsonl").read_text().splitlines()]
+    v2_val = [t for t in v2_val if hashlib.sha256(t.encode()).hexdigest()[:16] in scored]
+    expected, nbytes = reference_bits_per_byte(champion_model, v2_val)
+    compared = decision.head_to_head["champion"]["val"]
+    assert compared["other_bits_per_byte"] == pytest.approx(expected, rel=1e-5) and compared["bytes"] == nbytes
+    assert compared["documents"] == len(scored) == len(v2_val) > 5
+    assert abs(expected / decision.champion.metrics["val_bits_per_byte"] - 1) > 0.01  # another text, another figure
+    figures = json.loads((ws / "artifacts" / "gate_metrics.json").read_text())
+    assert figures["champion_val_bits_per_byte"] == compared["other_bits_per_byte"]
+    assert f"vs champion   {compared['other_bits_per_byte']:.4f} bits/byte on the same val text" in second.stdout
     md5_second = summary_value(second.stdout, "dataset md5")
     url = summary_value(second.stdout, "data in S3")
     assert md5_second != md5_first and url == f"s3://{bucket}/dvc/files/md5/{md5_second[:2]}/{md5_second[2:]}"

@@ -63,9 +63,13 @@ def test_a_sweep_records_both_experiments_in_dvc(swept):
     found = experiments(swept)
     assert set(found) == {200, 400}, found
     for exp in found.values():
-        assert exp["metrics"]["val_perplexity"] > 1 and exp["metrics"]["train_steps"] in (200, 400)
+        assert exp["metrics"]["val_bits_per_byte"] > 0 and exp["metrics"]["train_steps"] in (200, 400)
         assert exp["gate"]["checks"] == 4 and isinstance(exp["gate"]["promote"], bool)
-    assert found[400]["metrics"]["val_perplexity"] < found[200]["metrics"]["val_perplexity"]
+    assert found[400]["metrics"]["val_bits_per_byte"] < found[200]["metrics"]["val_bits_per_byte"]
+    # each experiment's gate pulled the champion from the remote and scored it on the same val text
+    recorded = swept["champion"].metrics["val_bits_per_byte"]  # its own evaluate, on this same text
+    for exp in found.values():
+        assert exp["gate"]["champion_val_bits_per_byte"] == pytest.approx(recorded, rel=1e-5), exp["gate"]
     # lmforge sweep's own table: best first, and the way to ship it
     table = out[out.rindex("\nexperiment ") :]
     assert table.index(found[400]["name"]) < table.index(found[200]["name"])
@@ -73,9 +77,9 @@ def test_a_sweep_records_both_experiments_in_dvc(swept):
 
     diff = json.loads(run([BIN / "dvc", "metrics", "diff", "HEAD", found[400]["rev"], "--json"],
                           swept["ws"], swept["env"]).stdout)  # fmt: skip
-    val = diff["artifacts/eval/metrics.json"]["val_perplexity"]
-    champion_val = swept["champion"].metrics["val_perplexity"]
-    assert val["old"] == champion_val and val["new"] == found[400]["metrics"]["val_perplexity"]
+    val = diff["artifacts/eval/metrics.json"]["val_bits_per_byte"]
+    champion_val = swept["champion"].metrics["val_bits_per_byte"]
+    assert val["old"] == champion_val and val["new"] == found[400]["metrics"]["val_bits_per_byte"]
     assert val["diff"] < 0  # 400 steps beat 100
     plots = json.loads(run([BIN / "dvc", "plots", "diff", "HEAD", found[400]["rev"], "--json"],
                            swept["ws"], swept["env"]).stdout)  # fmt: skip
@@ -99,7 +103,7 @@ def test_the_best_experiment_reaches_the_champion_only_through_the_gate(swept):
     champion = read_champion(swept["cfg"], swept["state"])
     assert champion.bento_tag != swept["champion"].bento_tag
     assert champion.params["train"]["max_steps"] == 400
-    assert champion.metrics["val_perplexity"] == best["metrics"]["val_perplexity"]  # the experiment's model
+    assert champion.metrics["val_bits_per_byte"] == best["metrics"]["val_bits_per_byte"]  # the experiment's model
 
 
 def test_a_fresh_clone_runs_dvc_repro_after_lmforge_up(tmp_path, s3_server):

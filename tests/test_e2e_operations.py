@@ -320,34 +320,44 @@ def test_a_code_only_change_retrains_to_the_same_model_while_a_second_run_waits(
     assert bentos_in_store(env) == bentos
 
 
-def test_a_rejected_challenger_ends_in_a_state_named_rejected_with_a_comparison(operated):
-    """A 40-step challenger loses to the 400-step champion: the run's state says so, and its comparison
+def test_a_smaller_vocabulary_better_per_token_but_worse_on_the_same_bytes_is_rejected(operated):
+    """A challenger with a 300-token vocabulary, trained like the champion (1,024 tokens): every token is
+    easier to guess, so its perplexity per token is lower, which the old per-token comparison took for
+    better. Scored on the same val bytes as the champion, re-scored with its own tokenizer, it needs far
+    more bits per byte: the head-to-head check rejects it, the run's state says so, and its comparison
     artifact puts the two side by side. A rejected model is never packaged."""
     champion = read_champion(operated["cfg"], operated["state"])
     ws, env = operated["ws"], operated["env"]
     pushed, bentos = remote_keys(operated), bentos_in_store(env)
-    short = ["train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=40"]
     try:
-        rejected = run([BIN / "lmforge", "run", "--source", operated["corpus"], *(a for o in short for a in ("-p", o))],
+        rejected = run([BIN / "lmforge", "run", "--source", operated["corpus"], "-p", "preprocess.vocab_size=300"],
                        ws, env)  # fmt: skip
     finally:
-        write_overrides(ws, PASSING_TRAINING)
+        write_overrides(ws, [*PASSING_TRAINING, "preprocess.vocab_size=1024"])
     assert "gate          REJECTED" in rejected.stdout, rejected.stdout[-2000:]
     last = flow_runs(operated["api"])[-1]
     assert (last["state_type"], last["state_name"]) == ("COMPLETED", "Rejected")
-    assert "FAIL: val perplexity" in last["state"]["message"]
+    assert "worse than the champion on the same bytes" in last["state"]["message"]
     assert read_champion(operated["cfg"], operated["state"]) == champion
     assert bentos_in_store(env) == bentos
     gate = Decision.load(ws / "artifacts" / "gate.json")
     assert gate.promote is False and gate.champion == champion
+    failed = [r for r in gate.reasons if r.startswith("FAIL")]
+    assert len(failed) == 1 and "worse than the champion on the same bytes" in failed[0], gate.reasons
+    metrics = json.loads((ws / "artifacts" / "eval" / "metrics.json").read_text())
+    assert metrics["val_perplexity"] < champion.metrics["val_perplexity"]  # better per token...
+    head = gate.head_to_head["champion"]["val"]
+    assert head["interval"][0] > 0.02 and head["challenger_bits_per_byte"] == metrics["val_bits_per_byte"]
+    # ...worse per byte, on the same documents as the champion, which used its own 1,024 tokens for them
+    assert head["other_bits_per_byte"] < metrics["val_bits_per_byte"]
     artifacts = api(
         f"{operated['api']}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [last["id"]]}}}
     )
     compared = next(a["data"] for a in artifacts if a["key"] == "comparison")
     assert compared.startswith(f"# Challenger against champion `{champion.bento_tag}`")
-    challenger = json.loads((ws / "artifacts" / "eval" / "metrics.json").read_text())["val_perplexity"]
-    assert challenger > champion.metrics["val_perplexity"]
-    assert f"| val_perplexity | {challenger} | {champion.metrics['val_perplexity']} |" in compared
+    row = (f"| val bits/byte vs champion | {head['challenger_bits_per_byte']} | {head['other_bits_per_byte']} "
+           f"| {head['relative_difference']:+.2%} |")  # fmt: skip
+    assert row in compared, compared[:2000]
     assert "![loss curves](data:image/png;base64,iVBOR" in compared
     assert champion.loss_curve[-1]["step"] == 400 and any("val_loss" in p for p in champion.loss_curve)
     # nothing was published, but the rejected run's data, checkpoints and model reached the DVC remote
@@ -467,24 +477,25 @@ def test_a_training_that_dies_is_retried_by_the_flow_and_resumes_from_its_checkp
     """With train.max_restarts 0, torchrun gives up when a rank is SIGKILLed after the run's first
     checkpoint: dvc repro train fails, Prefect retries the train task (retries=1), and the retry resumes
     from that checkpoint instead of step 0. The workspace still holds an earlier run's checkpoints (other
-    params), which must neither be resumed nor push this run's own out. A looser gate promotes the result:
-    the second champion, which the rollback test below goes back from."""
+    params), which must neither be resumed nor push this run's own out. Trained 1,000 steps against the
+    champion's 400, it is really better on the same bytes, and the default gate promotes it: the second
+    champion, which the rollback test below goes back from."""
     ws, env, corpus = operated["ws"], operated["env"], operated["corpus"]
     assert list((ws / "artifacts" / "checkpoints").glob("step_*")), "an earlier run's checkpoints are there"
-    changes = ["train.seed=11", "train.max_restarts=0", "train.max_steps=300", "train.checkpoint_every=50",
-               "gate.champion_tolerance=0.5"]  # fmt: skip
+    changes = ["train.seed=11", "train.max_restarts=0", "train.max_steps=1000", "train.checkpoint_every=50"]
     cmd = [BIN / "lmforge", "run", "--source", corpus, *(a for o in changes for a in ("-p", o))]
     killed: list[int] = []
 
     def kill_a_rank_after_the_first_checkpoint() -> None:
         log = ws / "artifacts" / "train_log.jsonl"
-        deadline = time.monotonic() + 600
+        deadline, fresh = time.monotonic() + 600, False
         while time.monotonic() < deadline:
             steps = (
                 [json.loads(line)["step"] for line in log.read_text().splitlines()] if log.is_file() else []
             )
+            fresh = fresh or not steps or steps[-1] < 60  # this run's log, not the earlier run's 400 steps
             # step 50's checkpoint is written before step 51 is logged
-            if steps and steps[-1] >= 60 and (pid := rank_pid(ws, 1)):
+            if fresh and steps and steps[-1] >= 60 and (pid := rank_pid(ws, 1)):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(steps[-1])
                 return
@@ -496,9 +507,7 @@ def test_a_training_that_dies_is_retried_by_the_flow_and_resumes_from_its_checkp
         result = run(cmd, ws, env, timeout=900)
         killer.join(5)
     finally:
-        write_overrides(
-            ws, [*PASSING_TRAINING, "train.seed=1337", "train.max_restarts=2", "gate.champion_tolerance=0.02"]
-        )
+        write_overrides(ws, [*PASSING_TRAINING, "train.seed=1337", "train.max_restarts=2"])
     out = result.stdout + result.stderr
     assert killed, "no rank was killed"
     assert "Retry 1/1" in out, out[-4000:]
@@ -510,12 +519,15 @@ def test_a_training_that_dies_is_retried_by_the_flow_and_resumes_from_its_checkp
     assert len(resumed) == 1 and 50 <= resumed[0] <= killed[0], (resumed, killed)
     assert [
         json.loads(line)["step"] for line in (ws / "artifacts" / "train_log.jsonl").read_text().splitlines()
-    ] == list(range(1, 301))
+    ] == list(range(1, 1001))
     assert sorted(p.name for p in (ws / "artifacts" / "checkpoints").iterdir()) == [
-        "step_000250",
-        "step_000300",
+        "step_000950",
+        "step_001000",
     ]
+    # 1,000 steps against the champion's 400: really better on the same bytes, promoted by the default gate
     assert "gate          PROMOTED" in result.stdout, result.stdout[-3000:]
+    head = Decision.load(ws / "artifacts" / "gate.json").head_to_head["champion"]["val"]
+    assert head["interval"][1] < 0, head
     # the summary names what was promoted: the model in the DVC remote, and the Bento exported to S3
     champion = read_champion(operated["cfg"], operated["state"])
     assert champion.model_url == summary_value(result.stdout, "model in S3")

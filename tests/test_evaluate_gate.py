@@ -129,7 +129,7 @@ def head_to_head(difference: float, low: float, high: float) -> dict:
             None,
             {},
             False,
-            "contamination 12.00% of test n-grams seen in train > 5.00%: the figures were measured on leaked data",
+            "contamination 12.00% of test word n-grams seen in train > 5.00%: the figures were measured on leaked data",
         ),
         (METRICS | {"val_contamination": 0.05}, None, {}, True, None),  # at the bound is allowed
         ({"val_perplexity": 20.0, "bigram_val_perplexity": 30.0}, None, {}, False, "contamination was not measured"),

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import GateConfig, resolve_params
+from pipeline.contamination import contamination, ngram_hashes
 from pipeline.corpus import CorpusError, read_documents
 from pipeline.gate import decide
-from pipeline.contamination import contamination, ngram_hashes
 from pipeline.preprocess import EOS_TOKEN, SPLITS, preprocess, split_by_hash
 from pipeline.shards import load_shard, sorted_unique
 
@@ -167,7 +167,7 @@ def test_near_identical_paragraphs_leak_and_the_gate_refuses_with_the_figure(tmp
     worst = max(("val", "test"), key=leak.get)
     assert not gate.promote
     assert (
-        f"FAIL: contamination {leak[worst]:.2%} of {worst} n-grams seen in train > 5.00%" in gate.reasons[2]
+        f"FAIL: contamination {leak[worst]:.2%} of {worst} word n-grams seen in train > 5.00%" in gate.reasons[2]
     )
 
 

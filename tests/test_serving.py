@@ -613,6 +613,11 @@ def test_lm_evaluation_harness_runs_against_the_server(server, trained, tmp_path
     assert results["lmforge_ppl"]["word_perplexity,none"] == pytest.approx(
         math.exp(-total_ll / words), rel=0.01
     )
+    # the gate's unit, pipeline.scoring in process, is the harness's own bits_per_byte over the server
+    from pipeline.scoring import score_documents
+
+    ours = score_documents(model, tokenizer, ppl_docs, 4, torch.device("cpu"))
+    assert results["lmforge_ppl"]["bits_per_byte,none"] == pytest.approx(ours.bits_per_byte, rel=1e-4)
 
     # multiple choice: each choice's log-likelihood and greedy flag, as the model gives them
     for sample in samples("lmforge_mc"):
