@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -327,3 +328,49 @@ def test_a_task_the_challenger_fails_blocks_promotion(tiny_workspace, s3_server,
     (tasks / "mc.jsonl").write_text((tasks / "mc.jsonl").read_text().replace('"label": 1', '"label": 0'))
     gate_stage()
     assert Decision.load(ws.gate_file).promote, Decision.load(ws.gate_file).reasons
+
+
+@pytest.mark.slow  # three short trainings on a loaded 2-core machine
+def test_a_fine_tune_is_scored_against_its_base_and_must_beat_it(tiny_workspace, tmp_path, s3_server, monkeypatch):
+    """model.base set: evaluate scores the base on the same held-out bytes with its own tokenizer
+    (checked against the plain computation), and the gate wants the fine-tune better than it, the whole
+    interval below zero: 300 steps of fine-tuning are; one step at a negligible learning rate is not."""
+    from pipeline.config import load_params, write_overrides
+    from pipeline.gate import run as gate_stage
+    from pipeline.preprocess import preprocess
+
+    ws, params = tiny_workspace
+    threads = torch.get_num_threads()
+    try:
+        train(params, ws)  # 10 steps: the base
+        base = shutil.copytree(ws.model_dir, tmp_path / "base")
+        write_overrides(ws.root, [
+            f"model.base={base}", f"storage.endpoint_url={s3_server.cfg.endpoint_url}",
+            f"storage.bucket={s3_server.cfg.bucket}", "storage.registry_prefix=registry-fine-tune",
+            "gate.min_gain_over_bigram=0", "train.checkpoint_every=1000",
+        ])  # fmt: skip
+        monkeypatch.setenv("LMFORGE_STATE_DIR", str(s3_server.state))
+        outcomes = {}
+        for name, steps, lr in (("tuned", 300, 0.02), ("untouched", 1, 1e-9)):
+            write_overrides(ws.root, [f"train.max_steps={steps}", f"train.lr={lr}", f"train.min_lr={lr / 10}"])
+            params = load_params(ws.root)
+            shutil.rmtree(ws.checkpoints_dir, ignore_errors=True)
+            preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, base_dir=base)
+            train(params, ws, base_dir=base)
+            metrics = evaluate(params, ws)
+            gate_stage()
+            outcomes[name] = (metrics, Decision.load(ws.gate_file))
+    finally:
+        torch.set_num_threads(threads)
+    texts = [json.loads(line)["text"] for line in (ws.shards_dir / "val.jsonl").read_text().splitlines()]
+    expected, _ = reference_bits_per_byte(base, texts)
+    metrics, decision = outcomes["tuned"]
+    assert metrics["base_val_bits_per_byte"] == pytest.approx(expected, rel=1e-5)
+    head = decision.head_to_head["base"]["val"]
+    assert head["other_bits_per_byte"] == metrics["base_val_bits_per_byte"] and head["interval"][1] < 0
+    assert any(r.startswith("pass: ") and r.endswith("better than the base") for r in decision.reasons)
+    assert decision.promote, decision.reasons
+    metrics, decision = outcomes["untouched"]
+    assert abs(decision.head_to_head["base"]["val"]["relative_difference"]) < 0.01
+    failed = [r for r in decision.reasons if r.startswith("FAIL")]
+    assert len(failed) == 1 and failed[0].endswith("not shown better than the base it was fine-tuned from"), failed

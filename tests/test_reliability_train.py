@@ -275,6 +275,13 @@ BAD_PARAMS = [
         "evaluate.max_new_tokens (128) leaves no room for a prompt in model.block_size",
     ),
     (["preprocess.val_fraction=.nan"], "preprocess.val_fraction"),
+    # no gate check may be switched off by an infinite bound, in either of YAML's spellings
+    (["gate.max_val_perplexity=inf"], "gate.max_val_perplexity: Input should be a finite number"),
+    (["gate.champion_tolerance=.inf"], "gate.champion_tolerance: Input should be a finite number"),
+    (["gate.max_contamination=.nan"], "gate.max_contamination: Input should be a finite number"),
+    (["gate.tasks=[{file: t.yaml, metric: acc, max_drop: .inf}]"], "gate.tasks.0.max_drop: Input should be a finite"),
+    (["gate.tasks=[{file: t.yaml, metric: acc}]"], "give max_drop (against the champion), threshold, or both"),
+    (["storage.region=us-east-1", "prefect.port=.inf"], "prefect.port"),
     (["serve.default_max_new_tokens=300"], "default_max_new_tokens (300) exceeds max_new_tokens_cap"),
 ]
 
