@@ -330,47 +330,56 @@ def test_a_task_the_challenger_fails_blocks_promotion(tiny_workspace, s3_server,
     assert Decision.load(ws.gate_file).promote, Decision.load(ws.gate_file).reasons
 
 
-@pytest.mark.slow  # three short trainings on a loaded 2-core machine
+@pytest.mark.slow  # four short trainings on a loaded 2-core machine
 def test_a_fine_tune_is_scored_against_its_base_and_must_beat_it(tiny_workspace, tmp_path, s3_server, monkeypatch):
     """model.base set: evaluate scores the base on the same held-out bytes with its own tokenizer
     (checked against the plain computation), and the gate wants the fine-tune better than it, the whole
-    interval below zero: 300 steps of fine-tuning are; one step at a negligible learning rate is not."""
+    interval below zero: 300 steps on a 10-step base are; 30 steps at a learning rate of 1 on a 300-step
+    base, which wreck it, are not."""
     from pipeline.config import load_params, write_overrides
     from pipeline.gate import run as gate_stage
     from pipeline.preprocess import preprocess
 
-    ws, params = tiny_workspace
-    threads = torch.get_num_threads()
-    try:
-        train(params, ws)  # 10 steps: the base
-        base = shutil.copytree(ws.model_dir, tmp_path / "base")
-        write_overrides(ws.root, [
-            f"model.base={base}", f"storage.endpoint_url={s3_server.cfg.endpoint_url}",
-            f"storage.bucket={s3_server.cfg.bucket}", "storage.registry_prefix=registry-fine-tune",
-            "gate.min_gain_over_bigram=0", "train.checkpoint_every=1000",
-        ])  # fmt: skip
-        monkeypatch.setenv("LMFORGE_STATE_DIR", str(s3_server.state))
-        outcomes = {}
-        for name, steps, lr in (("tuned", 300, 0.02), ("untouched", 1, 1e-9)):
-            write_overrides(ws.root, [f"train.max_steps={steps}", f"train.lr={lr}", f"train.min_lr={lr / 10}"])
-            params = load_params(ws.root)
-            shutil.rmtree(ws.checkpoints_dir, ignore_errors=True)
+    ws, _ = tiny_workspace
+    write_overrides(ws.root, [
+        f"storage.endpoint_url={s3_server.cfg.endpoint_url}", f"storage.bucket={s3_server.cfg.bucket}",
+        "storage.registry_prefix=registry-fine-tune", "gate.min_gain_over_bigram=0", "train.checkpoint_every=1000",
+    ])  # fmt: skip
+    monkeypatch.setenv("LMFORGE_STATE_DIR", str(s3_server.state))
+
+    def trained(steps: int, lr: float, base=None):
+        write_overrides(ws.root, [f"train.max_steps={steps}", f"train.lr={lr}", f"train.min_lr={lr / 10}",
+                                  f"model.base={base or 'null'}"])  # fmt: skip
+        shutil.rmtree(ws.checkpoints_dir, ignore_errors=True)
+        params = load_params(ws.root)
+        if base:
             preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, base_dir=base)
-            train(params, ws, base_dir=base)
-            metrics = evaluate(params, ws)
+        train(params, ws, base_dir=base)
+        return params
+
+    threads = torch.get_num_threads()
+    outcomes = {}
+    try:
+        trained(10, 0.003)
+        weak = shutil.copytree(ws.model_dir, tmp_path / "weak")
+        trained(300, 0.02)
+        strong = shutil.copytree(ws.model_dir, tmp_path / "strong")
+        for name, steps, lr, base in (("tuned", 300, 0.02, weak), ("wrecked", 30, 1.0, strong)):
+            metrics = evaluate(trained(steps, lr, base), ws)
             gate_stage()
-            outcomes[name] = (metrics, Decision.load(ws.gate_file))
+            outcomes[name] = (metrics, Decision.load(ws.gate_file), base)
     finally:
         torch.set_num_threads(threads)
     texts = [json.loads(line)["text"] for line in (ws.shards_dir / "val.jsonl").read_text().splitlines()]
+    metrics, decision, base = outcomes["tuned"]
     expected, _ = reference_bits_per_byte(base, texts)
-    metrics, decision = outcomes["tuned"]
     assert metrics["base_val_bits_per_byte"] == pytest.approx(expected, rel=1e-5)
     head = decision.head_to_head["base"]["val"]
     assert head["other_bits_per_byte"] == metrics["base_val_bits_per_byte"] and head["interval"][1] < 0
     assert any(r.startswith("pass: ") and r.endswith("better than the base") for r in decision.reasons)
     assert decision.promote, decision.reasons
-    metrics, decision = outcomes["untouched"]
-    assert abs(decision.head_to_head["base"]["val"]["relative_difference"]) < 0.01
+    metrics, decision, _ = outcomes["wrecked"]
+    assert decision.head_to_head["base"]["val"]["interval"][0] > 0  # worse than the base it started from
     failed = [r for r in decision.reasons if r.startswith("FAIL")]
-    assert len(failed) == 1 and failed[0].endswith("not shown better than the base it was fine-tuned from"), failed
+    assert any(r.endswith("not shown better than the base it was fine-tuned from") for r in failed), failed
+    assert not decision.promote
