@@ -73,6 +73,7 @@ def test_the_recorded_demo_run_beat_the_bigram_and_was_promoted(lock):
     gate = params["gate"]
     assert metrics["val_perplexity"] <= (1 - gate["min_gain_over_bigram"]) * metrics["bigram_val_perplexity"]
     assert metrics["val_perplexity"] <= gate["max_val_perplexity"]
+    assert metrics["val_bits_per_byte"] < metrics["bigram_val_bits_per_byte"]  # the same, in bits per byte
     assert metrics["train_steps"] == params["train"]["max_steps"]
     decision = json.loads((REPO / "artifacts" / "gate.json").read_text())
     assert decision["promote"] is True and decision["challenger"]["val_perplexity"] == metrics["val_perplexity"]
