@@ -160,6 +160,16 @@ class ModelConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    """train.method: lora: low-rank adapters (peft) on the base's linear layers, the base frozen."""
+
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    # module names as peft matches them (q_proj, c_attn, ...); null: every linear layer of the blocks
+    target_modules: list[str] | None = Field(None, min_length=1)
+
+
 class TrainConfig(Section):
     nproc_per_node: int = Field(2, ge=1)
     nnodes: int = Field(1, ge=1)
@@ -183,6 +193,11 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     compile: bool = False
+    method: Literal["full", "lora"] = "full"  # lora: train adapters only (train.lora), the base frozen
+    lora: LoraConfig = LoraConfig()
+    # recompute each block's activations in backward instead of keeping them (non-reentrant, which
+    # DDP with LoRA needs): memory for compute
+    activation_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _lr_order(self) -> TrainConfig:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.model import autocast_for
+from pipeline.model import autocast_for, next_token_loss, no_padding
 
 
 class TokenWindows:
@@ -64,7 +64,7 @@ def mean_loss(model, windows: torch.Tensor, batch_size: int, device: torch.devic
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size].to(device)
         with autocast_for(device):
-            loss = model(input_ids=batch, labels=batch).loss
+            loss = next_token_loss(model(input_ids=batch, attention_mask=no_padding(batch)).logits, batch)
         n = batch.numel() - len(batch)  # each window predicts all but its first token
         total += loss.item() * n
         count += n

@@ -10,6 +10,7 @@ replaces a good corpus.
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import shutil
 import subprocess
@@ -120,6 +121,7 @@ def ingest(source: str, ws, params, on_line=print) -> str:
             # The corpus in data/ passed this suite when it came in, and the validate stage re-checks it
             # whenever the validation params change: a scheduled rerun on unchanged data skips GE here.
             on_line("source unchanged: data/ already holds exactly this corpus")
+            record_source(source, ws, on_line)
             return data_md5(ws.root)
         report = validate_corpus(staging, params, name=source, champion_chars=reference)
         for line in format_summary(report).splitlines():
@@ -132,7 +134,20 @@ def ingest(source: str, ws, params, on_line=print) -> str:
     finally:
         discard(staging)
     dvc(["add", "--quiet", "data"], ws.root, on_line)
+    record_source(source, ws, on_line)
     return data_md5(ws.root)
+
+
+def record_source(source: str, ws, on_line=print) -> None:
+    """The source data/ now holds goes into params.yaml (ingest.source), as -p does: the next run, a
+    schedule and `dvc repro` then ingest the data the user chose, never the default in its place. A
+    local path is recorded absolute. (No stage depends on ingest.source: recording it reruns nothing.)"""
+    from pipeline.config import write_overrides
+
+    remote = source == "builtin" or source.startswith("s3://")
+    value = source if remote else str(Path(source).expanduser().resolve())
+    for change in write_overrides(ws.root, [f"ingest.source={json.dumps(value)}"]):
+        on_line(f"params.yaml: {change}")
 
 
 def restore_data(ws, on_line=print) -> str | None:

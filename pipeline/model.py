@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.config import ConfigError, LoraConfig, ModelConfig
 from pipeline.generation import context_length
 
 
@@ -34,6 +34,24 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int, base_dir: 
         activation_function="gelu_pytorch_tanh",
     )  # fmt: skip
     return GPT2LMHeadModel(config)  # transformers 5 picks SDPA attention by default
+
+
+def with_lora(model, cfg: LoraConfig):
+    """peft's LoRA adapters on the model's linear layers (cfg.target_modules, or every linear layer of
+    its blocks), every other weight frozen. Training runs on the returned peft model's get_base_model():
+    the same modules, with the adapters inside them."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    transposed = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2 keeps its linears as Conv1D
+    return get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
+            target_modules=cfg.target_modules or "all-linear", fan_in_fan_out=transposed,
+        ),
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,6 +113,19 @@ def chunk_rows_for(vocab_size: int, device: torch.device) -> int:
     return max(16, elements // vocab_size)
 
 
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each position's logits against the next token, in fp32 (what transformers'
+    ForCausalLM loss computes; called directly, it needs no `loss_type` from the model)."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1)
+    )
+
+
+def no_padding(input_ids: torch.Tensor) -> torch.Tensor:
+    """The attention mask of packed windows: EOS separates documents inside them and is no padding."""
+    return torch.ones_like(input_ids)
+
+
 class NextTokenLoss(torch.nn.Module):
     """`module(input_ids)` -> the mean next-token loss, the model's own way (head, then loss)."""
 
@@ -103,14 +134,17 @@ class NextTokenLoss(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, labels=input_ids).loss
+        logits = self.model(input_ids=input_ids, attention_mask=no_padding(input_ids), use_cache=False).logits
+        return next_token_loss(logits, input_ids)
 
 
 class FusedNextTokenLoss(NextTokenLoss):
     """The same loss through the model's body and LinearCrossEntropy over its output embedding."""
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=no_padding(input_ids), use_cache=False
+        ).last_hidden_state
         weight = self.model.get_output_embeddings().weight
         return self.fused_loss(
             hidden[:, :-1].reshape(-1, hidden.shape[-1]),
@@ -151,7 +185,7 @@ def training_loss(model, sample: torch.Tensor) -> tuple[NextTokenLoss, str]:
     was_training = model.training
     model.eval()  # no dropout, so both passes see the same network
     try:
-        mask = torch.ones_like(sample)  # says the EOS tokens inside the sample are not padding
+        mask = no_padding(sample)
         own = model(input_ids=sample, attention_mask=mask).logits.float()
         hidden = model.base_model(input_ids=sample, attention_mask=mask, use_cache=False).last_hidden_state
         mine = (hidden @ model.get_output_embeddings().weight.t()).float()
@@ -179,5 +213,5 @@ def load_model(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
 
 
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+def count_parameters(model, trainable: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)

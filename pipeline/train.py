@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from pipeline.base_model import resolve_base
-from pipeline.checkpoints import resume_latest, run_fingerprint, save_checkpoint
+from pipeline.checkpoints import capture_rng, resume_latest, run_fingerprint, save_checkpoint
 from pipeline.config import ConfigError, Params, TrainConfig, Workspace, load_params
 from pipeline.contracts import Manifest, TrainSummary, read_train_log
 from pipeline.data import TokenWindows, fixed_windows, mean_loss
@@ -40,6 +40,7 @@ from pipeline.model import (
     compiled,
     count_parameters,
     training_loss,
+    with_lora,
 )
 from pipeline.shards import load_shard
 from pipeline.stage import run_stage
@@ -70,9 +71,16 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
 
     # model, optimizer, and where this run left off
     model = build_model(mcfg, manifest.vocab_size, manifest.eos_token_id, base_dir).to(dist.device)
+    adapted = with_lora(model, cfg.lora) if cfg.method == "lora" else None  # the same adapters on every rank
+    if adapted is not None:
+        model = adapted.get_base_model()  # the model's own modules, the adapters inside them
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    seed_everything(cfg.seed + dist.rank)  # from here on each rank draws its own dropout masks
     optimizer, scheduler = build_optimizer(model, cfg, dist.device)
     fingerprint = run_fingerprint(params, ws.shards_dir)
-    step = resume_latest(ws.checkpoints_dir, fingerprint, model, optimizer, scheduler, log)
+    step = resume_latest(ws.checkpoints_dir, fingerprint, model, optimizer, scheduler, log, dist.rank, cfg.max_steps)
+    agree_on_step(step, dist)
     loss_module, loss_kind = agreed_loss(model, val_windows[:2].to(dist.device), dist)
     ddp = torch.nn.parallel.DistributedDataParallel(loss_module) if dist.world_size > 1 else loss_module
     forward = compiled(ddp) if cfg.compile else ddp
@@ -82,8 +90,9 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
     flops_tok = flops_per_token(model, mcfg)
     if dist.is_main:
         truncate_log(ws.train_log, step)
-        log(f"train: {count_parameters(model):,} params, {dist.world_size} x {dist.device.type}, "
-            f"{tokens_per_step:,} tokens/step, steps {step} -> {cfg.max_steps}; loss: {loss_kind}")  # fmt: skip
+        log(f"train: {count_parameters(model, trainable=True):,} of {count_parameters(model):,} params trained "
+            f"({cfg.method}), {dist.world_size} x {dist.device.type}, {tokens_per_step:,} tokens/step, "
+            f"steps {step} -> {cfg.max_steps}; loss: {loss_kind}")  # fmt: skip
 
     model.train()
     bar = tqdm(
@@ -111,9 +120,10 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
             with ws.train_log.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+            rng = every_rank_rng(dist)
             if dist.is_main:
                 save_checkpoint(
-                    ws.checkpoints_dir, model, optimizer, scheduler, step, fingerprint, cfg.keep_checkpoints
+                    ws.checkpoints_dir, model, optimizer, scheduler, step, fingerprint, cfg.keep_checkpoints, rng
                 )
             if dist.world_size > 1:
                 torch.distributed.barrier()  # no rank runs ahead of a checkpoint it may need to resume from
@@ -123,7 +133,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
     checksums = rank_checksums(model, dist)  # DDP must leave every rank with the same weights
     summary = None
     if dist.is_main:
-        summary = export(model, ws, checksums)
+        summary = export(model, ws, checksums, adapted)
         log(f"train: final model in {ws.model_dir}")
     if dist.world_size > 1:
         del forward, ddp  # see end_process_group
@@ -158,6 +168,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
+
+
+def every_rank_rng(dist: Dist) -> list[dict]:
+    """Each rank's RNG states, in rank order, for rank 0 to checkpoint (every rank must call this)."""
+    mine = capture_rng()
+    if dist.world_size == 1:
+        return [mine]
+    states = [None] * dist.world_size
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def agree_on_step(step: int, dist: Dist) -> None:
+    """Every rank resumed from the same step, or none goes on: a rank that found another checkpoint (no
+    shared checkpoint directory across nodes) would otherwise wait forever at a collective."""
+    if dist.world_size == 1:
+        return
+    steps = [None] * dist.world_size
+    torch.distributed.all_gather_object(steps, step)
+    if len(set(steps)) > 1:
+        by_rank = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
+        raise ConfigError(
+            f"the ranks resumed from different checkpoints ({by_rank}): every node needs the same "
+            "artifacts/checkpoints (a shared filesystem), or remove them to start again"
+        )
 
 
 def agreed_loss(model, sample: torch.Tensor, dist: Dist) -> tuple[NextTokenLoss, str]:
@@ -297,13 +332,20 @@ def truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
-def export(model, ws: Workspace, rank_weight_checksums: list[float]) -> dict:
+ADAPTER_DIR = "adapter"  # under artifacts/model: a LoRA run's adapter alone, in peft's format
+
+
+def export(model, ws: Workspace, rank_weight_checksums: list[float], adapted=None) -> dict:
     """save_pretrained (safetensors) + the tokenizer + train_summary.json, renamed into artifacts/model
-    when complete."""
+    when complete. A LoRA run's adapter is saved on its own (artifacts/model/adapter, for servers that
+    serve adapters on a shared base), then merged: artifacts/model is a whole model every server loads."""
     from transformers import AutoTokenizer
 
     tmp = ws.model_dir.with_name(".model.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    if adapted is not None:
+        adapted.save_pretrained(tmp / ADAPTER_DIR)
+        model = adapted.merge_and_unload()
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(ws.tokenizer_dir).save_pretrained(tmp)
     records = read_train_log(ws.train_log)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from infra.dvc import copy_project
 from infra.s3 import s3_client
@@ -173,6 +174,7 @@ def test_two_dataset_versions_round_trip_through_s3(workspace, s3_server, tmp_pa
 
     first = run([lmforge, "run", "--source", v1, *(a for o in PASSING_TRAINING for a in ("-p", o))], ws, env)
     assert "gate          PROMOTED" in first.stdout, first.stdout[-3000:]
+    assert yaml.safe_load((ws / "params.yaml").read_text())["ingest"]["source"] == str(v1)
     md5_first = summary_value(first.stdout, "dataset md5")
     assert md5_first.endswith(".dir") and "tokens        train" in first.stdout
     assert (ws / "data" / "docs.jsonl").read_bytes() == v1.read_bytes()
@@ -204,6 +206,12 @@ def test_two_dataset_versions_round_trip_through_s3(workspace, s3_server, tmp_pa
         Bucket=bucket, Key=url.split(f"{bucket}/", 1)[1]
     )
     assert {entry["relpath"] for entry in json.loads(listing["Body"].read())} == {"poems.jsonl", "sub/words.jsonl"}
+    # --source is recorded as -p is: the next run, without one, trains on v2 (not the builtin default),
+    # and a longer max_steps continues the run from its last checkpoint
+    assert yaml.safe_load((ws / "params.yaml").read_text())["ingest"]["source"] == str(v2)
+    longer = run([lmforge, "run", "-p", "train.max_steps=60"], ws, env)
+    assert summary_value(longer.stdout, "dataset md5") == md5_second
+    assert "resuming from step_000040" in longer.stdout + longer.stderr, longer.stdout[-3000:]
     git(ws, "add", "data.dvc", "dvc.lock")
     git(ws, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "v2")
 

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from infra.torchrun import torchrun_command
 from pipeline.checkpoints import resume_latest, run_fingerprint, save_checkpoint
 from pipeline.config import ConfigError, load_params, resolve_params, write_overrides
+from pipeline.contracts import read_train_log
 from pipeline.data import TokenWindows
 from pipeline.model import build_model, load_model
 from pipeline.shards import load_shard
@@ -114,6 +116,13 @@ def test_fingerprint_tracks_params_and_data(tiny_workspace):
     assert run_fingerprint(params, ws.shards_dir) == base
     assert run_fingerprint(load_params(ws.root, ["train.lr=0.001"]), ws.shards_dir) != base
     assert run_fingerprint(load_params(ws.root, ["train.max_restarts=5"]), ws.shards_dir) == base
+    # how long the run goes and how it logs do not change what its weights mean: it continues
+    longer = ["train.max_steps=999", "train.eval_every=7", "train.checkpoint_every=3", "train.keep_checkpoints=9",
+              "train.compile=true", "train.threads_per_rank=2", "train.rdzv_endpoint=localhost:29400"]  # fmt: skip
+    assert run_fingerprint(load_params(ws.root, longer), ws.shards_dir) == base
+    # the seed and the world size (each rank's slice of the data, its RNG) do
+    for other in (["train.seed=1"], ["train.nproc_per_node=3"], ["train.batch_size=5"], ["model.dropout=0.1"]):
+        assert run_fingerprint(load_params(ws.root, other), ws.shards_dir) != base, other
 
 
 # Measured once with this seed, data and model (1 thread, fp32); a change in the training math moves them.
@@ -174,14 +183,19 @@ def test_two_process_ddp_keeps_ranks_identical_and_learns(tiny_workspace):
     ws, _ = tiny_workspace
     write_overrides(
         ws.root,
-        ["train.nproc_per_node=2", "train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=20"],
-    )
+        ["train.nproc_per_node=2", "train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=20",
+         "model.dropout=0.1"],
+    )  # fmt: skip
     proc = _launch(ws)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     summary = json.loads((ws.model_dir / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and len(summary["rank_weight_checksums"]) == 2
     assert summary["rank_weight_checksums"][0] == summary["rank_weight_checksums"][1]
+    # each rank seeds with seed + rank, so draws its own dropout masks, and its RNG state is checkpointed
+    state = torch.load(ws.checkpoints_dir / "step_000040" / "state.pt", weights_only=True)
+    ranks = state["rng"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
     losses = [json.loads(line)["train_loss"] for line in ws.train_log.read_text().splitlines()]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
 
@@ -212,7 +226,8 @@ def _checkpoints(path) -> list[str]:
 
 def test_pruning_keeps_the_newest_checkpoints_of_this_run(tiny_workspace, tmp_path, capsys):
     """train.keep_checkpoints counts this run's checkpoints. Another run's (other data or params, in the same
-    persist: true directory) are never resumed, so they go, and never push this run's own out."""
+    persist: true directory) are never resumed here, so they are set aside whole under other-runs/, never
+    deleted, and never push this run's own out."""
     import shutil
 
     ws, params = tiny_workspace
@@ -224,10 +239,12 @@ def test_pruning_keeps_the_newest_checkpoints_of_this_run(tiny_workspace, tmp_pa
     assert _checkpoints(ckpts) == ["step_000300", "step_000400"]
     # a new run's first checkpoint sorts before the old run's: by name alone it was pruned at once
     save_checkpoint(ckpts, model, optimizer, scheduler, 100, "new-run", keep=2)
-    assert _checkpoints(ckpts) == ["step_000100"]
+    assert _checkpoints(ckpts) == ["other-runs", "step_000100"]
+    assert _checkpoints(ckpts / "other-runs" / "old-run") == ["step_000300", "step_000400"]
     for step in (200, 300):
         save_checkpoint(ckpts, model, optimizer, scheduler, step, "new-run", keep=2)
-    assert _checkpoints(ckpts) == ["step_000200", "step_000300"]
+    assert _checkpoints(ckpts) == ["other-runs", "step_000200", "step_000300"]
+    assert _checkpoints(ckpts / "other-runs" / "old-run") == ["step_000300", "step_000400"]
     # a newer checkpoint of another run (as an earlier lmforge left them) is passed over, not a reason
     # to start from scratch
     other = save_checkpoint(tmp_path / "other", model, optimizer, scheduler, 900, "old-run", keep=2)
@@ -375,3 +392,156 @@ def test_grad_accum_on_two_ranks_trains_as_one_batch_of_their_micro_batches(tiny
     trained = load_model(ws.model_dir).state_dict()
     for name, weight in model.state_dict().items():
         torch.testing.assert_close(trained[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_raising_max_steps_continues_the_run(tiny_workspace, capsys):
+    """A longer run of the same data and model, logging and checkpointing on another rhythm, is the same
+    run: it resumes from the last checkpoint and its steps continue."""
+    ws, params = tiny_workspace  # 10 steps, a checkpoint every 5
+    threads = torch.get_num_threads()
+    try:
+        train(params, ws)
+        write_overrides(ws.root, ["train.max_steps=16", "train.checkpoint_every=3", "train.eval_every=4"])
+        capsys.readouterr()
+        train(load_params(ws.root), ws)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "resuming from step_000010" in out and "steps 10 -> 16" in out, out[-2000:]
+    assert [r["step"] for r in read_train_log(ws.train_log)] == list(range(1, 17))
+    assert [p.name for p in sorted(ws.checkpoints_dir.glob("step_*"))] == ["step_000015", "step_000016"]
+    # shortened again: no checkpoint past the new end is resumed, the newest one before it is
+    write_overrides(ws.root, ["train.max_steps=15"])
+    try:
+        train(load_params(ws.root), ws)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "step_000016 is past train.max_steps (15): not resumed" in out and "resuming from step_000015" in out
+
+
+def _agree(rank: int, store_path: str, steps: list[int], errors) -> None:
+    from pipeline.train import Dist, agree_on_step
+
+    torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(store_path, 2), rank=rank,
+                                         world_size=2)  # fmt: skip
+    try:
+        agree_on_step(steps[rank], Dist(rank, rank, 2, torch.device("cpu")))
+        errors.put((rank, None))
+    except ConfigError as exc:
+        errors.put((rank, str(exc)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("steps", [[50, 50], [50, 0]])
+def test_ranks_agree_on_the_step_they_resumed_from(tmp_path, steps):
+    """Without a shared checkpoint directory, one node resumes and the other starts over: both stop at
+    once with the reason, instead of waiting forever at the first collective."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    errors = ctx.Queue()
+    procs = [ctx.Process(target=_agree, args=(r, str(tmp_path / "store"), steps, errors)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(errors.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+    if steps[0] == steps[1]:
+        assert results == {0: None, 1: None}
+    else:
+        for message in results.values():
+            assert message.startswith("the ranks resumed from different checkpoints (rank 0: step 50, rank 1: step 0)")
+            assert "a shared filesystem" in message
+
+
+def tiny_llama(path: Path, tokenizer_dir: Path, extra_vocab: int = 13) -> Path:
+    """A Llama of random weights with grouped-query attention, untied embeddings and a vocabulary larger
+    than its tokenizer (as real checkpoints pad theirs), saved with the tokenizer: a base to adapt."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(
+        vocab_size=len(tokenizer) + extra_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_lora_on_a_tiny_llama_under_two_rank_ddp(tiny_workspace, tmp_path):
+    """train.method: lora: the base stays bit for bit as it was, the adapters are the same on both ranks,
+    the checkpoints hold the adapters alone, and the merged model gives peft's own base + adapter logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.preprocess import preprocess
+
+    ws, _ = tiny_workspace
+    base = tiny_llama(tmp_path / "llama", ws.tokenizer_dir)
+    write_overrides(ws.root, [
+        f"model.base={base}", "train.method=lora", "train.lora.r=4", "train.lora.alpha=8", "train.nproc_per_node=2",
+        "train.max_steps=20", "train.lr=0.01", "train.min_lr=0.001", "train.eval_every=10", "train.checkpoint_every=10",
+    ])  # fmt: skip
+    preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, load_params(ws.root), base_dir=base)
+    proc = _launch(ws)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads((ws.model_dir / "train_summary.json").read_text())
+    assert summary["rank_weight_checksums"][0] == summary["rank_weight_checksums"][1]  # base + adapters, both ranks
+    checkpoint = load_file(ws.checkpoints_dir / "step_000020" / "model.safetensors")
+    assert checkpoint and all("lora_" in name for name in checkpoint), sorted(checkpoint)[:5]
+    trained = re.search(r"train: ([\d,]+) of ([\d,]+) params trained \(lora\)", out)
+    assert trained and int(trained[1].replace(",", "")) == sum(t.numel() for t in checkpoint.values())
+
+    merged = load_file(ws.model_dir / "model.safetensors")
+    original = load_file(base / "model.safetensors")
+    adapted = {name for name in original if any(m in name for m in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                       "gate_proj", "up_proj", "down_proj"))}  # fmt: skip
+    for name, tensor in original.items():
+        if name not in adapted:  # embeddings, norms, the head: never touched
+            assert torch.equal(merged[name], tensor), name
+    assert any(not torch.equal(merged[name], original[name]) for name in adapted)  # the adapters learnt
+    assert (ws.model_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((ws.model_dir / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+    x = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), ws.model_dir / "adapter")
+        expected = reference.eval()(input_ids=x).logits
+        got = AutoModelForCausalLM.from_pretrained(ws.model_dir).eval()(input_ids=x).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_activation_checkpointing_gives_the_same_gradients(tiny_workspace, method):
+    """Recomputing the blocks in backward changes memory, not math: one step's loss and gradients agree."""
+    from pipeline.model import FusedNextTokenLoss, with_lora
+
+    ws, params = tiny_workspace
+    batch = TokenWindows(load_shard(ws.shards_dir, "train"), 32).batch(4, 0, 0, 0, 0)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = build_model(params.model, 300, 0)
+        if method == "lora":
+            model = with_lora(model, params.train.lora).get_base_model()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        calls = []
+        model.base_model.h[0].attn.c_attn.register_forward_hook(lambda *_: calls.append(1))
+        loss = FusedNextTokenLoss(model)(batch)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        assert len(calls) == (2 if checkpointing else 1)  # the block ran again in backward
+    (plain_loss, plain), (ckpt_loss, ckpt) = grads
+    assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
+    assert plain.keys() == ckpt.keys() and all(torch.allclose(plain[n], ckpt[n], atol=1e-6) for n in plain)
