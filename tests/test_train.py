@@ -537,7 +537,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_workspace, metho
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         calls = []
-        model.base_model.h[0].attn.c_attn.register_forward_hook(lambda *_: calls.append(1))
+        model.base_model.h[0].attn.c_attn.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         loss = FusedNextTokenLoss(model)(batch)
         loss.backward()
         grads.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
