@@ -1,10 +1,12 @@
-"""Where model.base lives on this machine: a local Hugging Face directory, or an s3:// prefix downloaded
-once into the state dir. Torch-free: preprocess needs only the base's tokenizer."""
+"""Where model.base lives on this machine: a local Hugging Face directory, an s3:// prefix downloaded once
+into the state dir, or a Hugging Face Hub id (org/name, optionally @revision) downloaded once into the
+state dir's Hub cache. Torch-free: preprocess needs only the base's tokenizer."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,8 +35,32 @@ def resolve_base(base: str, ws: Workspace, params: Params) -> Path:
                 shutil.rmtree(partial, ignore_errors=True)
         return dest
     path = Path(base).expanduser()
-    if not path.is_dir():
+    if path.is_dir():
+        return path.resolve()
+    if HUB_ID.match(base):
+        return hub_snapshot(base, ws.state / "hub")
+    raise ConfigError(
+        f"model.base: {base} is not a directory, an s3://bucket/prefix or a Hugging Face Hub id (org/name[@revision])"
+    )
+
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+(@[\w./-]+)?$")
+# what a causal LM needs to load and to tokenize; never pickled weights
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+def hub_snapshot(base: str, cache: Path) -> Path:
+    """The Hub model's files at its revision (a commit, a tag or a branch; default main), fetched once with
+    huggingface_hub into cache. The directory's name is the commit it resolved to, which the lineage
+    records. With HF_HUB_OFFLINE=1 only a copy already in cache is used."""
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = base.partition("@")
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, cache_dir=cache, allow_patterns=HUB_FILES))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, auth, network: each says why
         raise ConfigError(
-            f"model.base: {base} is not a directory (give a local Hugging Face model dir or s3://bucket/prefix)"
-        )
-    return path.resolve()
+            f"model.base: {base} could not be fetched from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            f"With no network (or HF_HUB_OFFLINE=1) only a copy already in {cache} is used: download it where "
+            "there is one, or give a local directory or an s3:// prefix"
+        ) from None

@@ -39,7 +39,14 @@ def lineage(ws: Workspace, params: Params, decision: Decision, data_md5: str | N
     from pipeline.registry import git_sha
 
     metrics = decision.challenger
-    return {
+    base = {}
+    if params.model.base:  # a Hub base's snapshot directory is named for the commit it resolved to
+        from pipeline.base_model import HUB_ID, resolve_base
+
+        base["model_base"] = params.model.base
+        if HUB_ID.match(params.model.base) and not Path(params.model.base).expanduser().is_dir():
+            base["model_base_revision"] = resolve_base(params.model.base, ws, params).name
+    return base | {
         "data_md5": str(data_md5),
         "git_sha": str(git_sha(ws.root)),
         "params_hash": params_hash(params),

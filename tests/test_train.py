@@ -545,3 +545,44 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_workspace, metho
     (plain_loss, plain), (ckpt_loss, ckpt) = grads
     assert ckpt_loss == pytest.approx(plain_loss, rel=1e-6)
     assert plain.keys() == ckpt.keys() and all(torch.allclose(plain[n], ckpt[n], atol=1e-6) for n in plain)
+
+
+def test_a_hub_base_comes_from_the_hub_cache_and_offline_says_so(tiny_workspace):
+    """model.base as a Hub id (org/name[@revision]): fetched once into the state dir's Hub cache by
+    huggingface_hub. These machines have no network (the tests set HF_HUB_OFFLINE=1): an id that is not in
+    the cache is a clear error, and one that is resolves to its commit's snapshot, which training takes."""
+    import shutil
+
+    from pipeline.base_model import resolve_base
+
+    ws, params = tiny_workspace
+    threads = torch.get_num_threads()
+    try:
+        train(params, ws)  # a model to stand for the Hub's
+        with pytest.raises(ConfigError, match=r"model.base: acme/tiny-gpt could not be fetched .*HF_HUB_OFFLINE=1"):
+            resolve_base("acme/tiny-gpt", ws, params)
+        # the cache as huggingface_hub keeps it: the model at a commit, and main pointing at that commit
+        commit = "0123456789abcdef0123456789abcdef01234567"
+        snapshot = ws.state / "hub" / "models--acme--tiny-gpt" / "snapshots" / commit
+        shutil.copytree(ws.model_dir, snapshot)
+        (snapshot.parents[1] / "refs").mkdir()
+        (snapshot.parents[1] / "refs" / "main").write_text(commit)
+        assert resolve_base("acme/tiny-gpt", ws, params) == snapshot
+        assert resolve_base(f"acme/tiny-gpt@{commit}", ws, params) == snapshot
+        with pytest.raises(ConfigError, match="could not be fetched"):
+            resolve_base("acme/tiny-gpt@v9", ws, params)  # a revision the cache does not have
+        tuned = load_params(ws.root, ["model.base=acme/tiny-gpt", "train.max_steps=3"])
+        shutil.rmtree(ws.checkpoints_dir)
+        train(tuned, ws, base_dir=resolve_base(tuned.model.base, ws, tuned))
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((ws.model_dir / "train_summary.json").read_text())["steps"] == 3
+    # the lineage names the base and the commit it resolved to
+    from pipeline.contracts import Decision
+    from pipeline.package import lineage
+
+    figures = {f"{k}_perplexity": 1.0 for k in ("val", "test")} | {
+        k: 1.0 for k in ("val_bits_per_byte", "test_bits_per_byte", "bigram_val_bits_per_byte")
+    }
+    labels = lineage(ws, tuned, Decision(promote=True, reasons=[], challenger=figures, champion=None), None)
+    assert (labels["model_base"], labels["model_base_revision"]) == ("acme/tiny-gpt", commit)
