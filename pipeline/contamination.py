@@ -16,6 +16,7 @@ import hashlib
 import unicodedata
 from collections import Counter
 from collections.abc import Iterable
+from functools import cache, lru_cache
 
 import numpy as np
 import regex
@@ -56,6 +57,7 @@ def ngram_hashes(ids: np.ndarray, n: int, boundary: int) -> np.ndarray:
     return h[crossed[n:] == crossed[:count]]
 
 
+@cache
 def script_of(char: str) -> str:
     """The Unicode script a character's name starts with (LATIN, CYRILLIC, ...); CJK is Han."""
     word = unicodedata.name(char, "").split(" ", 1)[0]
@@ -66,34 +68,20 @@ def script_of(char: str) -> str:
     return word.capitalize()
 
 
-class Units:
-    """A document's units as stable 64-bit ids (the same in every process and engine), and its script."""
+@lru_cache(maxsize=1 << 21)  # a bound on memory, not on correctness
+def unit_id(unit: str) -> int:
+    """A stable 64-bit id (the same in every process and engine), never BOUNDARY."""
+    digest = hashlib.blake2b(unit.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") | 1
 
-    def __init__(self):
-        self._ids: dict[str, int] = {}
-        self._scripts: dict[str, str] = {}
 
-    def _id(self, unit: str) -> int:
-        found = self._ids.get(unit)
-        if found is None:
-            if len(self._ids) > 1 << 21:  # a bound on memory, not on correctness
-                self._ids.clear()
-            digest = hashlib.blake2b(unit.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-            found = self._ids[unit] = int.from_bytes(digest, "little") | 1
-        return found
-
-    def __call__(self, text: str) -> tuple[list[int], str]:
-        units = UNIT.findall(unicodedata.normalize("NFKC", text).casefold())
-        scripts = Counter(self._script(u[0]) for u in units)
-        if len(scripts) > 1:
-            scripts.pop(COMMON, None)
-        return [self._id(u) for u in units], (scripts.most_common(1)[0][0] if scripts else COMMON)
-
-    def _script(self, char: str) -> str:
-        found = self._scripts.get(char)
-        if found is None:
-            found = self._scripts[char] = script_of(char)
-        return found
+def units_of(text: str) -> tuple[list[int], str]:
+    """A document's units as ids, and its main script."""
+    units = UNIT.findall(unicodedata.normalize("NFKC", text).casefold())
+    scripts = Counter(script_of(u[0]) for u in units)
+    if len(scripts) > 1:
+        scripts.pop(COMMON, None)
+    return [unit_id(u) for u in units], (scripts.most_common(1)[0][0] if scripts else COMMON)
 
 
 class _NGrams:
@@ -125,14 +113,13 @@ class _NGrams:
 def contamination(held_out: Iterable[tuple[str, str]], train: Iterable[str], n: int, held_out_chars: int) -> dict:
     """The share of val and test word n-grams (GPT-3's check, n=13) that also occur in train, overall and by
     script. held_out yields (split, text); held_out_chars (their length) sets the sample rate."""
-    units = Units()
     # units never outnumber characters: a rate set from characters keeps at most HELD_OUT_SAMPLE n-grams
     rate = min(1.0, HELD_OUT_SAMPLE / max(held_out_chars, 1))
     cut = None if rate >= 1 else np.uint64(int(rate * 2**64))
 
     groups: dict[tuple[str, str], _NGrams] = {}  # (split, script) -> its n-grams
     for split, text in held_out:
-        ids, script = units(text)
+        ids, script = units_of(text)
         groups.setdefault((split, script), _NGrams(n, cut)).add(ids)
     held = {group: ngrams.unique(return_counts=True) for group, ngrams in groups.items()}
     wanted = sorted_unique(np.concatenate([np.empty(0, np.uint64), *(unique for unique, _ in held.values())]))
@@ -140,7 +127,7 @@ def contamination(held_out: Iterable[tuple[str, str]], train: Iterable[str], n: 
     # train streams past: each chunk keeps only what it shares with the held-out n-grams
     train_ngrams, found = _NGrams(n, cut), []
     for text in train:
-        train_ngrams.add(units(text)[0])
+        train_ngrams.add(units_of(text)[0])
         if train_ngrams.parts:
             found.append(np.intersect1d(wanted, sorted_unique(train_ngrams.parts.pop()), assume_unique=True))
     found.append(np.intersect1d(wanted, train_ngrams.unique(), assume_unique=True))

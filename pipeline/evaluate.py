@@ -150,8 +150,10 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     metrics: dict = {}
     scores: dict = {}
     eval_tokens, eval_seconds = 0, 0.0
-    for split in HELD_OUT:
-        texts = select_documents(manifest.held_out_texts(ws.shards_dir, split), cfg.max_bytes)
+    texts_by_split = {
+        split: select_documents(manifest.held_out_texts(ws.shards_dir, split), cfg.max_bytes) for split in HELD_OUT
+    }
+    for split, texts in texts_by_split.items():
         start = time.perf_counter()
         mine = score_documents(model, tokenizer, texts, cfg.batch_size, device)
         eval_seconds += time.perf_counter() - start
@@ -167,8 +169,8 @@ def evaluate(params: Params, ws: Workspace) -> dict:
             **split_figures("bigram_", split, baselines["bigram"]),
         }
         scores[split] = {"documents": mine.documents, "challenger": mine.to_dict()}
-        if base_dir is not None:  # a fine-tune must beat its base on the same bytes: the gate checks
-            theirs = score_model_dir(base_dir, texts, cfg.batch_size, device)
+    if base_dir is not None:  # a fine-tune must beat its base on the same bytes: the gate checks
+        for split, theirs in score_model_dir(base_dir, texts_by_split, cfg.batch_size, device).items():
             metrics[f"base_{split}_bits_per_byte"] = round(theirs.bits_per_byte, 6)
             scores[split]["base"] = theirs.to_dict()
     # Measured by preprocess: a figure on val/test n-grams that were also trained on is not evidence.

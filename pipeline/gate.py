@@ -133,10 +133,12 @@ def score_champion(champion: ChampionRecord, params: Params, ws: Workspace, scor
     model_dir = champion_model_dir(champion, params, ws)
     manifest = Manifest.read(ws.shards_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    theirs = {}
+    texts = {
+        split: select_documents(manifest.held_out_texts(ws.shards_dir, split), params.evaluate.max_bytes)
+        for split in HELD_OUT
+    }
+    theirs = score_model_dir(model_dir, texts, params.evaluate.batch_size, device)
     for split in HELD_OUT:
-        texts = select_documents(manifest.held_out_texts(ws.shards_dir, split), params.evaluate.max_bytes)
-        theirs[split] = score_model_dir(model_dir, texts, params.evaluate.batch_size, device)
         if theirs[split].documents != scores[split]["documents"]:
             raise ArtifactError(f"{ws.eval_dir / SCORES_FILE} scored other {split} documents; run evaluate again")
     return model_dir, theirs

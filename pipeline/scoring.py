@@ -143,14 +143,17 @@ def score_documents(model, tokenizer, texts: list[str], batch_size: int, device:
     )
 
 
-def score_model_dir(model_dir: Path, texts: list[str], batch_size: int, device: torch.device) -> DocScores:
-    """A saved model (a champion, a base) scored with its own tokenizer and context."""
+def score_model_dir(
+    model_dir: Path, texts: dict[str, list[str]], batch_size: int, device: torch.device
+) -> dict[str, DocScores]:
+    """A saved model (a champion, a base), loaded once, scored on each split's documents with its own
+    tokenizer and context."""
     from transformers import AutoTokenizer
 
     from pipeline.model import load_model
 
-    model = load_model(model_dir).to(device)
-    return score_documents(model, AutoTokenizer.from_pretrained(model_dir), texts, batch_size, device)
+    model, tokenizer = load_model(model_dir).to(device), AutoTokenizer.from_pretrained(model_dir)
+    return {split: score_documents(model, tokenizer, docs, batch_size, device) for split, docs in texts.items()}
 
 
 def paired_difference(

@@ -38,6 +38,7 @@ def run_tasks(model_dir: Path, rules: list[TaskRule], root: Path, batch_size: in
     if not rules:
         return {}
     import lm_eval
+    import torch
     from lm_eval.tasks import TaskManager
 
     names = task_names(rules, root)
@@ -49,7 +50,7 @@ def run_tasks(model_dir: Path, rules: list[TaskRule], root: Path, batch_size: in
             model_args={"pretrained": str(model_dir), "dtype": "float32"},
             tasks=sorted(set(names.values())),
             task_manager=TaskManager(include_path=folders, include_defaults=False),
-            device="cuda" if _cuda() else "cpu",
+            device="cuda" if torch.cuda.is_available() else "cpu",
             batch_size=batch_size,
             log_samples=False,
             verbosity="ERROR",
@@ -61,12 +62,6 @@ def run_tasks(model_dir: Path, rules: list[TaskRule], root: Path, batch_size: in
                    if "," in key and not key.split(",", 1)[0].endswith("_stderr")}  # fmt: skip
         found[file] = {"task": task, "metrics": metrics, "higher_is_better": results["higher_is_better"][task]}
     return found
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def judge(rule: TaskRule, challenger: dict, champion: dict | None) -> list[tuple[bool, str]]:
