@@ -1,4 +1,6 @@
 """Checkpoints: <dir>/step_000100/{model.safetensors, state.pt}, written beside and renamed into place.
+An FSDP run's checkpoint holds sharded/ (torch.distributed.checkpoint: each rank's shards of the weights
+and the optimizer) instead of model.safetensors, and resumes on the same world size.
 
 A checkpoint holds the weights (safetensors), the optimizer, the scheduler, every rank's RNG states, the
 step and the run's fingerprint, so a restarted run continues exactly, and never from another run's
@@ -46,29 +48,45 @@ def restore_rng(state: dict) -> None:
 OTHER_RUNS = "other-runs"  # under the checkpoint dir: other runs' checkpoints, set aside by fingerprint
 
 
+SHARDED = "sharded"  # in a checkpoint of an FSDP run: the weights and optimizer state, one file per rank
+
+
 def save_checkpoint(
     ckpt_dir: Path, model, optimizer, scheduler, step: int, fingerprint: str, keep: int,
-    rng: list[dict] | None = None,
+    rng: list[dict] | None = None, rank: int = 0, sharded: bool = False,
 ) -> Path:  # fmt: skip
-    """rng: every rank's RNG states, in rank order (capture_rng on each); None: this process's alone."""
+    """rng: every rank's RNG states, in rank order (capture_rng on each); None: this process's alone.
+
+    Unsharded (DDP, one process), rank 0 alone calls this. Sharded (FSDP), every rank calls it and writes
+    its shards with torch.distributed.checkpoint; rank 0 writes the rest and renames it into place."""
     from safetensors.torch import save_file, save_model
 
     final = ckpt_dir / f"step_{step:06d}"
     tmp = ckpt_dir / f".tmp-step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    trainable = trainable_weights(model)
-    if trainable is None:
-        save_model(model, str(tmp / "model.safetensors"))  # handles GPT-2's tied embedding weights
-    else:  # the base is frozen: the adapters alone, a small checkpoint
-        save_file(trainable, str(tmp / "model.safetensors"))
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        torch.distributed.barrier()  # the directory exists before any rank writes into it
+        dcp.save(sharded_state(model, optimizer), checkpoint_id=tmp / SHARDED)  # returns once all ranks wrote
+        if rank != 0:
+            return final
+    else:
+        trainable = trainable_weights(model)
+        if trainable is None:
+            save_model(model, str(tmp / "model.safetensors"))  # handles GPT-2's tied embedding weights
+        else:  # the base is frozen: the adapters alone, a small checkpoint
+            save_file(trainable, str(tmp / "model.safetensors"))
     state = {
         "step": step,
         "fingerprint": fingerprint,
-        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng or [capture_rng()],
     }
+    if not sharded:
+        state["optimizer"] = optimizer.state_dict()
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -106,11 +124,36 @@ def trainable_weights(model) -> dict[str, torch.Tensor] | None:
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def sharded_options():
+    """This rank's shards, frozen weights left out (a LoRA run's base is not the checkpoint's to keep)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)
+
+
+def sharded_state(model, optimizer) -> dict:
+    """The model's and optimizer's state as this rank's shards (DTensors), for torch.distributed.checkpoint."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=sharded_options())
+    return {"model": model_state, "optimizer": optimizer_state}
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Load one checkpoint into model/optimizer/scheduler; raises on any damage."""
     from safetensors.torch import load_file, load_model
 
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    if (path / SHARDED).is_dir():  # every rank reads its own shards
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        shards = sharded_state(model, optimizer)
+        dcp.load(shards, checkpoint_id=path / SHARDED)
+        set_state_dict(model, optimizer, model_state_dict=shards["model"], optim_state_dict=shards["optimizer"],
+                       options=sharded_options())  # fmt: skip
+        scheduler.load_state_dict(state["scheduler"])
+        return state
     device = str(next(model.parameters()).device)
     trainable = trainable_weights(model)
     if trainable is None:

@@ -194,6 +194,9 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     compile: bool = False
     method: Literal["full", "lora"] = "full"  # lora: train adapters only (train.lora), the base frozen
+    # ddp: every rank holds the whole model; fsdp: parameters, gradients and optimizer state sharded across
+    # the ranks (FSDP2), checkpoints sharded too
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     lora: LoraConfig = LoraConfig()
     # recompute each block's activations in backward instead of keeping them (non-reentrant, which
     # DDP with LoRA needs): memory for compute
@@ -205,6 +208,9 @@ class TrainConfig(Section):
             raise ValueError(f"min_lr ({self.min_lr}) exceeds lr ({self.lr})")
         if self.nnodes > 1 and self.rdzv_endpoint.endswith(":0"):
             raise ValueError("multi-node needs a fixed rdzv_endpoint host:port that every node can reach")
+        if self.strategy == "fsdp" and self.nproc_per_node * self.nnodes < 2:
+            raise ValueError("strategy fsdp shards the model across ranks: it needs nproc_per_node x nnodes >= 2 "
+                             "(one rank holds the whole model anyway: use ddp)")  # fmt: skip
         return self
 
 

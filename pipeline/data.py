@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError
-from pipeline.model import autocast_for, next_token_loss, no_padding
+from pipeline.model import NextTokenLoss, autocast_for
 
 
 class TokenWindows:
@@ -56,17 +56,18 @@ def fixed_windows(shards: list[np.ndarray], block_size: int, limit: int | None) 
 
 
 @torch.no_grad()
-def mean_loss(model, windows: torch.Tensor, batch_size: int, device: torch.device) -> tuple[float, int]:
-    """Token-weighted mean cross-entropy over the windows, and how many tokens it covers."""
-    was_training = model.training
-    model.eval()
+def mean_loss(loss: NextTokenLoss, windows: torch.Tensor, batch_size: int, device: torch.device) -> tuple[float, int]:
+    """Token-weighted mean next-token cross-entropy over the windows (`loss`: a model's NextTokenLoss, or
+    the module wrapping it), and how many tokens it covers."""
+    was_training = loss.training
+    loss.eval()
     total, count = 0.0, 0
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size].to(device)
         with autocast_for(device):
-            loss = next_token_loss(model(input_ids=batch, attention_mask=no_padding(batch)).logits, batch)
+            value = loss(batch)
         n = batch.numel() - len(batch)  # each window predicts all but its first token
-        total += loss.item() * n
+        total += value.item() * n
         count += n
-    model.train(was_training)
+    loss.train(was_training)
     return total / count, count

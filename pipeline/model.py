@@ -16,8 +16,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int, base_dir: 
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
     if base_dir is not None:
+        # fp32 weights whatever the checkpoint's dtype: AdamW's updates and moments need them (bf16 runs
+        # under autocast or FSDP's mixed precision)
         model = AutoModelForCausalLM.from_pretrained(
-            base_dir, attn_implementation="sdpa", use_safetensors=True
+            base_dir, attn_implementation="sdpa", use_safetensors=True, dtype=torch.float32
         )
         if model.get_input_embeddings().num_embeddings < vocab_size:
             raise ConfigError(f"model.base: its vocabulary is smaller than the tokenizer's ({vocab_size})")
@@ -54,6 +56,19 @@ def with_lora(model, cfg: LoraConfig):
     )  # fmt: skip
 
 
+def transformer_blocks(model) -> list[torch.nn.Module]:
+    """The model's repeated blocks, one FSDP unit each: the classes transformers never splits across
+    devices (`_no_split_modules`), else the entries of its longest ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ConfigError(f"train.strategy=fsdp: no transformer blocks found in {type(model).__name__}")
+    return list(max(lists, key=len))
+
+
 # ---------------------------------------------------------------------------------------------
 # the training loss without the logits tensor
 #
@@ -74,9 +89,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         valid = targets != -100
         n_valid = valid.sum().clamp(min=1)
         safe = targets.clamp(min=0)
-        grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         exact = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits go up to fp32
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # none in validation
+        # summed over every chunk: in fp32, or bf16 weights (FSDP's mixed precision) would lose the small ones
+        grad_weight = torch.zeros_like(weight, dtype=exact) if ctx.needs_input_grad[1] else None
         total = hidden.new_zeros((), dtype=exact)
         scale = valid.to(exact) / n_valid  # each row's share of the mean; 0 for ignored rows
         for start in range(0, hidden.shape[0], chunk_rows):
@@ -89,18 +105,19 @@ class LinearCrossEntropy(torch.autograd.Function):
             # d(mean loss)/d(logits) = (softmax - one_hot) x share, built in place over the logits
             grad = logits.sub_(lse[:, None]).exp_()
             grad[torch.arange(len(h), device=h.device), safe[rows]] -= 1.0
-            grad = grad.mul_(scale[rows, None]).to(h.dtype)
-            grad_hidden[rows] = grad @ weight.to(h.dtype)
+            grad = grad.mul_(scale[rows, None])
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad.to(h.dtype) @ weight.to(h.dtype)
             if grad_weight is not None:
-                grad_weight.addmm_(grad.t().to(weight.dtype), h.to(weight.dtype))
-        ctx.save_for_backward(grad_hidden, grad_weight)
+                grad_weight.addmm_(grad.t(), h.to(exact))
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         return total / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         return (
-            grad_hidden * grad_loss,
+            None if grad_hidden is None else grad_hidden * grad_loss,
             None if grad_weight is None else grad_weight * grad_loss,
             None,
             None,

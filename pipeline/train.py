@@ -1,4 +1,4 @@
-"""Train: token shards -> a causal LM, with DDP under torchrun.
+"""Train: token shards -> a causal LM, with DDP or FSDP2 under torchrun.
 
 `python -m pipeline.train` outside torchrun checks what every rank would check, then launches torchrun
 with the settings in params (that is the DVC stage's command); inside torchrun it is one rank. gloo on
@@ -19,7 +19,7 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,6 +40,7 @@ from pipeline.model import (
     compiled,
     count_parameters,
     training_loss,
+    transformer_blocks,
     with_lora,
 )
 from pipeline.shards import load_shard
@@ -75,23 +76,28 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
     if adapted is not None:
         model = adapted.get_base_model()  # the model's own modules, the adapters inside them
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    trained, total = count_parameters(model, trainable=True), count_parameters(model)
+    flops_tok = flops_per_token(model, mcfg)
+    loss_module, loss_kind = agreed_loss(model, val_windows[:2].to(dist.device), dist)
+    wrapper = parallelize(loss_module, model, cfg, dist)  # FSDP shards in place: count and probe before
     seed_everything(cfg.seed + dist.rank)  # from here on each rank draws its own dropout masks
     optimizer, scheduler = build_optimizer(model, cfg, dist.device)
     fingerprint = run_fingerprint(params, ws.shards_dir)
     step = resume_latest(ws.checkpoints_dir, fingerprint, model, optimizer, scheduler, log, dist.rank, cfg.max_steps)
     agree_on_step(step, dist)
-    loss_module, loss_kind = agreed_loss(model, val_windows[:2].to(dist.device), dist)
-    ddp = torch.nn.parallel.DistributedDataParallel(loss_module) if dist.world_size > 1 else loss_module
-    forward = compiled(ddp) if cfg.compile else ddp
+    forward = compiled(wrapper) if cfg.compile else wrapper
+    sharded = cfg.strategy == "fsdp"
+    # validation runs on the unwrapped module (DDP would wait for the other ranks), or on every rank (FSDP
+    # gathers each block's shards from all of them)
+    validator = loss_module if not sharded else wrapper
 
     tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * dist.world_size
     peak = peak_flops(dist.device, dist.world_size)  # every rank at once: see pipeline.throughput
-    flops_tok = flops_per_token(model, mcfg)
     if dist.is_main:
         truncate_log(ws.train_log, step)
-        log(f"train: {count_parameters(model, trainable=True):,} of {count_parameters(model):,} params trained "
-            f"({cfg.method}), {dist.world_size} x {dist.device.type}, {tokens_per_step:,} tokens/step, "
+        log(f"train: {trained:,} of {total:,} params trained ({cfg.method}, {cfg.strategy}), "
+            f"{dist.world_size} x {dist.device.type}, {tokens_per_step:,} tokens/step, "
             f"steps {step} -> {cfg.max_steps}; loss: {loss_kind}")  # fmt: skip
 
     model.train()
@@ -101,15 +107,15 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
     )  # fmt: skip
     tick = time.perf_counter()
     while step < cfg.max_steps:
-        loss = train_step(forward, ddp, model, optimizer, scheduler, windows, cfg, step, dist)
+        loss = train_step(forward, wrapper, model, optimizer, scheduler, windows, cfg, step, dist)
         step += 1
 
         now = time.perf_counter()
         tok_s, tick = tokens_per_step / (now - tick), now
         record = {"step": step, "train_loss": round(loss, 5), "lr": scheduler.get_last_lr()[0],
                   "tokens_per_s": round(tok_s)}  # fmt: skip
-        if dist.is_main and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-            record["val_loss"] = round(mean_loss(model, val_windows, cfg.batch_size, dist.device)[0], 5)
+        if (dist.is_main or sharded) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            record["val_loss"] = round(mean_loss(validator, val_windows, cfg.batch_size, dist.device)[0], 5)
             tick = time.perf_counter()  # evaluation time is not training throughput
         if dist.is_main:
             record["mfu"] = round(mfu(tok_s, flops_tok, peak), 4)
@@ -121,37 +127,40 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
                 fh.write(json.dumps(record) + "\n")
         if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
             rng = every_rank_rng(dist)
-            if dist.is_main:
-                save_checkpoint(
-                    ws.checkpoints_dir, model, optimizer, scheduler, step, fingerprint, cfg.keep_checkpoints, rng
-                )
+            if dist.is_main or sharded:
+                save_checkpoint(ws.checkpoints_dir, model, optimizer, scheduler, step, fingerprint,
+                                cfg.keep_checkpoints, rng, dist.rank, sharded)  # fmt: skip
             if dist.world_size > 1:
                 torch.distributed.barrier()  # no rank runs ahead of a checkpoint it may need to resume from
             tick = time.perf_counter()  # nor is checkpoint I/O
     bar.close()
 
-    checksums = rank_checksums(model, dist)  # DDP must leave every rank with the same weights
+    if sharded:  # rank 0 gets a whole copy to export; there are no replicas to compare
+        model, adapted = gathered_copy(model, params, manifest, base_dir, dist)
+        checksums = [weight_sum(model)] if dist.is_main else []
+    else:
+        checksums = rank_checksums(model, dist)  # DDP must leave every rank with the same weights
     summary = None
     if dist.is_main:
         summary = export(model, ws, checksums, adapted)
         log(f"train: final model in {ws.model_dir}")
     if dist.world_size > 1:
-        del forward, ddp  # see end_process_group
+        del forward, wrapper, validator, loss_module  # see end_process_group
         end_process_group()
     return summary
 
 
-def train_step(forward, ddp, model, optimizer, scheduler, windows: TokenWindows, cfg: TrainConfig, step: int,
+def train_step(forward, wrapper, model, optimizer, scheduler, windows: TokenWindows, cfg: TrainConfig, step: int,
                dist: Dist) -> float:  # fmt: skip
     """One optimizer step over grad_accum micro-batches; the loss averaged over every rank."""
     loss_sum = torch.zeros((), device=dist.device)
     for micro in range(cfg.grad_accum):
         batch = windows.batch(cfg.batch_size, cfg.seed, step, micro, dist.rank).to(dist.device)
         # Gradients sync once per optimizer step, on the last micro-step only.
-        sync = micro == cfg.grad_accum - 1 or dist.world_size == 1
-        with nullcontext() if sync else ddp.no_sync(), autocast_for(dist.device):
-            loss = forward(batch) / cfg.grad_accum
-        loss.backward()
+        with gradient_sync(wrapper, micro == cfg.grad_accum - 1):
+            with autocast_for(dist.device):
+                loss = forward(batch) / cfg.grad_accum
+            loss.backward()
         loss_sum += loss.detach()
     if cfg.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -162,6 +171,25 @@ def train_step(forward, ddp, model, optimizer, scheduler, windows: TokenWindows,
         torch.distributed.all_reduce(loss_sum)  # gloo has no AVG: sum, then divide
         loss_sum /= dist.world_size
     return loss_sum.item()
+
+
+@contextmanager
+def gradient_sync(wrapper, sync: bool):
+    """Within it, backward syncs gradients across the ranks only if `sync`: DDP's no_sync, FSDP2's
+    set_requires_gradient_sync (read in backward, so backward runs inside)."""
+    if sync:
+        yield
+    elif isinstance(wrapper, torch.nn.parallel.DistributedDataParallel):
+        with wrapper.no_sync():
+            yield
+    elif hasattr(wrapper, "set_requires_gradient_sync"):  # an FSDPModule
+        wrapper.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapper.set_requires_gradient_sync(True)
+    else:  # one process: nothing to sync
+        yield
 
 
 def seed_everything(seed: int) -> None:
@@ -209,17 +237,59 @@ def agreed_loss(model, sample: torch.Tensor, dist: Dist) -> tuple[NextTokenLoss,
     return loss_module, loss_kind
 
 
+def weight_sum(model) -> float:
+    with torch.no_grad():
+        return torch.stack([p.double().sum() for p in model.parameters()]).sum().item()
+
+
 def rank_checksums(model, dist: Dist) -> list[float]:
     """Every rank's sum of its weights: equal when DDP did its job (checked, not trusted)."""
-    with torch.no_grad():
-        checksum = (
-            torch.stack([p.double().sum() for p in model.parameters()]).sum().reshape(1).to(dist.device)
-        )
     if dist.world_size == 1:
-        return [checksum.item()]
+        return [weight_sum(model)]
+    checksum = torch.tensor([weight_sum(model)], dtype=torch.float64, device=dist.device)
     checksums = [torch.zeros_like(checksum) for _ in range(dist.world_size)]
     torch.distributed.all_gather(checksums, checksum)
     return [c.item() for c in checksums]
+
+
+# ---------------------------------------------------------------------------------------------
+# replicas (DDP) or shards (FSDP2)
+
+
+def parallelize(loss_module: NextTokenLoss, model, cfg: TrainConfig, dist: Dist) -> torch.nn.Module:
+    """The loss module as the ranks train it: alone, wrapped in DDP, or sharded in place with FSDP2.
+
+    FSDP2 shards each transformer block, then the loss module as the root, which holds what is left (the
+    embeddings, the final norm, the head). The root, not the model, because the fused loss calls the
+    model's body and head apart: the root's hooks gather them for the whole loss either way."""
+    if cfg.strategy == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(loss_module) if dist.world_size > 1 else loss_module
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))  # explicit: the default is CUDA's
+    bf16 = dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    options = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
+    for block in transformer_blocks(model):
+        fully_shard(block, **options)
+    return fully_shard(loss_module, **options)
+
+
+def gathered_copy(model, params: Params, manifest: Manifest, base_dir: Path | None, dist: Dist):
+    """Rank 0's whole, unsharded copy of an FSDP model (and its peft wrapper for a LoRA run), to export;
+    (None, None) on the other ranks. Every rank takes part in the gather."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not dist.is_main:
+        return None, None
+    copy = build_model(params.model, manifest.vocab_size, manifest.eos_token_id, base_dir)
+    adapted = with_lora(copy, params.train.lora) if params.train.method == "lora" else None
+    if adapted is not None:
+        copy = adapted.get_base_model()
+    copy.load_state_dict(weights)
+    return copy, adapted
 
 
 # ---------------------------------------------------------------------------------------------

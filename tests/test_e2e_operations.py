@@ -65,7 +65,7 @@ def test_the_flow_run_shows_every_stage_its_logs_and_artifacts(operated):
         f"{api_url}/logs/filter", {"logs": {"task_run_id": {"any_": [train_task["id"]]}}, "limit": 200}
     )
     messages = [entry["message"] for entry in logs]
-    assert any(m.startswith("train: ") and "params trained (full), 2 x cpu" in m for m in messages), messages[:20]
+    assert any(m.startswith("train: ") and "params trained (full, ddp), 2 x cpu" in m for m in messages), messages[:20]
 
     artifacts = api(f"{api_url}/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run["id"]]}}})
     by_key = {a["key"]: a for a in artifacts}

@@ -95,9 +95,11 @@ KILL_RUN = [
 
 
 @pytest.mark.slow
-def test_killed_rank_restarts_and_resumes(tiny_workspace):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_killed_rank_restarts_and_resumes(tiny_workspace, strategy):
+    """fsdp: every rank reloads its own shards of the weights and optimizer from the sharded checkpoint."""
     ws, _ = tiny_workspace
-    write_overrides(ws.root, KILL_RUN)
+    write_overrides(ws.root, [*KILL_RUN, f"train.strategy={strategy}"])
 
     # The reference: the same params and seed, never interrupted.
     proc = _launch(ws, start_new_session=True)
@@ -186,7 +188,7 @@ def test_two_nodes_train_together_and_both_resume_when_one_loses_its_rank(tiny_w
     both = "".join(outs)
     assert sum("failed (exitcode: -9)" in out for out in outs) == 1  # the killed rank's agent saw it die
     # rank 0, on the other node, was restarted too: it started twice, and the second time resumed
-    assert both.count("params trained (full), 2 x cpu") == 2 and "resuming from step_" in both, both[-3000:]
+    assert both.count("params trained (full, ddp), 2 x cpu") == 2 and "resuming from step_" in both, both[-3000:]
     assert [r["step"] for r in _log(ws)] == list(range(1, 201))  # one curve: no gap, no repeat
     summary = json.loads((ws.model_dir / "train_summary.json").read_text())
     assert summary["world_size"] == 2

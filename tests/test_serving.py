@@ -573,6 +573,7 @@ def test_lm_evaluation_harness_runs_against_the_server(server, trained, tmp_path
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.data import mean_loss
+    from pipeline.model import NextTokenLoss
 
     ws, _ = trained
     tokenizer = AutoTokenizer.from_pretrained(ws.model_dir)
@@ -604,7 +605,7 @@ def test_lm_evaluation_harness_runs_against_the_server(server, trained, tmp_path
     total_ll, total_tokens = 0.0, 0
     for doc in ppl_docs:
         window = torch.tensor([[eos, *tokenizer(doc)["input_ids"]]])
-        loss, count = mean_loss(model, window, 1, torch.device("cpu"))
+        loss, count = mean_loss(NextTokenLoss(model), window, 1, torch.device("cpu"))
         total_ll, total_tokens = total_ll - loss * count, total_tokens + count
     harness_ll = sum(float(np.ravel(s["filtered_resps"])[0]) for s in samples("lmforge_ppl"))
     lmforge_ppl, harness_ppl = math.exp(-total_ll / total_tokens), math.exp(-harness_ll / total_tokens)

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -198,6 +199,38 @@ def test_two_process_ddp_keeps_ranks_identical_and_learns(tiny_workspace):
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
     losses = [json.loads(line)["train_loss"] for line in ws.train_log.read_text().splitlines()]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+@pytest.mark.slow
+def test_fsdp_trains_as_ddp_does_and_checkpoints_in_shards(tiny_workspace):
+    """train.strategy=fsdp on 2 ranks (FSDP2: each block and the root sharded): the same losses as DDP on
+    the same data, step for step, and the same final weights; its checkpoints hold each rank's shards."""
+    ws, _ = tiny_workspace
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        write_overrides(ws.root, [f"train.strategy={strategy}", "train.nproc_per_node=2", "train.max_steps=8",
+                                  "train.eval_every=4", "train.checkpoint_every=4", "train.grad_accum=2"])  # fmt: skip
+        proc = _launch(ws)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out[-3000:]
+        assert f"params trained (full, {strategy})" in out
+        runs[strategy] = (read_train_log(ws.train_log), load_model(ws.model_dir).state_dict())
+        if strategy == "fsdp":
+            step = ws.checkpoints_dir / "step_000008"
+            assert not (step / "model.safetensors").exists()
+            assert len(list((step / "sharded").glob("*.distcp"))) == 2  # one file of shards per rank
+            summary = json.loads((ws.model_dir / "train_summary.json").read_text())
+            assert summary["world_size"] == 2 and len(summary["rank_weight_checksums"]) == 1
+        for path in (ws.checkpoints_dir, ws.model_dir):
+            shutil.rmtree(path)
+        ws.train_log.unlink()
+    (ddp_log, ddp_weights), (fsdp_log, fsdp_weights) = runs["ddp"], runs["fsdp"]
+    assert [r["step"] for r in fsdp_log] == list(range(1, 9))
+    for key in ("train_loss", "val_loss"):
+        assert [r.get(key) for r in fsdp_log] == pytest.approx([r.get(key) for r in ddp_log], abs=1e-4), key
+    assert ddp_weights.keys() == fsdp_weights.keys()
+    for name, weight in ddp_weights.items():
+        torch.testing.assert_close(fsdp_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_fine_tune_from_a_local_base_model(tiny_workspace, tmp_path):
@@ -475,9 +508,11 @@ def tiny_llama(path: Path, tokenizer_dir: Path, extra_vocab: int = 13) -> Path:
 
 
 @pytest.mark.slow
-def test_lora_on_a_tiny_llama_under_two_rank_ddp(tiny_workspace, tmp_path):
-    """train.method: lora: the base stays bit for bit as it was, the adapters are the same on both ranks,
-    the checkpoints hold the adapters alone, and the merged model gives peft's own base + adapter logits."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_lora_on_a_tiny_llama_on_two_ranks(tiny_workspace, tmp_path, strategy):
+    """train.method: lora: the base stays bit for bit as it was, the adapters are the same on both ranks
+    (ddp; fsdp keeps one sharded copy), the checkpoints hold the adapters alone, and the merged model gives
+    peft's own base + adapter logits."""
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -489,17 +524,27 @@ def test_lora_on_a_tiny_llama_under_two_rank_ddp(tiny_workspace, tmp_path):
     write_overrides(ws.root, [
         f"model.base={base}", "train.method=lora", "train.lora.r=4", "train.lora.alpha=8", "train.nproc_per_node=2",
         "train.max_steps=20", "train.lr=0.01", "train.min_lr=0.001", "train.eval_every=10", "train.checkpoint_every=10",
+        f"train.strategy={strategy}",
     ])  # fmt: skip
     preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, load_params(ws.root), base_dir=base)
     proc = _launch(ws)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     summary = json.loads((ws.model_dir / "train_summary.json").read_text())
-    assert summary["rank_weight_checksums"][0] == summary["rank_weight_checksums"][1]  # base + adapters, both ranks
-    checkpoint = load_file(ws.checkpoints_dir / "step_000020" / "model.safetensors")
-    assert checkpoint and all("lora_" in name for name in checkpoint), sorted(checkpoint)[:5]
-    trained = re.search(r"train: ([\d,]+) of ([\d,]+) params trained \(lora\)", out)
-    assert trained and int(trained[1].replace(",", "")) == sum(t.numel() for t in checkpoint.values())
+    trained = re.search(rf"train: ([\d,]+) of ([\d,]+) params trained \(lora, {strategy}\)", out)
+    assert trained, out[-3000:]
+    if strategy == "ddp":
+        assert summary["rank_weight_checksums"][0] == summary["rank_weight_checksums"][1]  # base + adapters
+        checkpoint = load_file(ws.checkpoints_dir / "step_000020" / "model.safetensors")
+        names, sizes = list(checkpoint), [t.numel() for t in checkpoint.values()]
+    else:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        metadata = FileSystemReader(ws.checkpoints_dir / "step_000020" / "sharded").read_metadata()
+        weights = {k: v for k, v in metadata.state_dict_metadata.items() if k.startswith("model.")}
+        names, sizes = list(weights), [v.size.numel() for v in weights.values()]
+    assert names and all("lora_" in name for name in names), sorted(names)[:5]
+    assert int(trained[1].replace(",", "")) == sum(sizes)
 
     merged = load_file(ws.model_dir / "model.safetensors")
     original = load_file(base / "model.safetensors")
@@ -534,7 +579,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tiny_workspace, metho
         if method == "lora":
             model = with_lora(model, params.train.lora).get_base_model()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         calls = []
         model.base_model.h[0].attn.c_attn.register_forward_hook(lambda *_, calls=calls: calls.append(1))
