@@ -242,6 +242,41 @@ def tiny_workspace(tiny_template, tmp_path, monkeypatch):
     return Workspace(root), load_params(root)
 
 
+# Tiny random-weight models of real architectures, as bases to adapt. Between them: tied and untied
+# embeddings, grouped-query attention, attention biases, a sliding window, parallel residuals, partial
+# rotary embeddings, and vocabularies larger than the tokenizer (as real checkpoints pad theirs).
+TINY_BASES = {
+    "llama": ("LlamaConfig", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
+    "qwen2": ("Qwen2Config", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", {"num_key_value_heads": 1, "sliding_window": 16, "tie_word_embeddings": False}),
+    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.5, "use_parallel_residual": True, "tie_word_embeddings": False}),
+    "gpt2": ("GPT2Config", {"n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 4}),
+}
+
+
+def tiny_base(kind: str, path: Path, tokenizer_dir: Path, extra_vocab: int = 13) -> Path:
+    """A TINY_BASES model of random weights saved (safetensors) with the tokenizer: a base to adapt."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    eos = tokenizer.eos_token_id
+    config_class, own = TINY_BASES[kind]
+    common = {} if kind == "gpt2" else {
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "max_position_embeddings": 64,
+    }  # fmt: skip
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer) + extra_vocab, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+        **common, **own,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 PROMPT = "the quick brown"
 # long enough for the tiny model to pass the real gate (beat the bigram), still seconds on a CPU
 SERVING = [

@@ -20,6 +20,7 @@ from pipeline.data import TokenWindows
 from pipeline.model import build_model, load_model
 from pipeline.shards import load_shard
 from pipeline.train import build_optimizer, lr_at, train
+from tests.conftest import tiny_base
 
 TRAIN = resolve_params(
     {}, ["train.lr=0.01", "train.min_lr=0.001", "train.warmup_steps=10", "train.max_steps=110"]
@@ -489,24 +490,6 @@ def test_ranks_agree_on_the_step_they_resumed_from(tmp_path, steps):
             assert "a shared filesystem" in message
 
 
-def tiny_llama(path: Path, tokenizer_dir: Path, extra_vocab: int = 13) -> Path:
-    """A Llama of random weights with grouped-query attention, untied embeddings and a vocabulary larger
-    than its tokenizer (as real checkpoints pad theirs), saved with the tokenizer: a base to adapt."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    eos = tokenizer.eos_token_id
-    config = LlamaConfig(
-        vocab_size=len(tokenizer) + extra_vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_lora_on_a_tiny_llama_on_two_ranks(tiny_workspace, tmp_path, strategy):
@@ -520,7 +503,7 @@ def test_lora_on_a_tiny_llama_on_two_ranks(tiny_workspace, tmp_path, strategy):
     from pipeline.preprocess import preprocess
 
     ws, _ = tiny_workspace
-    base = tiny_llama(tmp_path / "llama", ws.tokenizer_dir)
+    base = tiny_base("llama", tmp_path / "llama", ws.tokenizer_dir)
     write_overrides(ws.root, [
         f"model.base={base}", "train.method=lora", "train.lora.r=4", "train.lora.alpha=8", "train.nproc_per_node=2",
         "train.max_steps=20", "train.lr=0.01", "train.min_lr=0.001", "train.eval_every=10", "train.checkpoint_every=10",
