@@ -1,6 +1,6 @@
 """The retraining flow: thin Prefect wiring around the stages in pipeline/.
 
-check-storage -> ingest -> validate -> preprocess -> train -> evaluate -> gate -> package -> push -> publish
+check-storage -> ingest -> base -> validate -> preprocess -> train -> evaluate -> gate -> package -> push -> publish
 
 The DVC stages run through `dvc repro <stage>`, one Prefect task each, so DVC owns the DAG and its
 caching, and the UI shows every stage with its logs. The flow adds new data, retries where a retry can
@@ -80,7 +80,7 @@ def stage_task(stage: str, ws: Workspace, up_to_date: bool) -> None:
 # Training retries once: the retry resumes from the last checkpoint (a persist: true out).
 STAGE_TASKS = {
     stage: stage_task.with_options(name=stage, retries=1 if stage == "train" else 0, retry_delay_seconds=5)
-    for stage in plan.DVC_STAGES
+    for stage in (plan.PIN_STAGE, *plan.DVC_STAGES)
 }
 
 
@@ -156,6 +156,7 @@ def retrain(source: str | None = None, root: str | None = None) -> State:
         storage_check_task(params, ws)
         md5 = ingest_task(source or params.ingest.source, ws, params)
         tag_run(params, md5)
+        STAGE_TASKS[plan.PIN_STAGE](plan.PIN_STAGE, ws, up_to_date=False)  # before the plan: see plan.PIN_STAGE
         stages = plan.plan_stages(ws.root)
         champion = read_champion(params.storage, ws.state)
         if stages.nothing_stale and (same := plan.unchanged_champion(ws, champion, md5)):

@@ -513,6 +513,10 @@ class Workspace:
         return self.artifacts / "shards"
 
     @property
+    def base_pin(self) -> Path:
+        return self.artifacts / "base.json"
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.artifacts / "checkpoints"
 

@@ -2,7 +2,7 @@
 changed, what the champion record says, and what the run ends with. flows/retrain.py wraps each step
 as a Prefect task; unit tests call them directly.
 
-  check storage -> ingest -> validate -> preprocess -> train -> evaluate -> gate
+  check storage -> ingest -> base -> validate -> preprocess -> train -> evaluate -> gate
     -> (promote) package -> push -> publish     (reject) push     (no change) nothing
 """
 
@@ -15,6 +15,9 @@ from infra.dvc import remote_object_url, stage_out_md5, stale_stages
 from pipeline.config import Params, Workspace
 from pipeline.contracts import ChampionRecord, Decision, Manifest, RunSummary, ValidationReport
 
+# Runs first, every time, before the plan is made: it pins model.base (the champion's md5, a Hub commit:
+# outside DVC's view, always_changed in dvc.yaml), so `dvc status` after it sees whether the base changed.
+PIN_STAGE = "base"
 DVC_STAGES = ("validate", "preprocess", "train", "evaluate", "gate")
 ALWAYS_RUNS = "gate"  # always_changed in dvc.yaml: the champion it judges against lives in S3
 
@@ -35,7 +38,7 @@ class StagePlan:
 
 
 def plan_stages(root: Path) -> StagePlan:
-    stale = stale_stages(root) - {ALWAYS_RUNS}
+    stale = stale_stages(root) - {ALWAYS_RUNS, PIN_STAGE}
     return StagePlan(next((i for i, s in enumerate(DVC_STAGES) if s in stale), len(DVC_STAGES)))
 
 

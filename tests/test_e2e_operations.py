@@ -34,7 +34,7 @@ from .test_e2e_data import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-STAGE_TASKS = {"check-storage", "ingest", "validate", "preprocess", "train", "evaluate", "gate", "package", "push",
+STAGE_TASKS = {"check-storage", "ingest", "base", "validate", "preprocess", "train", "evaluate", "gate", "package", "push",
                "publish"}  # fmt: skip
 ARTIFACTS = {"validation-report", "metrics", "loss-curve", "gate-decision", "comparison", "bento", "lineage"}
 
@@ -369,6 +369,33 @@ def test_a_smaller_vocabulary_better_per_token_but_worse_on_the_same_bytes_is_re
         key = f"dvc/files/md5/{md5[:2]}/{md5[2:]}"
         assert key in now and key not in pushed, key
     assert not any(k.startswith("bentos/") for k in now - pushed)
+
+
+def test_a_fine_tune_of_the_champion_starts_from_the_model_in_service(operated):
+    """model.base=champion: the base stage pins the champion's model md5 (artifacts/base.json), the model
+    comes from the DVC remote, training starts from its weights, and evaluate scores it as the base on the
+    same bytes it was promoted on. (Its gate threshold is set out of reach, so the champion stays.)"""
+    import math
+
+    from pipeline.contracts import read_train_log
+
+    champion = read_champion(operated["cfg"], operated["state"])
+    ws, env = operated["ws"], operated["env"]
+    threshold = load_params(ws).gate.max_val_perplexity
+    overrides = ["model.base=champion", "train.max_steps=10", "gate.max_val_perplexity=1.0001"]
+    try:
+        tuned = run([BIN / "lmforge", "run", "--source", operated["corpus"], *(a for o in overrides for a in ("-p", o))],
+                    ws, env)  # fmt: skip
+    finally:
+        write_overrides(ws, ["model.base=null", *PASSING_TRAINING, f"gate.max_val_perplexity={threshold}"])
+    assert "gate          REJECTED" in tuned.stdout, tuned.stdout[-2000:]
+    assert json.loads((ws / "artifacts" / "base.json").read_text()) == {"base": "champion", "version": champion.model_md5}
+    first = read_train_log(ws / "artifacts" / "train_log.jsonl")[0]["train_loss"]
+    trained_to = [p["train_loss"] for p in champion.loss_curve[-20:]]
+    assert first < max(trained_to) + 0.3 < math.log(1024), (first, trained_to)  # not a random model's loss
+    metrics = json.loads((ws / "artifacts" / "eval" / "metrics.json").read_text())
+    assert metrics["base_val_bits_per_byte"] == pytest.approx(champion.metrics["val_bits_per_byte"], rel=1e-5)
+    assert read_champion(operated["cfg"], operated["state"]) == champion
 
 
 def remote_keys(operated) -> set[str]:

@@ -323,6 +323,41 @@ def upload_tiny_base(tiny_workspace, s3_server, monkeypatch, local: Path):
     return uri, load_params(ws.root), client
 
 
+def test_the_base_stage_pins_what_model_base_is_now(tiny_workspace, s3_server, monkeypatch, tmp_path):
+    """artifacts/base.json names the base's version: the champion's md5 (none yet is a clear error), a
+    local directory's files. It is rewritten only when that changed, so DVC re-runs the stages after it
+    exactly then; champion is read from the pin, never from a champion that moved on since."""
+    import uuid
+
+    from pipeline.base_model import pin_base, resolve_base
+    from pipeline.contracts import ChampionRecord
+    from pipeline.registry import promote
+
+    ws, params = tiny_workspace
+    monkeypatch.setenv("LMFORGE_STATE_DIR", str(s3_server.state))
+    write_overrides(ws.root, ["model.base=champion", f"storage.endpoint_url={s3_server.cfg.endpoint_url}",
+                              f"storage.bucket={s3_server.cfg.bucket}", f"storage.registry_prefix=r-{uuid.uuid4().hex[:8]}"])  # fmt: skip
+    params = load_params(ws.root)
+    with pytest.raises(ConfigError, match=r"model.base: champion is read from .*base.json.*run `dvc repro base`"):
+        resolve_base("champion", ws, params)
+    with pytest.raises(ConfigError, match=r"has no champion yet: promote a model first"):
+        pin_base(ws, params)
+    promote(ChampionRecord(model_md5="0" * 32 + ".dir", metrics={}), params.storage, ws.state, None)
+    assert pin_base(ws, params) == {"base": "champion", "version": "0" * 32 + ".dir"}
+    written = ws.base_pin.stat().st_mtime_ns
+    pin_base(ws, params)
+    assert ws.base_pin.stat().st_mtime_ns == written  # unchanged: DVC sees the same file
+
+    base = tiny_base("gpt2", tmp_path / "gpt2", ws.tokenizer_dir)
+    write_overrides(ws.root, [f"model.base={base}"])
+    first = pin_base(ws, load_params(ws.root))["version"]
+    assert pin_base(ws, load_params(ws.root))["version"] == first
+    (base / "config.json").write_text((base / "config.json").read_text() + "\n")  # the base changed
+    assert pin_base(ws, load_params(ws.root))["version"] != first
+    write_overrides(ws.root, ["model.base=null"])
+    assert pin_base(ws, load_params(ws.root)) == {"base": None, "version": None}
+
+
 def test_a_base_model_in_s3_is_downloaded_once_into_the_state_dir(
     tiny_workspace, s3_server, monkeypatch, tmp_path
 ):
