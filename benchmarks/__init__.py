@@ -9,6 +9,8 @@ medians, and the range of each side and of the round-by-round ratios are reporte
   train       the train stage (torchrun, DDP) against a bare forward/backward/AdamW loop with the same
               fused loss, model, batch and process count; the fused loss against the model's own in that
               loop; and both as a fraction of this machine's dense matmul FLOP/s (MFU);
+  adapt       adapting a ~100 M-parameter Llama base on 2 ranks: full or LoRA, DDP or FSDP; each rank's
+              peak memory and the tokens/s, against full + DDP;
   serve       the Bento over HTTP against a bare KV-cache greedy loop (1 row, and 16 rows against 16
               clients) and `model.generate` in this process;
   pipeline    wall times of a first `lmforge run`, a no-change `dvc repro` and a no-change `lmforge run`.
@@ -31,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import pipeline as pipeline_section  # the section, not the stages' `pipeline` package
-from benchmarks import preprocess, serve, train, validate
+from benchmarks import adapt, preprocess, serve, train, validate
 from benchmarks.harness import FULL, QUICK, SOURCE_ROOT, Bench, Log, Run, figure, machine, side, write_results
 from benchmarks.targets import TARGETS, Target, judge
 from pipeline.config import Workspace, load_params, write_overrides
@@ -40,6 +42,7 @@ SECTION_RUNS: dict[str, Callable[[Bench], dict]] = {
     "validate": validate.run,
     "preprocess": preprocess.run,
     "train": train.run,
+    "adapt": adapt.run,
     "serve": serve.run,
     "pipeline": pipeline_section.run,
 }

@@ -240,6 +240,8 @@ def _cell(s: dict | None) -> str:
         return f"{s['rate'] / 1e9:.1f} GFLOP/s" + _range([x / 1e9 for x in low_high], "{:.1f}")
     if s["unit"] == "MB":
         return f"{s['rate']:,.1f} MB/s" + _range(low_high, "{:,.1f}")
+    if s["unit"] == "MiB":
+        return f"{s['rate']:,.0f} MiB" + _range(low_high, "{:,.0f}")
     if s["unit"] == "GB RSS":
         amount = float(np.median([r["amount"] for r in s["runs"]]))
         return f"{amount:.2f} GB ({s['rate']:.2f} per GB)" + _range(low_high, "{:.2f}")

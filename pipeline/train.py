@@ -134,6 +134,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
                 torch.distributed.barrier()  # no rank runs ahead of a checkpoint it may need to resume from
             tick = time.perf_counter()  # nor is checkpoint I/O
     bar.close()
+    peak_memory = every_rank(peak_memory_mib(dist.device), dist)  # before the export's gather and copy
 
     if sharded:  # rank 0 gets a whole copy to export; there are no replicas to compare
         model, adapted = gathered_copy(model, params, manifest, base_dir, dist)
@@ -142,7 +143,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
         checksums = rank_checksums(model, dist)  # DDP must leave every rank with the same weights
     summary = None
     if dist.is_main:
-        summary = export(model, ws, checksums, adapted)
+        summary = export(model, ws, checksums, peak_memory, adapted)
         log(f"train: final model in {ws.model_dir}")
     if dist.world_size > 1:
         del forward, wrapper, validator, loss_module  # see end_process_group
@@ -198,14 +199,27 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def every_rank_rng(dist: Dist) -> list[dict]:
-    """Each rank's RNG states, in rank order, for rank 0 to checkpoint (every rank must call this)."""
-    mine = capture_rng()
+def every_rank(mine, dist: Dist) -> list:
+    """Each rank's value, in rank order (every rank must call this)."""
     if dist.world_size == 1:
         return [mine]
-    states = [None] * dist.world_size
-    torch.distributed.all_gather_object(states, mine)
-    return states
+    values = [None] * dist.world_size
+    torch.distributed.all_gather_object(values, mine)
+    return values
+
+
+def every_rank_rng(dist: Dist) -> list[dict]:
+    """Each rank's RNG states, in rank order, for rank 0 to checkpoint (every rank must call this)."""
+    return every_rank(capture_rng(), dist)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far: what the GPU allocated, or the resident set on a CPU."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
 def agree_on_step(step: int, dist: Dist) -> None:
@@ -213,8 +227,7 @@ def agree_on_step(step: int, dist: Dist) -> None:
     shared checkpoint directory across nodes) would otherwise wait forever at a collective."""
     if dist.world_size == 1:
         return
-    steps = [None] * dist.world_size
-    torch.distributed.all_gather_object(steps, step)
+    steps = every_rank(step, dist)
     if len(set(steps)) > 1:
         by_rank = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
         raise ConfigError(
@@ -405,7 +418,7 @@ def truncate_log(path: Path, step: int) -> None:
 ADAPTER_DIR = "adapter"  # under artifacts/model: a LoRA run's adapter alone, in peft's format
 
 
-def export(model, ws: Workspace, rank_weight_checksums: list[float], adapted=None) -> dict:
+def export(model, ws: Workspace, rank_weight_checksums: list[float], peak_memory: list[float], adapted=None) -> dict:
     """save_pretrained (safetensors) + the tokenizer + train_summary.json, renamed into artifacts/model
     when complete. A LoRA run's adapter is saved on its own (artifacts/model/adapter, for servers that
     serve adapters on a shared base), then merged: artifacts/model is a whole model every server loads."""
@@ -428,6 +441,7 @@ def export(model, ws: Workspace, rank_weight_checksums: list[float], adapted=Non
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         parameters=count_parameters(model),
         rank_weight_checksums=rank_weight_checksums,
+        peak_memory_mib=peak_memory,
     )
     summary.save(tmp / summary.FILE)
     shutil.rmtree(ws.model_dir, ignore_errors=True)

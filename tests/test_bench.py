@@ -59,7 +59,7 @@ def two_sided(data: dict) -> dict[str, dict]:
 
 def test_sections_ran_and_the_machine_is_recorded(results):
     data, _, _ = results
-    assert set(data["sections"]) == {"validate", "preprocess", "train", "serve"}
+    assert set(data["sections"]) == {"validate", "preprocess", "train", "adapt", "serve"}
     assert data["skipped"] == {"pipeline": "--skip-pipeline"}
     assert data["mode"] == "quick"
     machine = data["machine"]
