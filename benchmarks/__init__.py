@@ -9,7 +9,7 @@ medians, and the range of each side and of the round-by-round ratios are reporte
   train       the train stage (torchrun, DDP) against a bare forward/backward/AdamW loop with the same
               fused loss, model, batch and process count; the fused loss against the model's own in that
               loop; and both as a fraction of this machine's dense matmul FLOP/s (MFU);
-  adapt       adapting a ~100 M-parameter Llama base on 2 ranks: full or LoRA, DDP or FSDP; each rank's
+  adapt       adapting a ~200 M-parameter Llama base on 2 ranks: full or LoRA, DDP or FSDP; each rank's
               peak memory and the tokens/s, against full + DDP;
   serve       the Bento over HTTP against a bare KV-cache greedy loop (1 row, and 16 rows against 16
               clients) and `model.generate` in this process;

@@ -27,6 +27,7 @@ class TorchrunSettings(Protocol):
     rdzv_endpoint: str  # host:port; port 0 on a single node picks a free one
     rdzv_id: str
     threads_per_rank: int
+    strategy: str  # ddp | fsdp
 
 
 def torchrun_command(cfg: TorchrunSettings, module: str) -> list[str]:
@@ -59,6 +60,12 @@ def torchrun_env(cfg: TorchrunSettings, cuda: bool) -> dict[str, str]:
     }
     if cfg.nnodes == 1 and not cuda:  # keep single-node gloo on loopback
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
+    if cfg.strategy == "fsdp" and not cuda:
+        # FSDP gathers each block's weights into a fresh buffer and frees it, block after block. glibc
+        # raises its mmap threshold to the largest block freed, then serves them from its heap, which it
+        # never gives back: the rank's memory grows to DDP's and sharding saves nothing. A fixed threshold
+        # returns every buffer over 1 MiB to the OS, at some speed (measured in `lmforge bench`).
+        env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     if cfg.nnodes > 1:
         # A shared agent store needs keys per restart attempt, and each agent counts its own restarts:
         # after one node's rank dies the nodes' counts differ, and the restarted workers never meet

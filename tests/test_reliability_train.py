@@ -285,6 +285,9 @@ BAD_PARAMS = [
     (["gate.tasks=[{file: t.yaml, metric: acc}]"], "give max_drop (against the champion), threshold, or both"),
     (["storage.region=us-east-1", "prefect.port=.inf"], "prefect.port"),
     (["serve.default_max_new_tokens=300"], "default_max_new_tokens (300) exceeds max_new_tokens_cap"),
+    (["train.strategy=fsdp", "train.nproc_per_node=1"], "strategy fsdp shards the model across ranks: it needs"),
+    (["train.strategy=zero3"], "train.strategy"),
+    (["train.method=qlora"], "train.method"),
 ]
 
 
