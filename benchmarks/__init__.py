@@ -32,8 +32,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import pipeline as pipeline_section  # the section, not the stages' `pipeline` package
 from benchmarks import adapt, preprocess, serve, train, validate
+from benchmarks import pipeline as pipeline_section  # the section, not the stages' `pipeline` package
 from benchmarks.harness import FULL, QUICK, SOURCE_ROOT, Bench, Log, Run, figure, machine, side, write_results
 from benchmarks.targets import TARGETS, Target, judge
 from pipeline.config import Workspace, load_params, write_overrides

@@ -40,11 +40,13 @@ def lineage(ws: Workspace, params: Params, decision: Decision, data_md5: str | N
 
     metrics = decision.challenger
     base = {}
-    if params.model.base:  # a Hub base's snapshot directory is named for the commit it resolved to
-        from pipeline.base_model import HUB_ID, resolve_base
+    if params.model.base:  # which weights: a Hub snapshot's directory is named for its commit
+        from pipeline.base_model import CHAMPION, HUB_ID, pinned_champion, resolve_base
 
         base["model_base"] = params.model.base
-        if HUB_ID.match(params.model.base) and not Path(params.model.base).expanduser().is_dir():
+        if params.model.base == CHAMPION:
+            base["model_base_revision"] = pinned_champion(ws)  # the champion's model md5
+        elif HUB_ID.match(params.model.base) and not Path(params.model.base).expanduser().is_dir():
             base["model_base_revision"] = resolve_base(params.model.base, ws, params).name
     return base | {
         "data_md5": str(data_md5),

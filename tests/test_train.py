@@ -330,7 +330,8 @@ def test_the_base_stage_pins_what_model_base_is_now(tiny_workspace, s3_server, m
     import uuid
 
     from pipeline.base_model import pin_base, resolve_base
-    from pipeline.contracts import ChampionRecord
+    from pipeline.contracts import ChampionRecord, Decision
+    from pipeline.package import lineage
     from pipeline.registry import promote
 
     ws, params = tiny_workspace
@@ -347,6 +348,10 @@ def test_the_base_stage_pins_what_model_base_is_now(tiny_workspace, s3_server, m
     written = ws.base_pin.stat().st_mtime_ns
     pin_base(ws, params)
     assert ws.base_pin.stat().st_mtime_ns == written  # unchanged: DVC sees the same file
+    metrics = dict.fromkeys(["val_bits_per_byte", "test_bits_per_byte", "bigram_val_bits_per_byte", "val_perplexity",
+                             "test_perplexity"], 1.0)  # fmt: skip
+    labels = lineage(ws, params, Decision(promote=True, reasons=[], challenger=metrics, champion=None), None)
+    assert (labels["model_base"], labels["model_base_revision"]) == ("champion", "0" * 32 + ".dir")
 
     base = tiny_base("gpt2", tmp_path / "gpt2", ws.tokenizer_dir)
     write_overrides(ws.root, [f"model.base={base}"])
