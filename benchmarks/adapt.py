@@ -2,20 +2,20 @@
 
 A Llama base of random weights (about 200 M parameters in full mode, grouped-query attention, untied
 embeddings) is adapted by the train stage exactly as DVC runs it, on 2 ranks: full fine-tuning or LoRA,
-under DDP or FSDP. Each run reports every rank's peak memory while training (train_summary.json: the
-resident set on a CPU, which includes Python, torch and transformers themselves; allocated memory on a
-GPU) and the steady tokens/s of its log. Each figure sets one method or strategy against full + DDP, the
+under DDP or FSDP. Each run's log reports every rank's peak memory while training (the last step's
+peak_memory_mib: the resident set on a CPU, which includes Python, torch and transformers themselves;
+allocated memory on a GPU) and the steady tokens/s. Each figure sets one method or strategy against full + DDP, the
 same model, data, batch and ranks; the four set-ups run REPEATS times, interleaved round by round.
 """
 
 from __future__ import annotations
 
-import json
 import math
 
 from benchmarks.harness import REPEATS, Bench, Run, figure, interleaved, side
 from benchmarks.train import ensure_shards, run_train_stage, stage_throughput
 from pipeline.config import write_overrides
+from pipeline.contracts import read_train_log
 
 SETUPS = {  # (train.method, train.strategy)
     "full_ddp": ("full", "ddp"),
@@ -54,9 +54,8 @@ def run(b: Bench) -> dict:
                 "train.eval_batches=1", "train.checkpoint_every=1000", "train.activation_checkpointing=false",
             ])  # fmt: skip
             run_train_stage(b)
-            summary = json.loads((b.ws.model_dir / "train_summary.json").read_text())
             tokens, seconds = stage_throughput(b.ws, b.params)
-            peak = max(summary["peak_memory_mib"])
+            peak = max(read_train_log(b.ws.train_log)[-1]["peak_memory_mib"])
             return Run(peak, seconds, 0.0, 0.0), Run(tokens, seconds, 0.0, 0.0)
 
         return one

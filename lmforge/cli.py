@@ -485,8 +485,8 @@ def bench(
         bool, typer.Option("--skip-pipeline", help="Skip the pipeline section (it starts its own S3)")
     ] = False,
     sections: Annotated[
-        str, typer.Option(help="Comma-separated: validate,preprocess,train,serve,pipeline")
-    ] = "validate,preprocess,train,serve,pipeline",
+        str, typer.Option(help="Comma-separated: validate,preprocess,train,adapt,serve,pipeline")
+    ] = "validate,preprocess,train,adapt,serve,pipeline",
     demo_seconds: Annotated[
         float | None, typer.Option(help="Record this `make demo` wall time (timed outside the bench)")
     ] = None,

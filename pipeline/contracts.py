@@ -190,8 +190,6 @@ class TrainSummary(Contract):
     world_size: int
     parameters: int
     rank_weight_checksums: list[float]  # DDP: one per rank, all equal, or DDP failed; FSDP: the gathered model's
-    # each rank's peak memory while training, in MiB: the GPU's allocated memory, or the process's RSS
-    peak_memory_mib: list[float] = []
 
 
 # The loss curve, one JSON list per series: DVC cannot plot a list whose records lack a field, and val

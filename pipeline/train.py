@@ -114,6 +114,8 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
         tok_s, tick = tokens_per_step / (now - tick), now
         record = {"step": step, "train_loss": round(loss, 5), "lr": scheduler.get_last_lr()[0],
                   "tokens_per_s": round(tok_s)}  # fmt: skip
+        if step == cfg.max_steps:  # in the log, not the model's directory: it differs run to run
+            record["peak_memory_mib"] = every_rank(peak_memory_mib(dist.device), dist)
         if (dist.is_main or sharded) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
             record["val_loss"] = round(mean_loss(validator, val_windows, cfg.batch_size, dist.device)[0], 5)
             tick = time.perf_counter()  # evaluation time is not training throughput
@@ -134,7 +136,6 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
                 torch.distributed.barrier()  # no rank runs ahead of a checkpoint it may need to resume from
             tick = time.perf_counter()  # nor is checkpoint I/O
     bar.close()
-    peak_memory = every_rank(peak_memory_mib(dist.device), dist)  # before the export's gather and copy
 
     if sharded:  # rank 0 gets a whole copy to export; there are no replicas to compare
         model, adapted = gathered_copy(model, params, manifest, base_dir, dist)
@@ -143,7 +144,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
         checksums = rank_checksums(model, dist)  # DDP must leave every rank with the same weights
     summary = None
     if dist.is_main:
-        summary = export(model, ws, checksums, peak_memory, adapted)
+        summary = export(model, ws, checksums, adapted)
         log(f"train: final model in {ws.model_dir}")
     if dist.world_size > 1:
         del forward, wrapper, validator, loss_module  # see end_process_group
@@ -214,7 +215,8 @@ def every_rank_rng(dist: Dist) -> list[dict]:
 
 
 def peak_memory_mib(device: torch.device) -> float:
-    """This process's peak memory so far: what the GPU allocated, or the resident set on a CPU."""
+    """This process's peak memory so far, in MiB: what the GPU allocated, or the resident set on a CPU
+    (Python and the libraries included)."""
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     import resource
@@ -418,7 +420,7 @@ def truncate_log(path: Path, step: int) -> None:
 ADAPTER_DIR = "adapter"  # under artifacts/model: a LoRA run's adapter alone, in peft's format
 
 
-def export(model, ws: Workspace, rank_weight_checksums: list[float], peak_memory: list[float], adapted=None) -> dict:
+def export(model, ws: Workspace, rank_weight_checksums: list[float], adapted=None) -> dict:
     """save_pretrained (safetensors) + the tokenizer + train_summary.json, renamed into artifacts/model
     when complete. A LoRA run's adapter is saved on its own (artifacts/model/adapter, for servers that
     serve adapters on a shared base), then merged: artifacts/model is a whole model every server loads."""
@@ -441,7 +443,6 @@ def export(model, ws: Workspace, rank_weight_checksums: list[float], peak_memory
         world_size=int(os.environ.get("WORLD_SIZE", 1)),
         parameters=count_parameters(model),
         rank_weight_checksums=rank_weight_checksums,
-        peak_memory_mib=peak_memory,
     )
     summary.save(tmp / summary.FILE)
     shutil.rmtree(ws.model_dir, ignore_errors=True)

@@ -64,10 +64,10 @@ def tree_md5s(root: Path, rel: str) -> dict[str, str]:
 
 
 def pipeline_changes(ws: Path, env: dict) -> dict:
-    """`dvc status` of the workspace, less the gate (always_changed: it reads the live champion)."""
+    """`dvc status` of the workspace, less the stages that always run (the base's pin and the gate: both
+    read what lives outside DVC)."""
     status = json.loads(run([BIN / "dvc", "status", "--json"], ws, env).stdout or "{}")
-    status.pop("gate", None)
-    return status
+    return {stage: why for stage, why in status.items() if why != ["always changed"]}
 
 
 @pytest.fixture

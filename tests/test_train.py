@@ -227,6 +227,8 @@ def test_fsdp_trains_as_ddp_does_and_checkpoints_in_shards(tiny_workspace):
         ws.train_log.unlink()
     (ddp_log, ddp_weights), (fsdp_log, fsdp_weights) = runs["ddp"], runs["fsdp"]
     assert [r["step"] for r in fsdp_log] == list(range(1, 9))
+    # every rank's peak memory while training, in the log (the model's directory stays reproducible)
+    assert len(fsdp_log[-1]["peak_memory_mib"]) == 2 and all(m > 100 for m in fsdp_log[-1]["peak_memory_mib"])
     for key in ("train_loss", "val_loss"):
         assert [r.get(key) for r in fsdp_log] == pytest.approx([r.get(key) for r in ddp_log], abs=1e-4), key
     assert ddp_weights.keys() == fsdp_weights.keys()
