@@ -11,8 +11,9 @@ same model, data, batch and ranks; the four set-ups run REPEATS times, interleav
 from __future__ import annotations
 
 import math
+import time
 
-from benchmarks.harness import REPEATS, Bench, Run, figure, interleaved, side
+from benchmarks.harness import REPEATS, Bench, Run, figure, interleaved, side, span
 from benchmarks.train import ensure_shards, run_train_stage, stage_throughput
 from pipeline.config import write_overrides
 from pipeline.contracts import read_train_log
@@ -46,17 +47,19 @@ def run(b: Bench) -> dict:
     def measure(name: str):
         method, strategy = SETUPS[name]
 
-        def one() -> tuple[Run, Run]:
+        def one() -> tuple[Run, Run]:  # (peak MiB, tokens) over the steady steps' seconds
             b.log(f"adapt: {method} + {strategy}, 2 ranks")
             write_overrides(b.ws.root, [
                 f"model.base={base}", f"train.method={method}", f"train.strategy={strategy}", *steps,
                 "train.nproc_per_node=2", "train.nnodes=1", "train.warmup_steps=2", "train.eval_every=1000",
                 "train.eval_batches=1", "train.checkpoint_every=1000", "train.activation_checkpointing=false",
             ])  # fmt: skip
+            started = time.time()
             run_train_stage(b)
+            ended = time.time()
             tokens, seconds = stage_throughput(b.ws, b.params)
             peak = max(read_train_log(b.ws.train_log)[-1]["peak_memory_mib"])
-            return Run(peak, seconds, 0.0, 0.0), Run(tokens, seconds, 0.0, 0.0)
+            return span(peak, seconds, started, ended), span(tokens, seconds, started, ended)
 
         return one
 

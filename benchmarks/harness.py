@@ -131,6 +131,7 @@ def side(what: str, unit: str, runs: list[Run], per: float | None = None) -> dic
     return {
         "what": what,
         "unit": unit,
+        "per": per,
         "runs": rows,
         "rate": float(np.median(rates)) if rates else None,
         "seconds": float(np.median([r["seconds"] for r in rows])),

@@ -109,12 +109,15 @@ def test_each_ratio_is_the_ratio_of_the_medians_of_its_runs(results):
         if f["ratio"] is None:
             assert f["lmforge"]["rate"] is None, name  # only bare wall times have no ratio
             continue
-        lm = statistics.median(r["amount"] / r["seconds"] for r in f["lmforge"]["runs"])
+        def rate(run: dict, s: dict) -> float:  # per run's seconds, or per a fixed amount (memory)
+            return run["amount"] / (s["per"] or run["seconds"])
+
+        lm = statistics.median(rate(r, f["lmforge"]) for r in f["lmforge"]["runs"])
         per = f["baseline"]["runs"]
-        base = statistics.median(r["amount"] / r["seconds"] for r in per)
+        base = statistics.median(rate(r, f["baseline"]) for r in per)
         assert math.isclose(f["ratio"], lm / base, rel_tol=1e-9), name
         paired = [
-            (a["amount"] / a["seconds"]) / (b["amount"] / b["seconds"])
+            rate(a, f["lmforge"]) / rate(b, f["baseline"])
             for a, b in zip(f["lmforge"]["runs"], per, strict=True)
         ]
         assert f["ratio_spread"] == pytest.approx([min(paired), max(paired)]), name
