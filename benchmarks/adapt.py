@@ -4,8 +4,8 @@ A Llama base of random weights (about 200 M parameters in full mode, grouped-que
 embeddings) is adapted by the train stage exactly as DVC runs it, on 2 ranks: full fine-tuning or LoRA,
 under DDP or FSDP. Each run's log reports every rank's peak memory while training (the last step's
 peak_memory_mib: the resident set on a CPU, which includes Python, torch and transformers themselves;
-allocated memory on a GPU) and the steady tokens/s. Each figure sets one method or strategy against full + DDP, the
-same model, data, batch and ranks; the four set-ups run REPEATS times, interleaved round by round.
+allocated memory on a GPU) and the steady tokens/s. Each figure sets one method or strategy against
+full + DDP, the same model, data, batch and ranks; the four set-ups run REPEATS times, interleaved round by round.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def run(b: Bench) -> dict:
         method, strategy = SETUPS[name]
         return side(f"{method} + {strategy}", "tokens", [t for _, t in results[name]])
 
-    params = count_parameters(base)
+    params = saved_parameters(base)
     note = f"Llama, {params / 1e6:.1f} M parameters, 2 ranks, {', '.join(steps)}"
     return {
         "lora_memory": figure("adapt: LoRA's peak memory against full fine-tuning (DDP)",
@@ -111,7 +111,8 @@ def llama_base(b: Bench):
     return path
 
 
-def count_parameters(base) -> int:
+def saved_parameters(base) -> int:
+    """The parameter count of a saved model, read from its safetensors header (no weights loaded)."""
     from safetensors import safe_open
 
     with safe_open(str(base / "model.safetensors"), "pt") as weights:
