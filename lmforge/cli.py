@@ -15,14 +15,14 @@ lmforge trains and ships small language models, retrained on schedule and shippe
 The chain: ingest -> validate -> preprocess -> train -> evaluate -> gate -> package -> publish.
 The product is a BentoML Bento serving POST /generate and OpenAI-compatible /v1/completions.
 DVC versions the data (data.dvc) and stage outputs in S3; Prefect runs the chain as a flow;
-params.yaml holds every knob (`-p section.key=value` overrides, `--profile demo|gpu`).
+params.yaml holds every knob (`-p section.key=value` overrides, `--profile demo|chat|gpu|gpu-adapt`).
 
 Typical session:
 
 \b
   lmforge up                     start the embedded S3 server (SeaweedFS, 127.0.0.1)
   lmforge validate SRC           what a corpus keeps and drops, and why (exit 0/1)
-  lmforge ingest --source SRC    builtin | file or dir | s3://b/prefix (.txt .md .jsonl,
+  lmforge ingest --source SRC    builtin | builtin-chat | file or dir | s3://b/prefix (.txt .md .jsonl,
                                  their .gz/.zst, .parquet)
   lmforge run                    the whole flow: ingest, dvc repro (validate, preprocess,
                                  train, evaluate, gate), package, dvc push, publish
@@ -41,7 +41,7 @@ app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, rich_ma
 Overrides = Annotated[
     list[str] | None, typer.Option("-p", "--param", help="Override a param: section.key=value")
 ]
-Profile = Annotated[str | None, typer.Option("--profile", help="Params profile: demo (this CPU) or gpu")]
+Profile = Annotated[str | None, typer.Option("--profile", help="Params profile: demo (this CPU), chat, gpu or gpu-adapt")]
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -186,7 +186,7 @@ def validate(
 @app.command()
 def ingest(
     source: Annotated[
-        str | None, typer.Option(help="builtin | a local file or dir | s3://bucket/prefix")
+        str | None, typer.Option(help="builtin | builtin-chat | a local file or dir | s3://bucket/prefix")
     ] = None,
     overrides: Overrides = None,
     push: Annotated[bool, typer.Option(help="dvc push the new dataset version")] = True,
@@ -306,7 +306,7 @@ def print_summary(summary) -> None:
         typer.echo(f"  model in S3   {summary.model_url}")
     if summary.bento_tag:
         typer.echo(f"  Bento         {summary.bento_tag}  ({summary.bento_url})")
-        typer.echo("  serve it      lmforge serve   (then POST /generate or /v1/completions)")
+        typer.echo("  serve it      lmforge serve   (then POST /generate, /v1/completions or /v1/chat/completions)")
 
 
 @app.command()

@@ -75,6 +75,10 @@ class IngestConfig(Section):
     doc_chars: int = Field(4000, ge=100)
     txt_layout: Literal["auto", "paragraphs", "lines"] = "auto"
     text_field: str = Field("text", min_length=1)  # JSONL field / Parquet column holding the text
+    format: Literal["text", "chat"] = "text"  # chat: conversations, trained on the assistant's turns
+    messages_field: str = Field("messages", min_length=1)  # chat: OpenAI's [{"role", "content"}, ...]
+    prompt_field: str = Field("prompt", min_length=1)  # chat: or a prompt/completion pair per record
+    completion_field: str = Field("completion", min_length=1)
     # Files are streamed, so no size is too large to read; this is only a safety limit you may set.
     max_file_bytes: int | None = Field(None, ge=1)
 

@@ -98,6 +98,10 @@ class Contract(BaseModel):
 class ShardFile(BaseModel):
     file: str
     tokens: int
+    # conversations (ingest.format chat): beside the tokens, in the same layout, a uint8 loss mask (1 on
+    # the assistant's tokens) and the uint32 offset of each conversation's first token; none is cut
+    mask: str | None = None
+    starts: str | None = None
 
 
 class SplitInfo(BaseModel):
@@ -123,8 +127,13 @@ class Manifest(Contract):
     # and params write the same bytes on every run and engine
     encode_seconds: float | None = Field(None, exclude=True)
     tokens_per_second: int | None = Field(None, exclude=True)
-    # the held-out text, split -> a JSONL file beside the shards ({"text": ...} per document, corpus order)
+    # the held-out text, split -> a JSONL file beside the shards ({"text": ...} per document, corpus order;
+    # a conversation's line also holds its "messages")
     text: dict[str, str] | None = None
+    format: Literal["text", "chat"] = "text"
+    # chat: {"template": the chat template every conversation was rendered with, "end_of_turn_ids",
+    # "dropped": {reason: count}} (conversations that do not fit the context or the template)
+    chat: dict[str, Any] | None = None
     # the share of val and test word n-grams that also occur in train:
     # {"unit", "ngram", "sample_rate", "val", "test", "val_ngrams", ..., "by_script": {script: {...}}}
     contamination: dict[str, Any] | None = None
@@ -148,13 +157,22 @@ class Manifest(Contract):
             )
         return list(read_held_out(shards_dir, self.text[split]))
 
+    def held_out_conversations(self, shards_dir: Path, split: str) -> list[list[dict]]:
+        """A chat corpus's split as messages, in the order of held_out_texts."""
+        self.held_out_texts(shards_dir, split)  # the same checks
+        return list(read_held_out(shards_dir, self.text[split], "messages"))
 
-def read_held_out(shards_dir: Path, name: str) -> Iterator[str]:
+    @property
+    def chat_template(self) -> str | None:
+        return (self.chat or {}).get("template")
+
+
+def read_held_out(shards_dir: Path, name: str, field: str = "text") -> Iterator[Any]:
     path = shards_dir / name
     try:
         with path.open(encoding="utf-8") as fh:
             for line in fh:
-                yield json.loads(line)["text"]
+                yield json.loads(line)[field]
     except FileNotFoundError:
         raise ArtifactError(f"{path} is missing: run the preprocess stage again") from None
     except (ValueError, KeyError, TypeError):

@@ -17,6 +17,9 @@ Text layouts (`ingest.txt_layout`):
 A line longer than doc_chars is cut at whitespace, or between characters for scripts written without
 spaces (Chinese, Japanese). Nothing is ever read whole: memory stays flat however large a file is.
 
+With `ingest.format: chat`, each .jsonl line or .parquet row is one conversation (pipeline/chat.py): the
+document's text is the record as JSON, parsed by validation, which drops the records it cannot use.
+
 Invalid UTF-8 becomes U+FFFD, and the document is flagged (`utf8_ok`), so validation can name the file.
 
 A corpus is local by default; `open_corpus(root, fs)` reads it through a pyarrow filesystem instead (an
@@ -289,8 +292,12 @@ def read_file_documents(cf: CorpusFile, cfg: IngestConfig) -> Iterator[Document]
         raise CorpusError(
             f"{cf.rel}: {cf.byte_size():,} bytes is over ingest.max_file_bytes ({cfg.max_file_bytes:,})"
         )
+    if cfg.format == "chat" and not cf.format.startswith((".jsonl", ".parquet")):
+        raise CorpusError(
+            f"{cf.rel}: ingest.format=chat reads conversations from .jsonl or .parquet records, not {cf.format} text"
+        )
     if cf.format == ".parquet":
-        reader = _parquet_documents(cf, cfg)
+        reader = _parquet_records(cf) if cfg.format == "chat" else _parquet_documents(cf, cfg)
     elif cf.format.startswith(".jsonl"):
         reader = _jsonl_documents(cf, cfg)
     else:
@@ -320,6 +327,9 @@ def _jsonl_documents(cf: CorpusFile, cfg: IngestConfig) -> Iterator[Document]:
                 raise CorpusError(
                     f"{cf.rel}:{lineno}: not valid JSON ({exc.msg}); the file may be truncated"
                 ) from None
+            if cfg.format == "chat":  # the record whole: validation judges it as a conversation
+                yield Document(f"{cf.rel}#{lineno - 1}", line.strip(), utf8_ok)
+                continue
             if not isinstance(record, dict) or key not in record:
                 fields = f" (its fields: {', '.join(sorted(record)[:8])})" if isinstance(record, dict) else ""
                 raise CorpusError(
@@ -365,6 +375,25 @@ def _parquet_documents(cf: CorpusFile, cfg: IngestConfig) -> Iterator[Document]:
             for text in batch.column(0).to_pylist():
                 text = "\n".join(t for t in text if t is not None) if lines and text else text
                 yield Document(f"{cf.rel}#{row}", text or "")
+                row += 1
+    except pa.ArrowException as exc:
+        raise CorpusError(f"{cf.rel}: truncated or corrupt Parquet data ({exc})") from None
+
+
+def _parquet_records(cf: CorpusFile) -> Iterator[Document]:
+    """Each row as a JSON record (conversations: a messages column of structs, or prompt and completion)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(cf.open_random_access())
+    except (pa.ArrowException, OSError) as exc:
+        raise CorpusError(f"{cf.rel}: not a readable Parquet file ({exc})") from None
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            for record in batch.to_pylist():
+                yield Document(f"{cf.rel}#{row}", json.dumps(record, ensure_ascii=False, default=str))
                 row += 1
     except pa.ArrowException as exc:
         raise CorpusError(f"{cf.rel}: truncated or corrupt Parquet data ({exc})") from None

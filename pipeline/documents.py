@@ -12,10 +12,12 @@ carries the decisions back to whatever reads the files again.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 
-from pipeline.config import ValidationConfig
+from pipeline.chat import canonical, conversation_text, parse_conversation
+from pipeline.config import IngestConfig, ValidationConfig
 from pipeline.corpus import Document
 
 # What a reader cannot see or a tokenizer should not learn: U+FFFD (what undecodable bytes became), the
@@ -75,21 +77,34 @@ class DocumentFacts:
     bad_char: str = ""  # ", first at char N): <snippet there>", when there are any (or bytes were not UTF-8)
     digest: bytes = b""
     text: str | None = None  # carried only when near-duplicate detection needs the kept text
+    problem: str | None = None  # a conversation record that cannot be trained on: pipeline.chat's reason
+    problem_detail: str | None = None
 
 
 class FactFinder:
-    """Computes DocumentFacts with the compiled secret patterns of one ValidationConfig."""
+    """Computes DocumentFacts with the compiled secret patterns of one ValidationConfig.
 
-    def __init__(self, cfg: ValidationConfig):
+    A conversation (ingest.format chat) is measured on what its messages say, as one paragraph: it is
+    kept or dropped whole, and its duplicates and split go by its messages, not the rest of its record."""
+
+    def __init__(self, cfg: ValidationConfig, ingest: IngestConfig | None = None):
         self.patterns = [re.compile(p) for p in cfg.secret_patterns.values()]
         self.keep_text = cfg.near_duplicates
+        self.chat = ingest if ingest is not None and ingest.format == "chat" else None
 
     def __call__(self, doc: Document, file: int, index: int) -> DocumentFacts:
-        text = doc.text
+        text, identity, problem = doc.text, doc.text, None
+        if self.chat is not None and text.strip():
+            c = self.chat
+            messages, problem = parse_conversation(
+                json.loads(text), c.messages_field, c.prompt_field, c.completion_field
+            )
+            if messages is not None:
+                text, identity = conversation_text(messages), canonical(messages)
         if not text.strip():
             return DocumentFacts(file, index, doc.source, doc.utf8_ok, blank=True)
-        paras = paragraphs(text)
-        whole = _key(text)
+        paras = [text] if self.chat is not None else paragraphs(text)
+        whole = _key(identity)
         single = paras == [text]
         nonprintable = len(NONPRINTABLE.findall(text))
         counts, examples, masked = [], [], text
@@ -110,8 +125,9 @@ class FactFinder:
             paragraph_chars=[len(p) for p in paras],
             paragraph_nonprintable=[len(NONPRINTABLE.findall(p)) for p in paras] if nonprintable else [],
             nonprintable=nonprintable, secret_counts=counts, secret_examples=examples,
-            snippet=snippet_of(masked), bad_char=bad_char, digest=document_digest(text),
+            snippet=snippet_of(masked), bad_char=bad_char, digest=document_digest(identity),
             text=text if self.keep_text else None,
+            problem=problem and problem[0], problem_detail=problem and problem[1],
         )  # fmt: skip
 
 
@@ -161,6 +177,8 @@ class DocumentFilter:
             self.lsh = MinHashLSH(threshold=cfg.near_duplicate_threshold, num_perm=cfg.minhash_permutations)
 
     def __call__(self, facts: DocumentFacts) -> Verdict:
+        if facts.problem is not None:
+            return Verdict(facts.problem, facts.chars, 0.0)
         if (original := self.first_source.get(facts.whole)) is not None:
             return Verdict("duplicate", 0, 0.0, duplicate_of=original)
         if not facts.keys:

@@ -42,7 +42,7 @@ class LocalEngine(AbstractContextManager):
         return None
 
     def facts(self, corpus: Corpus, params: Params) -> Iterator[DocumentFacts]:
-        find = FactFinder(params.validation)
+        find = FactFinder(params.validation, params.ingest)
         for file, cf in enumerate(corpus.files):
             cf.documents = 0
             for index, doc in enumerate(read_file_documents(cf, params.ingest)):
@@ -82,7 +82,7 @@ def data_engine(params: Params) -> DataEngine:
 
 def kept_documents(corpus: Corpus, params: Params) -> Iterator[Document]:
     """The documents validation keeps, with duplicate paragraphs removed: what preprocess trains on."""
-    find, keep = FactFinder(params.validation), DocumentFilter(params.validation)
+    find, keep = FactFinder(params.validation, params.ingest), DocumentFilter(params.validation)
     for file, cf in enumerate(corpus.files):
         for index, doc in enumerate(read_file_documents(cf, params.ingest)):
             facts = find(doc, file, index)

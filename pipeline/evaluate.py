@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from pipeline.chat import end_of_turn_ids, render_text
 from pipeline.config import ConfigError, EvaluateConfig, Params, Workspace, load_params
 from pipeline.contracts import (
     HELD_OUT,
@@ -33,11 +34,12 @@ from pipeline.plots import plot_loss_curve
 from pipeline.scoring import (
     LN2,
     DocScores,
-    encode_documents,
+    Encoded,
+    encode_held_out,
+    held_out_documents,
     prefix_token_id,
     score_documents,
     score_model_dir,
-    select_documents,
 )
 from pipeline.shards import load_shard, sorted_unique
 from pipeline.stage import run_stage
@@ -75,14 +77,23 @@ class NGramBaseline:
         counts = np.where(found, self.pair_counts[idx] if len(self.pairs) else 0, 0)
         return -np.log((counts + self.k) / (self.prev_counts[prev] + self.k * self.vocab))
 
-    def score(self, encoded: list[list[int]], prefix: int, model: DocScores) -> dict[str, DocScores]:
-        """Both baselines on the very tokens the model predicted (each document after the prefix token)."""
-        targets = np.concatenate([np.empty(0, np.int64), *(np.asarray(ids, np.int64) for ids in encoded)])
-        prev = np.concatenate([np.empty(0, np.int64), *(np.asarray([prefix, *ids[:-1]], np.int64) for ids in encoded if ids)])
-        doc = np.repeat(np.arange(len(encoded)), [len(ids) for ids in encoded])
+    def score(self, encoded: Encoded, prefix: int, model: DocScores) -> dict[str, DocScores]:
+        """Both baselines on the very tokens the model predicted (each document after the prefix token;
+        of a conversation, the assistant's)."""
+        docs = encoded.ids
+        targets = np.concatenate([np.empty(0, np.int64), *(np.asarray(ids, np.int64) for ids in docs)])
+        prev = np.concatenate(
+            [np.empty(0, np.int64), *(np.asarray([prefix, *ids[:-1]], np.int64) for ids in docs if ids)]
+        )
+        doc = np.repeat(np.arange(len(docs)), [len(ids) for ids in docs])
+        scored = (
+            np.ones(len(targets))
+            if encoded.scored is None
+            else np.concatenate([np.empty(0), *encoded.scored])
+        )
         out = {}
         for name, nll in (("unigram", self.unigram_nll(targets)), ("bigram", self.bigram_nll(prev, targets))):
-            bits = np.bincount(doc, weights=nll, minlength=len(encoded)) / LN2
+            bits = np.bincount(doc, weights=nll * scored, minlength=len(docs)) / LN2
             out[name] = DocScores(model.documents, bits, model.tokens, model.bytes)
         return out
 
@@ -91,10 +102,22 @@ class NGramBaseline:
 # samples and plots
 
 
-def generate_samples(model, tokenizer, cfg: EvaluateConfig, device: torch.device) -> list[dict]:
-    samples = []
+def generate_samples(
+    model, tokenizer, cfg: EvaluateConfig, device: torch.device, template: str | None = None
+) -> list[dict]:
+    """Continuations of each of evaluate.prompts; with a chat template, the replies to each as a user's
+    message, rendered as a server renders it, ending at the template's end of turn."""
+    samples, stops = [], [tokenizer.eos_token_id]
+    if template is not None:
+        stops += end_of_turn_ids(tokenizer, template)
     for prompt in cfg.prompts:
-        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        if template is None:
+            inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        else:
+            text = render_text(
+                tokenizer, template, [{"role": "user", "content": prompt}], generation_prompt=True
+            )
+            inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
         # never past the model's context: positions beyond it do not exist (an IndexError in GPT-2)
         room = context_length(model) - inputs["input_ids"].shape[1]
         if room < 1:
@@ -109,6 +132,7 @@ def generate_samples(model, tokenizer, cfg: EvaluateConfig, device: torch.device
                 **inputs,
                 max_new_tokens=min(cfg.max_new_tokens, room),
                 pad_token_id=tokenizer.eos_token_id,
+                eos_token_id=stops,
                 **kwargs,
             )
             out[mode] = tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -150,27 +174,31 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     metrics: dict = {}
     scores: dict = {}
     eval_tokens, eval_seconds = 0, 0.0
-    texts_by_split = {
-        split: select_documents(manifest.held_out_texts(ws.shards_dir, split), cfg.max_bytes) for split in HELD_OUT
+    template = manifest.chat_template  # conversations: their assistant turns are scored
+    docs_by_split = {
+        split: held_out_documents(manifest, ws.shards_dir, split, cfg.max_bytes) for split in HELD_OUT
     }
-    for split, texts in texts_by_split.items():
+    for split, docs in docs_by_split.items():
         start = time.perf_counter()
-        mine = score_documents(model, tokenizer, texts, cfg.batch_size, device)
+        mine = score_documents(model, tokenizer, docs, cfg.batch_size, device, template)
         eval_seconds += time.perf_counter() - start
         eval_tokens += int(mine.tokens.sum())
-        baselines = baseline.score(encode_documents(tokenizer, texts), prefix_token_id(tokenizer), mine)
+        encoded = encode_held_out(tokenizer, docs, template)
+        baselines = baseline.score(encoded, prefix_token_id(tokenizer), mine)
         metrics |= {
             **split_figures("", split, mine),
             f"{split}_loss": round(mine.loss, 5),
             f"{split}_tokens": int(mine.tokens.sum()),
             f"{split}_bytes": int(mine.bytes.sum()),
-            f"{split}_documents": len(texts),
+            f"{split}_documents": len(docs),
             **split_figures("unigram_", split, baselines["unigram"]),
             **split_figures("bigram_", split, baselines["bigram"]),
         }
         scores[split] = {"documents": mine.documents, "challenger": mine.to_dict()}
     if base_dir is not None:  # a fine-tune must beat its base on the same bytes: the gate checks
-        for split, theirs in score_model_dir(base_dir, texts_by_split, cfg.batch_size, device).items():
+        for split, theirs in score_model_dir(
+            base_dir, docs_by_split, cfg.batch_size, device, template
+        ).items():
             metrics[f"base_{split}_bits_per_byte"] = round(theirs.bits_per_byte, 6)
             scores[split]["base"] = theirs.to_dict()
     # Measured by preprocess: a figure on val/test n-grams that were also trained on is not evidence.
@@ -181,7 +209,7 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     metrics |= {"train_" + k: v for k, v in train_summary.to_dict().items()}
 
     ws.eval_dir.mkdir(parents=True, exist_ok=True)
-    samples = generate_samples(model, tokenizer, cfg, device)
+    samples = generate_samples(model, tokenizer, cfg, device, template)
     write_json(ws.eval_dir / "samples.json", samples)
     plot_loss_curve(ws.train_log, ws.eval_dir)
     write_json(ws.eval_dir / SCORES_FILE, scores)

@@ -92,7 +92,9 @@ def decide(
                                   f"(bigram {bigram:.3f} less {cfg.min_gain_over_bigram:.0%}, same tokens{bits})"))  # fmt: skip
     leaks = {s: metrics.get(f"{s}_contamination") for s in HELD_OUT}
     if any(v is None for v in leaks.values()):
-        checks.append((False, "contamination was not measured: a held-out figure is evidence only on unseen data"))
+        checks.append(
+            (False, "contamination was not measured: a held-out figure is evidence only on unseen data")
+        )
     else:
         worst = max(leaks, key=leaks.get)
         clean = leaks[worst] <= cfg.max_contamination
@@ -115,7 +117,9 @@ def decide(
     checks.extend(task_checks)
     promote = all(ok for ok, _ in checks)
     reasons = [("pass: " if ok else "FAIL: ") + text for ok, text in checks]
-    return Decision(promote=promote, reasons=reasons, challenger=metrics, champion=champion, head_to_head=compared)
+    return Decision(
+        promote=promote, reasons=reasons, challenger=metrics, champion=champion, head_to_head=compared
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,25 +132,31 @@ def score_champion(champion: ChampionRecord, params: Params, ws: Workspace, scor
     import torch
 
     from pipeline.registry import champion_model_dir
-    from pipeline.scoring import score_model_dir, select_documents
+    from pipeline.scoring import held_out_documents, score_model_dir
 
     model_dir = champion_model_dir(champion, params, ws)
     manifest = Manifest.read(ws.shards_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    texts = {
-        split: select_documents(manifest.held_out_texts(ws.shards_dir, split), params.evaluate.max_bytes)
+    docs = {
+        split: held_out_documents(manifest, ws.shards_dir, split, params.evaluate.max_bytes)
         for split in HELD_OUT
     }
-    theirs = score_model_dir(model_dir, texts, params.evaluate.batch_size, device)
+    theirs = score_model_dir(model_dir, docs, params.evaluate.batch_size, device, manifest.chat_template)
     for split in HELD_OUT:
         if theirs[split].documents != scores[split]["documents"]:
-            raise ArtifactError(f"{ws.eval_dir / SCORES_FILE} scored other {split} documents; run evaluate again")
+            raise ArtifactError(
+                f"{ws.eval_dir / SCORES_FILE} scored other {split} documents; run evaluate again"
+            )
     return model_dir, theirs
 
 
 def gate_figures(decision: Decision, tasks: dict) -> dict:
     """gate_metrics.json: the decision and the head-to-head figures as DVC metrics (`dvc exp show`)."""
-    figures = {"promote": decision.promote, "checks_passed": decision.checks_passed, "checks": len(decision.reasons)}
+    figures = {
+        "promote": decision.promote,
+        "checks_passed": decision.checks_passed,
+        "checks": len(decision.reasons),
+    }
     for against, by_split in decision.head_to_head.items():
         for split, c in by_split.items():
             figures[f"{against}_{split}_bits_per_byte"] = c["other_bits_per_byte"]
@@ -185,7 +195,9 @@ def run() -> None:
     if champion is not None:
         try:
             champion_dir, theirs = score_champion(champion, params, ws, scores)
-            compared["champion"] = {split: challenger_and("champion", split, theirs[split]) for split in HELD_OUT}
+            compared["champion"] = {
+                split: challenger_and("champion", split, theirs[split]) for split in HELD_OUT
+            }
         except StorageError as exc:
             champion_error = str(exc)
     tasks = {"challenger": run_tasks(ws.model_dir, cfg.tasks, ws.root, params.evaluate.batch_size)}

@@ -22,18 +22,23 @@ from pipeline.config import IngestConfig
 from pipeline.corpus import CorpusError, open_corpus, walk_files
 
 # ---------------------------------------------------------------------------------------------
-# the builtin corpus: Python's own documentation, always present, built the same way every time
+# the builtin corpora: Python's own documentation, always present, built the same way every time
+
+BUILTIN_CORPORA = {
+    "builtin": "builtin_corpus.py",  # text: the standard library's docstrings and sources
+    "builtin-chat": "builtin_chat_corpus.py",  # conversations (ingest.format chat): questions on it, answered
+}
 
 
-def write_builtin_corpus(dest: Path) -> None:
+def write_builtin_corpus(dest: Path, name: str = "builtin") -> None:
     """Build it in a fresh, isolated interpreter: docstrings of C modules depend on what else a process
     has imported or patched (Prefect does), and the dataset md5 must not."""
-    script = Path(__file__).with_name("builtin_corpus.py")
+    script = Path(__file__).with_name(BUILTIN_CORPORA[name])
     result = subprocess.run(
         [sys.executable, "-I", "-S", str(script), str(dest)], capture_output=True, text=True
     )
     if result.returncode != 0:
-        raise CorpusError(f"building the builtin corpus failed:\n{result.stderr[-2000:]}")
+        raise CorpusError(f"building the {name} corpus failed:\n{result.stderr[-2000:]}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -42,8 +47,8 @@ def write_builtin_corpus(dest: Path) -> None:
 
 def fetch_source(source: str, dest: Path, cfg: IngestConfig, storage=None) -> None:
     """Copy the corpus named by source into dest (an empty directory)."""
-    if source == "builtin":
-        write_builtin_corpus(dest / "builtin")
+    if source in BUILTIN_CORPORA:
+        write_builtin_corpus(dest / source, source)
     elif source.startswith("s3://"):
         from infra.s3 import download_prefix
 
@@ -121,7 +126,7 @@ def ingest(source: str, ws, params, on_line=print) -> str:
             # The corpus in data/ passed this suite when it came in, and the validate stage re-checks it
             # whenever the validation params change: a scheduled rerun on unchanged data skips GE here.
             on_line("source unchanged: data/ already holds exactly this corpus")
-            record_source(source, ws, on_line)
+            record_source(source, ws, params, on_line)
             return data_md5(ws.root)
         report = validate_corpus(staging, params, name=source, champion_chars=reference)
         for line in format_summary(report).splitlines():
@@ -134,28 +139,32 @@ def ingest(source: str, ws, params, on_line=print) -> str:
     finally:
         discard(staging)
     dvc(["add", "--quiet", "data"], ws.root, on_line)
-    record_source(source, ws, on_line)
+    record_source(source, ws, params, on_line)
     return data_md5(ws.root)
 
 
-def record_source(source: str, ws, on_line=print) -> None:
+def record_source(source: str, ws, params, on_line=print) -> None:
     """The source data/ now holds goes into params.yaml (ingest.source), as -p does: the next run, a
     schedule and `dvc repro` then ingest the data the user chose, never the default in its place. A
-    local path is recorded absolute. (No stage depends on ingest.source: recording it reruns nothing.)"""
+    local path is recorded absolute. Nothing is written when the params (their profile's, say) already
+    name it. (No stage depends on ingest.source: recording it reruns nothing.)"""
     from pipeline.config import write_overrides
 
-    remote = source == "builtin" or source.startswith("s3://")
+    remote = source in BUILTIN_CORPORA or source.startswith("s3://")
     value = source if remote else str(Path(source).expanduser().resolve())
+    if value == params.ingest.source:
+        return
     for change in write_overrides(ws.root, [f"ingest.source={json.dumps(value)}"]):
         on_line(f"params.yaml: {change}")
 
 
 def restore_data(ws, on_line=print) -> str | None:
     """A fresh clone has data.dvc but no data/: fetch the dataset from the remote, or, when the remote
-    does not have it and it is the builtin corpus, rebuild that (it is the same bytes every time).
-    Returns how data/ was restored, or None when there was nothing to do."""
+    does not have it and it is a builtin corpus (ingest.source), rebuild that (it is the same bytes every
+    time). Returns how data/ was restored, or None when there was nothing to do."""
     from infra.dvc import dvc
     from infra.processes import CommandError
+    from pipeline.config import load_params
 
     pointer = ws.root / "data.dvc"
     if ws.data.exists() or not pointer.is_file():
@@ -166,14 +175,16 @@ def restore_data(ws, on_line=print) -> str | None:
     except CommandError:
         pass  # not in this remote (a new one, as on a fresh machine's embedded S3)
     recorded = pointer.read_text()
-    fetch_source("builtin", ws.data, None)  # the layout `lmforge ingest --source builtin` makes
+    source = load_params(ws.root).ingest.source
+    builtin = source if source in BUILTIN_CORPORA else "builtin"
+    fetch_source(builtin, ws.data, None)  # the layout `lmforge ingest --source builtin` makes
     dvc(["add", "--quiet", "data"], ws.root, on_line)
     if pointer.read_text() != recorded:  # data.dvc named some other corpus: put it back, say so
         pointer.write_text(recorded)
         shutil.rmtree(ws.data)
         raise CorpusError(
-            "data.dvc names a dataset that is neither in the DVC remote nor the builtin corpus: "
+            "data.dvc names a dataset that is neither in the DVC remote nor a builtin corpus: "
             "`dvc pull` it from the remote that has it, or `lmforge ingest --source SRC`"
         )
     dvc(["push", "--quiet", "data.dvc"], ws.root, on_line)
-    return "rebuilt from the builtin corpus (the remote did not have it) and pushed"
+    return f"rebuilt from the {builtin} corpus (the remote did not have it) and pushed"

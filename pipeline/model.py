@@ -130,11 +130,12 @@ def chunk_rows_for(vocab_size: int, device: torch.device) -> int:
     return max(16, elements // vocab_size)
 
 
-def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each position's logits against the next token, in fp32 (what transformers'
-    ForCausalLM loss computes; called directly, it needs no `loss_type` from the model)."""
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each position's logits against the next token (targets: the input ids, or
+    labels with -100 where nothing is learnt), in fp32 (what transformers' ForCausalLM loss computes;
+    called directly, it needs no `loss_type` from the model)."""
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), input_ids[:, 1:].reshape(-1)
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets[:, 1:].reshape(-1)
     )
 
 
@@ -143,30 +144,44 @@ def no_padding(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(input_ids)
 
 
+def body_inputs(input_ids, position_ids=None, attention_mask=None) -> dict:
+    """A model's keyword arguments for a batch. Packed conversations come with position_ids that restart
+    at each one and no attention mask: transformers then lets no token attend across into another."""
+    if position_ids is None and attention_mask is None:
+        attention_mask = no_padding(input_ids)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "use_cache": False,
+    }
+
+
 class NextTokenLoss(torch.nn.Module):
-    """`module(input_ids)` -> the mean next-token loss, the model's own way (head, then loss)."""
+    """`module(input_ids, labels=None, ...)` -> the mean next-token loss, the model's own way (head, then
+    loss). Without labels every next token is learnt; with them, those that are not -100."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids, attention_mask=no_padding(input_ids), use_cache=False).logits
-        return next_token_loss(logits, input_ids)
+    def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None) -> torch.Tensor:
+        logits = self.model(**body_inputs(input_ids, position_ids, attention_mask)).logits
+        return next_token_loss(logits, input_ids if labels is None else labels)
 
 
 class FusedNextTokenLoss(NextTokenLoss):
     """The same loss through the model's body and LinearCrossEntropy over its output embedding."""
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids, labels=None, position_ids=None, attention_mask=None) -> torch.Tensor:
         hidden = self.model.base_model(
-            input_ids=input_ids, attention_mask=no_padding(input_ids), use_cache=False
+            **body_inputs(input_ids, position_ids, attention_mask)
         ).last_hidden_state
         weight = self.model.get_output_embeddings().weight
         return self.fused_loss(
             hidden[:, :-1].reshape(-1, hidden.shape[-1]),
             weight,
-            input_ids[:, 1:].reshape(-1),
+            (input_ids if labels is None else labels)[:, 1:].reshape(-1),
             chunk_rows_for(weight.shape[0], weight.device),
         )
 

@@ -17,6 +17,7 @@ from contextlib import chdir
 from pathlib import Path
 
 from infra.errors import LmforgeError
+from pipeline.chat import template_setting
 from pipeline.config import Params, Workspace, params_hash
 from pipeline.contracts import Decision, write_json
 
@@ -99,18 +100,6 @@ Bits per byte compare across tokenizers; perplexity is per token of this model's
 """
 
 
-def chat_template(setting: str | None, root: Path) -> str | None:
-    """serve.chat_template as the Bento carries it: a template file's text, or the template itself."""
-    if not setting:
-        return None
-    path = Path(setting) if Path(setting).is_absolute() else root / setting
-    if "{" not in setting and path.is_file():
-        return path.read_text()
-    if "{{" not in setting and "{%" not in setting:
-        raise PackageError(f"serve.chat_template: {setting!r} is neither a file nor a Jinja template")
-    return setting
-
-
 def _build_context(ws: Workspace, card: str) -> Path:
     """A directory with bentofile.yaml, the service code and the model card: what the Bento contains."""
     ctx = Path(tempfile.mkdtemp(prefix="lmforge-bento-"))
@@ -166,7 +155,7 @@ def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
                     "max_batch_size": serve.max_batch_size,
                     "max_body_bytes": serve.max_body_bytes,
                     "max_logprobs": serve.max_logprobs,
-                    "chat_template": chat_template(serve.chat_template, ws.root),
+                    "chat_template": template_setting(serve.chat_template, ws.root),
                     "workers": serve.workers,
                     "concurrency": serve.concurrency,
                 },

@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from array import array
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +31,18 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline.base_model import resolve_base
-from pipeline.config import ConfigError, Params, Workspace, load_params
+from pipeline.chat import (
+    PLAIN_CHAT_TEMPLATE,
+    ChatError,
+    conversation_text,
+    end_of_turn_ids,
+    labelled_text,
+    parse_conversation,
+    render_conversation,
+    resolve_template,
+    template_setting,
+)
+from pipeline.config import ConfigError, IngestConfig, Params, Workspace, load_params
 from pipeline.contamination import contamination
 from pipeline.contracts import HELD_OUT, SPLITS, Manifest, ValidationReport, read_held_out
 from pipeline.corpus import Corpus, CorpusError, open_corpus
@@ -61,14 +73,6 @@ def split_by_hash(digests: list[bytes], val_fraction: float, test_fraction: floa
     return splits
 
 
-# A model pre-trained from scratch has no chat format of its own: this plain one ("User: hi", blank
-# line, ..., "Assistant:") lets /v1/chat/completions work out of the box. A base model keeps its own.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] | trim }}\n\n"
-    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-
 def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int, length: int | None = None):
     """A GPT-2 style byte-level BPE, so any input byte can be encoded and nothing is ever <unk>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -92,7 +96,7 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int, l
         unk_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
     )
-    fast.chat_template = PLAIN_CHAT_TEMPLATE
+    fast.chat_template = PLAIN_CHAT_TEMPLATE  # /v1/chat/completions works out of the box
     return fast
 
 
@@ -109,13 +113,25 @@ def load_base_tokenizer(base_dir: Path):
 
 
 class ShardWriter:
-    """Appends token arrays to <split>_NNN.bin files of at most shard_tokens each."""
+    """Appends token arrays to <split>_NNN.bin files of at most shard_tokens each.
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
+    With masks (conversations), each array is one whole conversation, never cut across shards, and its
+    loss mask goes to <split>_NNN.mask.bin and its first token's offset to <split>_NNN.starts.bin."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int, masks: bool = False):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         self.shards: list[dict] = []
         self._fh = None
         self.tokens = 0
+        self.masks = masks
+        self._mask_fh, self._starts = None, array("I")
+
+    def write_conversation(self, ids: np.ndarray, mask: np.ndarray) -> None:
+        if self._fh is None or self.shards[-1]["tokens"] + len(ids) > self.shard_tokens:
+            self._open_next()
+        self._starts.append(self.shards[-1]["tokens"])
+        mask.astype(np.uint8).tofile(self._mask_fh)
+        self.write(ids)
 
     def write(self, ids: np.ndarray) -> None:
         while len(ids):
@@ -129,14 +145,22 @@ class ShardWriter:
 
     def _open_next(self) -> None:
         self.close()
-        name = f"{self.split}_{len(self.shards):03d}.bin"
-        self._fh = (self.out_dir / name).open("wb")
-        self.shards.append({"file": name, "tokens": 0})
+        name = f"{self.split}_{len(self.shards):03d}"
+        self._fh = (self.out_dir / f"{name}.bin").open("wb")
+        self.shards.append({"file": f"{name}.bin", "tokens": 0})
+        if self.masks:
+            self._mask_fh = (self.out_dir / f"{name}.mask.bin").open("wb")
+            self.shards[-1] |= {"mask": f"{name}.mask.bin", "starts": f"{name}.starts.bin"}
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        if self._mask_fh is not None:
+            self._mask_fh.close()
+            self._mask_fh = None
+            (self.out_dir / self.shards[-1]["starts"]).write_bytes(self._starts.tobytes())
+            self._starts = array("I")
 
 
 def keep_plan(corpus: Corpus, params: Params, engine: DataEngine) -> tuple[KeepPlan, list[bytes], list[int]]:
@@ -189,13 +213,15 @@ def preprocess(
     params: Params,
     base_dir: Path | None = None,
     expected_documents: int | None = None,
+    root: Path | None = None,
 ) -> Manifest:
     """Run the three passes; write tokenizer_dir and shards_dir (replacing them whole); return the manifest.
 
     The documents are read, measured and tokenized by data.engine; the result is the same on every engine.
     expected_documents, validation's count of kept documents, guards against a corpus that changed since.
+    root is the workspace a relative serve.chat_template file is found in.
     """
-    cfg = params.preprocess
+    cfg, chat = params.preprocess, params.ingest.format == "chat"
     source = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
     with data_engine(params) as engine:
         plan, digests, lengths = keep_plan(source, params, engine)
@@ -206,50 +232,71 @@ def preprocess(
             )
         splits = split_by_hash(digests, cfg.val_fraction, cfg.test_fraction)
 
+        def texts_of(part: KeepPlan, as_text=conversation_text) -> Iterator[str]:
+            texts = engine.kept_texts(source, params, part)
+            return (as_text(m) for m in conversations(texts, params.ingest)) if chat else texts
+
         sample_stats = None
         if base_dir is not None:
             tokenizer = load_base_tokenizer(base_dir)
         else:
             sample, sample_stats = tokenizer_sample(plan, splits, digests, lengths, cfg.tokenizer_train_chars)
-            texts = engine.kept_texts(source, params, sample)
-            tokenizer = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency, length=sample.count())
+            tokenizer = train_tokenizer(
+                texts_of(sample, labelled_text), cfg.vocab_size, cfg.min_frequency, length=sample.count()
+            )
         vocab_size = len(tokenizer)
         dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
         eos = tokenizer.eos_token_id
-        backend = (
-            tokenizer.backend_tokenizer
-        )  # the raw Rust tokenizer: batch encoding without Python per token
 
         # Write beside the outputs, then rename: an interrupted run never leaves half a shard set behind.
         tmp_tok, tmp_shards = (Path(f"{p}.tmp") for p in (tokenizer_dir, shards_dir))
         for p in (tmp_tok, tmp_shards):
             shutil.rmtree(p, ignore_errors=True)
             p.mkdir(parents=True)
-        writers = {s: ShardWriter(tmp_shards, s, dtype, cfg.shard_tokens) for s in SPLITS}
-        doc_counts = {s: splits.count(s) for s in SPLITS}
+        writers = {s: ShardWriter(tmp_shards, s, dtype, cfg.shard_tokens, masks=chat) for s in SPLITS}
+        held_out = {s: (tmp_shards / f"{s}.jsonl").open("w", encoding="utf-8") for s in HELD_OUT}
 
         start = time.perf_counter()
-        encoded = engine.token_ids(source, params, plan, backend)
-        with tqdm(total=len(splits), unit="doc", desc=f"tokenize ({engine.name})", disable=None) as bar:
-            for split, ids in zip(splits, encoded, strict=True):
-                writers[split].write(np.append(np.asarray(ids, dtype=np.int64), eos))
-                bar.update()
+        if chat:
+            names = [f"{source.files[f].rel}#{i}" for f, kept in enumerate(plan.kept) for i in kept]
+            chat_info = encode_conversations(
+                engine.kept_texts(source, params, plan),
+                names,
+                splits,
+                tokenizer,
+                params,
+                writers,
+                held_out,
+                root,
+            )
+            doc_counts = chat_info.pop("documents")
+        else:
+            chat_info, doc_counts = None, {s: splits.count(s) for s in SPLITS}
+            encoded = engine.token_ids(
+                source, params, plan, tokenizer.backend_tokenizer
+            )  # Rust: no Python per token
+            with tqdm(total=len(splits), unit="doc", desc=f"tokenize ({engine.name})", disable=None) as bar:
+                for split, ids in zip(splits, encoded, strict=True):
+                    writers[split].write(np.append(np.asarray(ids, dtype=np.int64), eos))
+                    bar.update()
         seconds = time.perf_counter() - start
         for w in writers.values():
             w.close()
 
-        # the held-out text as it is, one JSON line per document in corpus order: what evaluate scores
-        held_out_splits = [s for s in splits if s in HELD_OUT]
-        files = {s: (tmp_shards / f"{s}.jsonl").open("w", encoding="utf-8") for s in HELD_OUT}
-        texts = engine.kept_texts(source, params, subplan(plan, splits, set(HELD_OUT)))
-        for split, text in zip(held_out_splits, texts, strict=True):
-            files[split].write(json.dumps({"text": text}) + "\n")  # ASCII escapes: a lone surrogate survives
-        for fh in files.values():
+        if (
+            not chat
+        ):  # the held-out text as it is, one JSON line per document in corpus order: what evaluate scores
+            texts = engine.kept_texts(source, params, subplan(plan, splits, set(HELD_OUT)))
+            for split, text in zip([s for s in splits if s in HELD_OUT], texts, strict=True):
+                held_out[split].write(
+                    json.dumps({"text": text}) + "\n"
+                )  # ASCII escapes: a lone surrogate survives
+        for fh in held_out.values():
             fh.close()
         held_out_chars = sum(n for n, s in zip(lengths, splits, strict=True) if s in HELD_OUT)
         leak = contamination(
-            ((s, text) for s in HELD_OUT for text in read_held_out(tmp_shards, f"{s}.jsonl")),
-            engine.kept_texts(source, params, subplan(plan, splits, {"train"})),
+            held_out_scored(tmp_shards, chat),
+            texts_of(subplan(plan, splits, {"train"})),
             cfg.contamination_ngram,
             held_out_chars,
         )
@@ -268,6 +315,8 @@ def preprocess(
         },
         total_tokens=total,
         text={s: f"{s}.jsonl" for s in HELD_OUT},
+        format=params.ingest.format,
+        chat=chat_info,
         encode_seconds=round(seconds, 3),
         tokens_per_second=round(total / max(seconds, 1e-9)),
         contamination=leak,
@@ -279,6 +328,78 @@ def preprocess(
     return manifest
 
 
+def held_out_scored(shards_dir: Path, chat: bool) -> Iterator[tuple[str, str]]:
+    """(split, text) of what evaluate scores, for the contamination check: each held-out document, or each
+    assistant turn of a held-out conversation (what a chat model is judged on)."""
+    for split in HELD_OUT:
+        if not chat:
+            yield from ((split, text) for text in read_held_out(shards_dir, f"{split}.jsonl"))
+            continue
+        for messages in read_held_out(shards_dir, f"{split}.jsonl", "messages"):
+            yield from ((split, m["content"]) for m in messages if m["role"] == "assistant")
+
+
+def conversations(records: Iterator[str], cfg: IngestConfig) -> Iterator[list[dict]]:
+    """The messages of kept conversation records (validation already dropped the ones that have none)."""
+    for record in records:
+        messages, _ = parse_conversation(
+            json.loads(record), cfg.messages_field, cfg.prompt_field, cfg.completion_field
+        )
+        yield messages
+
+
+def encode_conversations(records, names, splits, tokenizer, params: Params, writers, held_out, root) -> dict:
+    """Every kept conversation rendered with the chat template, its tokens and loss mask written to its
+    split. A conversation that does not fit model.block_size, or that the template cannot render the way
+    training needs, is dropped and counted; past validation.max_dropped_fraction the corpus fails. The
+    template goes into the tokenizer, which the model, and so the Bento, carries."""
+    template = resolve_template(tokenizer, template_setting(params.serve.chat_template, root or Path.cwd()))
+    tokenizer.chat_template = template
+    stops = end_of_turn_ids(tokenizer, template)
+    if not stops:
+        raise ConfigError(
+            "the chat template ends an assistant turn with no special token, so a model trained on it never "
+            "learns to stop: set serve.chat_template to one that does (lmforge's plain template ends it with EOS)"
+        )
+    limit = params.model.block_size
+    dropped, examples, documents = Counter(), {}, dict.fromkeys(SPLITS, 0)
+    messages_of = conversations(records, params.ingest)
+    with tqdm(total=len(splits), unit="conversation", desc="render", disable=None, mininterval=2) as bar:
+        for k, (split, messages) in enumerate(zip(splits, messages_of, strict=True)):
+            bar.update()
+            try:
+                rendered = render_conversation(tokenizer, template, messages)
+                problem = None
+                if len(rendered.ids) > limit:
+                    problem = f"too_long_rendered: {len(rendered.ids):,} tokens > model.block_size {limit}"
+            except ChatError as exc:
+                problem = f"template_error: {exc}"
+            if problem is not None:
+                reason = problem.split(":", 1)[0]
+                dropped[reason] += 1
+                examples.setdefault(reason, f"{names[k]} ({problem})")
+                continue
+            writers[split].write_conversation(np.asarray(rendered.ids, np.int64), np.asarray(rendered.mask))
+            documents[split] += 1
+            if split in held_out:
+                line = {"text": conversation_text(messages), "messages": messages}
+                held_out[split].write(json.dumps(line) + "\n")
+    share = sum(dropped.values()) / max(len(splits), 1)
+    if share > params.validation.max_dropped_fraction:
+        raise CorpusError(
+            f"{sum(dropped.values()):,} of {len(splits):,} conversations ({share:.2%}) cannot be trained on, over "
+            f"validation.max_dropped_fraction {params.validation.max_dropped_fraction:.0%}: "
+            + "; ".join(f"{r} {n:,}, e.g. {examples[r]}" for r, n in dropped.items())
+        )
+    if empty := [s for s in SPLITS if not documents[s]]:
+        raise CorpusError(
+            f"no conversation left in {', '.join(empty)} after rendering: the corpus is too small"
+        )
+    for reason, n in dropped.items():
+        print(f"preprocess: dropped {n:,} conversations ({reason}), e.g. {examples[reason]}")
+    return {"template": template, "end_of_turn_ids": stops, "dropped": dict(dropped), "documents": documents}
+
+
 def run() -> None:
     """The DVC stage: data/ -> artifacts/tokenizer + artifacts/shards."""
     ws = Workspace.find()
@@ -286,7 +407,7 @@ def run() -> None:
     base_dir = resolve_base(params.model.base, ws, params) if params.model.base else None
     report = ValidationReport.read(ws.validation_dir)
     kept = report.stats.get("kept_documents") if report else None
-    manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, base_dir, kept)
+    manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, base_dir, kept, ws.root)
     counts = ", ".join(
         f"{s} {manifest.splits[s].tokens:,} ({manifest.splits[s].documents:,} docs)" for s in SPLITS
     )

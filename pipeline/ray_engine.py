@@ -62,6 +62,8 @@ FACT_SCHEMA = pa.schema(
         ("bad_char", pa.string()),
         ("digest", pa.binary()),
         ("text", pa.binary()),
+        ("problem", pa.string()),
+        ("problem_detail", pa.string()),
         ("error", pa.string()),
     ]
 )
@@ -145,7 +147,7 @@ class RayEngine(AbstractContextManager):
         # task and bundles that task's input to the larger batch size, so a number here would put many
         # files in one task and run them one after another.
         ds = self._documents(corpus, params.ingest, None).map_batches(
-            _measure, fn_kwargs={"cfg": params.validation}, batch_size=None,
+            _measure, fn_kwargs={"cfg": params.validation, "ingest": params.ingest}, batch_size=None,
             batch_format="pyarrow", zero_copy_batch=True,
         )  # fmt: skip
         counts, layouts = [0] * len(corpus.files), {}
@@ -308,10 +310,10 @@ class _DocumentBatch:
         )
 
 
-def _measure(batch: pa.Table, cfg: ValidationConfig) -> pa.Table:
+def _measure(batch: pa.Table, cfg: ValidationConfig, ingest: IngestConfig) -> pa.Table:
     from pipeline.corpus import Document
 
-    find, rows = _fact_finder(cfg.model_dump_json()), []
+    find, rows = _fact_finder(cfg.model_dump_json(), ingest.model_dump_json()), []
     for row in batch.to_pylist():
         if row["error"]:
             rows.append({**{k: None for k in FACT_SCHEMA.names}, "file": row["file"], "error": row["error"]})
@@ -326,8 +328,8 @@ def _measure(batch: pa.Table, cfg: ValidationConfig) -> pa.Table:
 
 
 @lru_cache(maxsize=2)
-def _fact_finder(cfg_json: str) -> FactFinder:
-    return FactFinder(ValidationConfig.model_validate_json(cfg_json))
+def _fact_finder(cfg_json: str, ingest_json: str) -> FactFinder:
+    return FactFinder(ValidationConfig.model_validate_json(cfg_json), IngestConfig.model_validate_json(ingest_json))
 
 
 def _encode(batch: pa.Table, tokenizer_ref) -> pa.Table:

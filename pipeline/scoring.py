@@ -11,6 +11,10 @@ lm-evaluation-harness scores `loglikelihood_rolling` and defines `bits_per_byte`
     tokens decode to.
 Scores are kept per document, so the difference between two models on the same documents has a
 bootstrap interval (paired_difference).
+
+A chat corpus's held-out documents are conversations: each is rendered with the run's chat template
+(pipeline/chat.py), every model with its own tokenizer, and only the assistant's tokens are scored, over
+the UTF-8 bytes of the assistant turns as rendered (the same bytes for every model).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.chat import conversation_text, render_conversation
+from pipeline.contracts import Manifest
 from pipeline.generation import context_length
 from pipeline.model import autocast_for
 
@@ -35,20 +41,30 @@ def document_id(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def select_documents(texts: list[str], max_bytes: int | None) -> list[str]:
-    """The documents to score: all of them, or those first in the order of their text's hash until
-    max_bytes of UTF-8 are taken (at least one). The choice depends on the text alone, so every model,
-    whatever its tokenizer, is scored on the same documents. Corpus order is kept."""
+def select_documents(texts: list[str], max_bytes: int | None) -> list[int]:
+    """Which documents to score (their indices): all of them, or those first in the order of their
+    text's hash until max_bytes of UTF-8 are taken (at least one). The choice depends on the text alone,
+    so every model, whatever its tokenizer, is scored on the same documents. Corpus order is kept."""
     sizes = [len(t.encode("utf-8", "surrogatepass")) for t in texts]
     if max_bytes is None or sum(sizes) <= max_bytes:
-        return list(texts)
+        return list(range(len(texts)))
     chosen, spent = set(), 0
     for i in sorted(range(len(texts)), key=lambda i: document_id(texts[i])):
         if chosen and spent + sizes[i] > max_bytes:
             continue
         chosen.add(i)
         spent += sizes[i]
-    return [t for i, t in enumerate(texts) if i in chosen]
+    return sorted(chosen)
+
+
+def held_out_documents(manifest: Manifest, shards_dir: Path, split: str, max_bytes: int | None) -> list:
+    """What evaluate and the gate score of a split: texts, or conversations (lists of messages)."""
+    texts = manifest.held_out_texts(shards_dir, split)
+    chosen = select_documents(texts, max_bytes)
+    if manifest.format == "chat":
+        conversations = manifest.held_out_conversations(shards_dir, split)
+        return [conversations[i] for i in chosen]
+    return [texts[i] for i in chosen]
 
 
 @dataclass
@@ -92,6 +108,33 @@ def encode_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
 
+@dataclass
+class Encoded:
+    """Documents as one model sees them: the tokens, which of them are scored (None: all), and the bytes
+    the scored tokens stand for."""
+
+    ids: list[list[int]]
+    scored: list[list[bool]] | None
+    bytes: np.ndarray
+    documents: list[str]
+
+
+def encode_held_out(tokenizer, docs: list, template: str | None = None) -> Encoded:
+    """Texts, or with a chat template, conversations (their assistant turns scored)."""
+    if template is None:
+        ids = encode_documents(tokenizer, docs)
+        decoded = tokenizer.batch_decode(ids) if ids else []
+        sizes = [len(d.encode("utf-8", "surrogatepass")) for d in decoded]
+        return Encoded(ids, None, np.array(sizes, np.int64), [document_id(t) for t in docs])
+    rendered = [render_conversation(tokenizer, template, m, served=False) for m in docs]
+    return Encoded(
+        [r.ids for r in rendered],
+        [r.mask for r in rendered],
+        np.array([r.assistant_bytes for r in rendered], np.int64),
+        [document_id(conversation_text(m)) for m in docs],
+    )
+
+
 def rolling_windows(ids: list[int], prefix: int, context: int) -> list[tuple[list[int], list[int]]]:
     """lm-eval's disjoint rolling windows of a document: (model input, the tokens its last positions
     predict). Every token of the document is predicted exactly once."""
@@ -104,16 +147,24 @@ def rolling_windows(ids: list[int], prefix: int, context: int) -> list[tuple[lis
 
 
 @torch.no_grad()
-def score_documents(model, tokenizer, texts: list[str], batch_size: int, device: torch.device) -> DocScores:
-    """The model's summed NLL of each document in bits, its tokens and the bytes they decode to."""
+def score_documents(
+    model, tokenizer, docs: list, batch_size: int, device: torch.device, template: str | None = None
+) -> DocScores:
+    """The model's summed NLL of each document in bits, its tokens and the bytes they decode to; with a
+    chat template, of each conversation's assistant tokens, over the assistant turns' bytes."""
     was_training = model.training
     model.eval()
     context, prefix = context_length(model), prefix_token_id(tokenizer)
-    encoded = encode_documents(tokenizer, texts)
-    windows = [(doc, *w) for doc, ids in enumerate(encoded) for w in rolling_windows(ids, prefix, context)]
+    encoded = encode_held_out(tokenizer, docs, template)
+    windows = []  # (document, model input, targets, the targets' offset in the document)
+    for doc, ids in enumerate(encoded.ids):
+        offset = 0
+        for inputs, targets in rolling_windows(ids, prefix, context):
+            windows.append((doc, inputs, targets, offset))
+            offset += len(targets)
     windows.sort(key=lambda w: -len(w[1]))  # similar lengths together: little padding
     vocab = model.get_output_embeddings().weight.shape[0]
-    nats = np.zeros(len(texts), np.float64)
+    nats = np.zeros(len(docs), np.float64)
     bar = tqdm(total=len(windows), unit="window", desc="score", disable=None, mininterval=2)
     i = 0
     while i < len(windows):
@@ -122,38 +173,40 @@ def score_documents(model, tokenizer, texts: list[str], batch_size: int, device:
         batch, i = windows[i : i + rows], i + rows
         inputs = torch.full((len(batch), longest), prefix, dtype=torch.long)
         mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for row, (_, ids, _) in enumerate(batch):
+        for row, (_, ids, _, _) in enumerate(batch):
             inputs[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
         with autocast_for(device):
             logits = model(input_ids=inputs.to(device), attention_mask=mask.to(device)).logits
-        for row, (doc, ids, targets) in enumerate(batch):
+        for row, (doc, ids, targets, offset) in enumerate(batch):
             span = logits[row, len(ids) - len(targets) : len(ids)].float()
             picked = span.gather(1, torch.tensor(targets, device=span.device)[:, None]).squeeze(1)
-            nats[doc] += float((torch.logsumexp(span, -1) - picked).double().sum())
+            nll = (torch.logsumexp(span, -1) - picked).double()
+            if encoded.scored is not None:
+                scored = encoded.scored[doc][offset : offset + len(targets)]
+                nll = nll * torch.tensor(scored, dtype=nll.dtype, device=nll.device)
+            nats[doc] += float(nll.sum())
         bar.update(len(batch))
     bar.close()
     model.train(was_training)
-    decoded = tokenizer.batch_decode(encoded) if encoded else []
-    return DocScores(
-        [document_id(t) for t in texts],
-        nats / LN2,
-        np.array([len(ids) for ids in encoded], np.int64),
-        np.array([len(d.encode("utf-8", "surrogatepass")) for d in decoded], np.int64),
-    )
+    counted = encoded.ids if encoded.scored is None else encoded.scored
+    return DocScores(encoded.documents, nats / LN2, np.array([sum(map(bool, c)) for c in counted], np.int64),
+                     encoded.bytes)  # fmt: skip
 
 
 def score_model_dir(
-    model_dir: Path, texts: dict[str, list[str]], batch_size: int, device: torch.device
+    model_dir: Path, docs: dict[str, list], batch_size: int, device: torch.device, template: str | None = None
 ) -> dict[str, DocScores]:
     """A saved model (a champion, a base), loaded once, scored on each split's documents with its own
-    tokenizer and context."""
+    tokenizer and context (conversations: rendered with this run's template, the same bytes for all)."""
     from transformers import AutoTokenizer
 
     from pipeline.model import load_model
 
     model, tokenizer = load_model(model_dir).to(device), AutoTokenizer.from_pretrained(model_dir)
-    return {split: score_documents(model, tokenizer, docs, batch_size, device) for split, docs in texts.items()}
+    return {
+        split: score_documents(model, tokenizer, d, batch_size, device, template) for split, d in docs.items()
+    }
 
 
 def paired_difference(

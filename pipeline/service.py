@@ -27,6 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from pipeline.chat import ChatError, end_of_turn_ids, render_text, resolve_template
 from pipeline.config import ServeConfig
 from pipeline.generation import Completion, Delta, Engine, GenerationError, SamplingParams, load_engine
 
@@ -516,7 +517,10 @@ class LMForge:
         self.engine = load_engine(
             stored.path, max_batch_size=MAX_BATCH_SIZE, threads=threads, on_batch=batch_sizes.observe
         )
-        self.chat_template = CHAT_TEMPLATE or self.engine.tokenizer.chat_template
+        # the template the model was trained with (preprocess stores it in the tokenizer), and the tokens
+        # that end its assistant turns: a reply stops there, as it learnt to
+        self.chat_template = resolve_template(self.engine.tokenizer, CHAT_TEMPLATE)
+        self.end_of_turn = end_of_turn_ids(self.engine.tokenizer, self.chat_template)
         self.created = int(time.time())
         READY = True
 
@@ -573,11 +577,23 @@ class LMForge:
     @bentoml.api(route="/tokenize")
     async def tokenize(
         self,
-        prompt: Annotated[str, AfterValidator(_check_unicode)],
+        prompt: Annotated[str, AfterValidator(_check_unicode)] | None = None,
         model: str | None = None,
-        add_special_tokens: bool = True,
+        add_special_tokens: bool | None = None,
+        messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)] | None = None,
+        add_generation_prompt: bool = True,
     ) -> dict:
-        """vLLM's shape: {"count", "max_model_len", "tokens"}."""
+        """vLLM's shape: {"count", "max_model_len", "tokens"}, of a prompt, or as vLLM does, of chat
+        messages rendered the way /v1/chat/completions renders them."""
+        if (prompt is None) == (messages is None):
+            raise bentoml.exceptions.InvalidArgument("give either prompt or messages")
+        if messages is not None:
+            try:
+                prompt = self._render_chat(messages, add_generation_prompt)
+            except GenerationError as exc:
+                raise bentoml.exceptions.InvalidArgument(str(exc)) from None
+        if add_special_tokens is None:  # vLLM's defaults: a chat template writes its own special tokens
+            add_special_tokens = messages is None
         if len(prompt) > self.engine.max_prompt_chars:
             raise bentoml.exceptions.InvalidArgument(
                 f"prompt: {len(prompt):,} characters cannot fit the model's context of {self.engine.context} tokens"
@@ -639,26 +655,19 @@ class LMForge:
         jobs = []
         for k in range(body.n):
             params = body.sampling(body.budget, k, logprobs)
+            if not body.ignore_eos:
+                params.stop_token_ids = list(dict.fromkeys([*params.stop_token_ids, *self.end_of_turn]))
             ids = jobs[0].prompt_ids if jobs else await self._prepare(prompt, params)
             jobs.append(Job(k, ids, params))
         return await self._respond(jobs, ChatShape(self.engine, body.logprobs, body.top_logprobs or 0), body)
 
-    def _render_chat(self, messages: list[ChatMessage]) -> str:
-        """The messages through the chat template (serve.chat_template, else the tokenizer's own)."""
-        if not self.chat_template:
-            raise GenerationError(
-                "this model has no chat template: set serve.chat_template in params.yaml (a Jinja template) "
-                "and package again, or use /v1/completions"
-            )
-        from jinja2 import TemplateError
-
+    def _render_chat(self, messages: list[ChatMessage], generation_prompt: bool = True) -> str:
+        """The messages through the chat template, as preprocess rendered the model's training data."""
         try:
-            return self.engine.tokenizer.apply_chat_template(
-                [m.render() for m in messages], chat_template=self.chat_template, tokenize=False,
-                add_generation_prompt=True,
-            )  # fmt: skip
-        except (TemplateError, TypeError, ValueError) as exc:
-            raise GenerationError(f"messages: the chat template cannot render them ({exc})") from None
+            return render_text(self.engine.tokenizer, self.chat_template, [m.render() for m in messages],
+                               generation_prompt)  # fmt: skip
+        except ChatError as exc:
+            raise GenerationError(f"messages: {exc}") from None
 
     async def _respond(self, jobs: list[Job], shape, body: SamplingFields):
         head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "object": shape.object,

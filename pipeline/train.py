@@ -28,10 +28,11 @@ import numpy as np
 import torch
 
 from pipeline.base_model import resolve_base
+from pipeline.chat import render_text
 from pipeline.checkpoints import capture_rng, resume_latest, run_fingerprint, save_checkpoint
 from pipeline.config import ConfigError, Params, TrainConfig, Workspace, load_params
 from pipeline.contracts import Manifest, TrainSummary, read_train_log
-from pipeline.data import TokenWindows, fixed_windows, mean_loss
+from pipeline.data import ConversationRows, TokenWindows, fixed_windows, mean_loss, packing_isolates, rows_of
 from pipeline.model import (
     FusedNextTokenLoss,
     NextTokenLoss,
@@ -63,12 +64,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
 
     # data: this rank's slice of train, and fixed val windows for the loss curve
     manifest = Manifest.read(ws.shards_dir)
-    windows = TokenWindows(
-        load_shard(ws.shards_dir, "train", manifest), mcfg.block_size, dist.rank, dist.world_size
-    )
-    val_windows = fixed_windows(
-        load_shard(ws.shards_dir, "val", manifest), mcfg.block_size, cfg.eval_batches * cfg.batch_size
-    )
+    windows, val_windows = training_data(ws, manifest, params, dist)
 
     # model, optimizer, and where this run left off
     model = build_model(mcfg, manifest.vocab_size, manifest.eos_token_id, base_dir).to(dist.device)
@@ -79,12 +75,20 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     trained, total = count_parameters(model, trainable=True), count_parameters(model)
     flops_tok = flops_per_token(model, mcfg)
-    loss_module, loss_kind = agreed_loss(model, val_windows[:2].to(dist.device), dist)
+    packing = ""
+    if isinstance(windows, ConversationRows):
+        if not all(every_rank(packing_isolates(model, windows, dist.device), dist)):
+            windows, val_windows = training_data(ws, manifest, params, dist, packed=False)
+        packing = f"; conversations {'packed' if windows.packed else 'one a row, padded'}"
+    sample = val_windows["input_ids"] if isinstance(val_windows, dict) else val_windows
+    loss_module, loss_kind = agreed_loss(model, sample[:2].to(dist.device), dist)
     wrapper = parallelize(loss_module, model, cfg, dist)  # FSDP shards in place: count and probe before
     seed_everything(cfg.seed + dist.rank)  # from here on each rank draws its own dropout masks
     optimizer, scheduler = build_optimizer(model, cfg, dist.device)
     fingerprint = run_fingerprint(params, ws.shards_dir)
-    step = resume_latest(ws.checkpoints_dir, fingerprint, model, optimizer, scheduler, log, dist.rank, cfg.max_steps)
+    step = resume_latest(
+        ws.checkpoints_dir, fingerprint, model, optimizer, scheduler, log, dist.rank, cfg.max_steps
+    )
     agree_on_step(step, dist)
     forward = compiled(wrapper) if cfg.compile else wrapper
     sharded = cfg.strategy == "fsdp"
@@ -98,7 +102,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
         truncate_log(ws.train_log, step)
         log(f"train: {trained:,} of {total:,} params trained ({cfg.method}, {cfg.strategy}), "
             f"{dist.world_size} x {dist.device.type}, {tokens_per_step:,} tokens/step, "
-            f"steps {step} -> {cfg.max_steps}; loss: {loss_kind}")  # fmt: skip
+            f"steps {step} -> {cfg.max_steps}; loss: {loss_kind}{packing}")  # fmt: skip
 
     model.train()
     bar = tqdm(
@@ -152,16 +156,17 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
     return summary
 
 
-def train_step(forward, wrapper, model, optimizer, scheduler, windows: TokenWindows, cfg: TrainConfig, step: int,
+def train_step(forward, wrapper, model, optimizer, scheduler, windows: TokenWindows | ConversationRows, cfg: TrainConfig, step: int,
                dist: Dist) -> float:  # fmt: skip
     """One optimizer step over grad_accum micro-batches; the loss averaged over every rank."""
     loss_sum = torch.zeros((), device=dist.device)
     for micro in range(cfg.grad_accum):
-        batch = windows.batch(cfg.batch_size, cfg.seed, step, micro, dist.rank).to(dist.device)
+        batch = rows_of(windows.batch(cfg.batch_size, cfg.seed, step, micro, dist.rank), 0, cfg.batch_size)
+        batch = {key: value.to(dist.device) for key, value in batch.items()}
         # Gradients sync once per optimizer step, on the last micro-step only.
         with gradient_sync(wrapper, micro == cfg.grad_accum - 1):
             with autocast_for(dist.device):
-                loss = forward(batch) / cfg.grad_accum
+                loss = forward(**batch) / cfg.grad_accum
             loss.backward()
         loss_sum += loss.detach()
     if cfg.grad_clip > 0:
@@ -192,6 +197,19 @@ def gradient_sync(wrapper, sync: bool):
             wrapper.set_requires_gradient_sync(True)
     else:  # one process: nothing to sync
         yield
+
+
+def training_data(ws: Workspace, manifest: Manifest, params: Params, dist: Dist, packed: bool = True):
+    """This rank's train batches and the fixed val batch of the loss curve: windows of text, or rows of
+    whole conversations."""
+    block, cfg = params.model.block_size, params.train
+    if manifest.format == "chat":
+        train = ConversationRows(ws.shards_dir, manifest, "train", block, dist.rank, dist.world_size, packed)
+        val = ConversationRows(ws.shards_dir, manifest, "val", block, packed=packed)
+        return train, val.fixed(cfg.eval_batches * cfg.batch_size)
+    train = TokenWindows(load_shard(ws.shards_dir, "train", manifest), block, dist.rank, dist.world_size)
+    val = fixed_windows(load_shard(ws.shards_dir, "val", manifest), block, cfg.eval_batches * cfg.batch_size)
+    return train, val
 
 
 def seed_everything(seed: int) -> None:
@@ -466,10 +484,8 @@ def preflight(params: Params, ws: Workspace) -> None:
 
     manifest = Manifest.read(ws.shards_dir)
     mcfg, world = params.model, params.train.nproc_per_node * params.train.nnodes
-    train_shards = load_shard(ws.shards_dir, "train", manifest)  # memmaps: nothing is read whole
-    for rank in range(world):
-        TokenWindows(train_shards, mcfg.block_size, rank, world)
-    fixed_windows(load_shard(ws.shards_dir, "val", manifest), mcfg.block_size, 1)
+    for rank in range(world):  # memmaps: nothing is read whole
+        training_data(ws, manifest, params, Dist(rank, rank, world, torch.device("cpu")))
 
     context = mcfg.block_size
     if mcfg.base:
@@ -486,7 +502,10 @@ def preflight(params: Params, ws: Workspace) -> None:
             )
     # evaluate generates from each prompt with this model: prompt + new tokens must fit its positions
     tokenizer = AutoTokenizer.from_pretrained(ws.tokenizer_dir)
-    longest = max(len(tokenizer(p)["input_ids"]) for p in params.evaluate.prompts)
+    template = manifest.chat_template  # a chat model's samples are replies to the prompts as user messages
+    prompts = [render_text(tokenizer, template, [{"role": "user", "content": p}], True) if template else p
+               for p in params.evaluate.prompts]  # fmt: skip
+    longest = max(len(tokenizer(p, add_special_tokens=not template)["input_ids"]) for p in prompts)
     if longest + params.evaluate.max_new_tokens > context:
         raise ConfigError(
             f"evaluate.max_new_tokens ({params.evaluate.max_new_tokens}) plus the longest of evaluate.prompts "

@@ -33,6 +33,7 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from pipeline.chat import RECORD_PROBLEMS
 from pipeline.config import Params, Workspace, load_params
 from pipeline.contracts import ArtifactError, Check, ValidationReport, write_text_atomic
 from pipeline.corpus import Corpus, open_corpus
@@ -41,7 +42,8 @@ from pipeline.engines import DataEngine, data_engine
 from pipeline.stage import run_stage
 
 EXAMPLES_PER_REASON = 3
-DROP_REASONS = ("nonprintable", "too_short", "too_long")  # quality: counted against max_dropped_fraction
+# quality, and conversation records that cannot be trained on: counted against max_dropped_fraction
+DROP_REASONS = ("nonprintable", "too_short", "too_long", *RECORD_PROBLEMS)
 DUPLICATE_REASONS = ("duplicate", "near_duplicate")  # counted against max_duplicate_ratio
 
 
@@ -99,6 +101,8 @@ def _drop_example(facts: DocumentFacts, verdict: Verdict) -> str:
         return f"{facts.source}{of}: {facts.snippet}"
     if verdict.reason == "nonprintable":
         return f"{facts.source} (nonprintable ratio {verdict.nonprintable_ratio:.3f}{facts.bad_char}"
+    if facts.problem is not None:
+        return f"{facts.source} ({facts.problem}: {facts.problem_detail}): {facts.snippet}"
     return f"{facts.source} ({verdict.length} chars, {verdict.reason}): {facts.snippet}"
 
 
@@ -149,6 +153,8 @@ def measure(
                           "snippet": facts.snippet}  # fmt: skip
                 if verdict.duplicate_of:
                     record["duplicate_of"] = verdict.duplicate_of
+                if facts.problem_detail:
+                    record["detail"] = facts.problem_detail
                 dropped_out.write(json.dumps(record) + "\n")
     return measures, found
 

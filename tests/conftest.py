@@ -242,14 +242,103 @@ def tiny_workspace(tiny_template, tmp_path, monkeypatch):
     return Workspace(root), load_params(root)
 
 
+# A ChatML template (Qwen's and many others' format): every turn ends in <|im_end|>, a special token of
+# its own, not the tokenizer's EOS.
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_WORDS = {
+    "en": "river stone light model data answer question window garden letter music paper table field "
+    "morning winter voice number reason story".split(),
+    "zh": "今天 天气 很好 我们 学习 语言 模型 数据 训练 中文 问题 回答 朋友 城市 春天 山水 明月 故乡 时间 世界".split(),
+}
+ASK = {  # the system prompt, the request, the follow-up
+    "en": ("You repeat words.", "Repeat these words: ", "Now say them backwards."),
+    "zh": ("你重复词语。", "重复：", "倒过来说。"),
+}
+
+
+def chat_records(n: int, language: str = "en", seed: int = 0, bad_every: int | None = None) -> list[dict]:
+    """Conversations a small model can learn (repeat the user's words, then, in some, say them backwards),
+    as messages or prompt/completion records, some with a system prompt. With bad_every, every that-many-th
+    record is one of the bad kinds validation drops."""
+    rng = random.Random(seed)
+    words, (system, ask, backwards) = CHAT_WORDS[language], ASK[language]
+    sep = " " if language == "en" else "，"
+    bad = [
+        {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "user", "content": "  "}, {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "user", "content": "a question nobody answers"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "and then?"},
+            ]
+        },  # fmt: skip
+        {
+            "messages": [
+                {"role": "user", "content": {"text": "hi"}},
+                {"role": "assistant", "content": "hello"},
+            ]
+        },
+    ]
+    records = []
+    for i in range(n):
+        if bad_every and i % bad_every == bad_every - 1:
+            records.append(bad[(i // bad_every) % len(bad)])
+            continue
+        said = [rng.choice(words) for _ in range(rng.randint(3, 5))]
+        answer = sep.join(said)
+        if i % 4 == 1:
+            records.append({"prompt": ask + answer, "completion": answer})
+            continue
+        messages = [{"role": "system", "content": system}] if i % 3 == 0 and i % 5 != 2 else []
+        messages += [{"role": "user", "content": ask + answer}, {"role": "assistant", "content": answer}]
+        if i % 5 == 2:
+            messages += [
+                {"role": "user", "content": backwards},
+                {"role": "assistant", "content": sep.join(said[::-1])},
+            ]
+        records.append({"messages": messages})
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def chatml_tokenizer(path: Path, texts: list[str], vocab_size: int = 400):
+    """A byte-level BPE trained on texts, with <|im_start|> and <|im_end|> and the ChatML template: a
+    tokenizer shaped like a chat model's."""
+    from pipeline.preprocess import train_tokenizer
+
+    tokenizer = train_tokenizer(iter(texts), vocab_size, 1)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
 # Tiny random-weight models of real architectures, as bases to adapt. Between them: tied and untied
 # embeddings, grouped-query attention, attention biases, a sliding window, parallel residuals, partial
 # rotary embeddings, and vocabularies larger than the tokenizer (as real checkpoints pad theirs).
 TINY_BASES = {
     "llama": ("LlamaConfig", {"num_key_value_heads": 2, "tie_word_embeddings": False}),
     "qwen2": ("Qwen2Config", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
-    "mistral": ("MistralConfig", {"num_key_value_heads": 1, "sliding_window": 16, "tie_word_embeddings": False}),
-    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.5, "use_parallel_residual": True, "tie_word_embeddings": False}),
+    "mistral": (
+        "MistralConfig",
+        {"num_key_value_heads": 1, "sliding_window": 16, "tie_word_embeddings": False},
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        {"rotary_pct": 0.5, "use_parallel_residual": True, "tie_word_embeddings": False},
+    ),
     "gpt2": ("GPT2Config", {"n_positions": 64, "n_embd": 64, "n_layer": 2, "n_head": 4}),
 }
 

@@ -143,16 +143,16 @@ def wait_json(url: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
 
 
 @contextlib.contextmanager
-def lmforge_serve(ws: Path, env: dict) -> Iterator[tuple[dict, subprocess.Popen]]:
-    """`lmforge serve` (the champion, on a free port) in ws: its /v1/models reply once it answers, and the
-    process, which is stopped afterwards."""
+def lmforge_serve(ws: Path, env: dict) -> Iterator[tuple[dict, subprocess.Popen, str]]:
+    """`lmforge serve` (the champion, on a free port) in ws: its /v1/models reply once it answers, the
+    process, which is stopped afterwards, and its URL."""
     port = free_port()
     server = subprocess.Popen(
         [BIN / "lmforge", "serve", "--port", str(port)], cwd=ws, env=env, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        yield wait_json(f"http://127.0.0.1:{port}/v1/models", server), server
+        yield wait_json(f"http://127.0.0.1:{port}/v1/models", server), server, f"http://127.0.0.1:{port}"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -188,16 +188,24 @@ def test_two_dataset_versions_round_trip_through_s3(workspace, s3_server, tmp_pa
     # tokenizer: the figure in gate.json is that, not the champion record's figure from v1's val split
     decision = Decision.load(ws / "artifacts" / "gate.json")
     scored = json.loads((ws / "artifacts" / "eval" / "scores.json").read_text())["val"]["documents"]
-    v2_val = [json.loads(line)["text"] for line in (ws / "artifacts/shards/val.jsonl").read_text().splitlines()]
+    v2_val = [
+        json.loads(line)["text"] for line in (ws / "artifacts/shards/val.jsonl").read_text().splitlines()
+    ]
     v2_val = [t for t in v2_val if hashlib.sha256(t.encode()).hexdigest()[:16] in scored]
     expected, nbytes = reference_bits_per_byte(champion_model, v2_val)
     compared = decision.head_to_head["champion"]["val"]
-    assert compared["other_bits_per_byte"] == pytest.approx(expected, rel=1e-5) and compared["bytes"] == nbytes
+    assert (
+        compared["other_bits_per_byte"] == pytest.approx(expected, rel=1e-5) and compared["bytes"] == nbytes
+    )
     assert compared["documents"] == len(scored) == len(v2_val) > 5
-    assert abs(expected / decision.champion.metrics["val_bits_per_byte"] - 1) > 0.01  # another text, another figure
+    assert (
+        abs(expected / decision.champion.metrics["val_bits_per_byte"] - 1) > 0.01
+    )  # another text, another figure
     figures = json.loads((ws / "artifacts" / "gate_metrics.json").read_text())
     assert figures["champion_val_bits_per_byte"] == compared["other_bits_per_byte"]
-    assert f"vs champion   {compared['other_bits_per_byte']:.4f} bits/byte on the same val text" in second.stdout
+    assert (
+        f"vs champion   {compared['other_bits_per_byte']:.4f} bits/byte on the same val text" in second.stdout
+    )
     md5_second = summary_value(second.stdout, "dataset md5")
     url = summary_value(second.stdout, "data in S3")
     assert md5_second != md5_first and url == f"s3://{bucket}/dvc/files/md5/{md5_second[:2]}/{md5_second[2:]}"
@@ -205,7 +213,10 @@ def test_two_dataset_versions_round_trip_through_s3(workspace, s3_server, tmp_pa
     listing = s3_client(s3_server.cfg, s3_server.state).get_object(
         Bucket=bucket, Key=url.split(f"{bucket}/", 1)[1]
     )
-    assert {entry["relpath"] for entry in json.loads(listing["Body"].read())} == {"poems.jsonl", "sub/words.jsonl"}
+    assert {entry["relpath"] for entry in json.loads(listing["Body"].read())} == {
+        "poems.jsonl",
+        "sub/words.jsonl",
+    }
     # --source is recorded as -p is: the next run, without one, trains on v2 (not the builtin default),
     # and a longer max_steps continues the run from its last checkpoint
     assert yaml.safe_load((ws / "params.yaml").read_text())["ingest"]["source"] == str(v2)

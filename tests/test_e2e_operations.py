@@ -596,7 +596,7 @@ def test_rollback_then_serve_serves_the_model_rolled_back_to(operated):
     model_tag = bentoml.get(previous.bento_tag).info.labels["model_tag"]
     bentoml.delete(previous.bento_tag)
     bentoml.models.delete(model_tag)
-    with lmforge_serve(ws, env) as (reply, server):
+    with lmforge_serve(ws, env) as (reply, server, _):
         card = reply["data"][0]
         listening = listening_in_tree(server.pid)
     assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening  # loopback default

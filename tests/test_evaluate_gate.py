@@ -13,7 +13,7 @@ from pipeline.contracts import ChampionRecord, Decision, read_curve, record_name
 from pipeline.evaluate import NGramBaseline, evaluate
 from pipeline.gate import decide
 from pipeline.registry import champion_record, promote, read_champion
-from pipeline.scoring import DocScores, paired_difference
+from pipeline.scoring import DocScores, Encoded, paired_difference
 from pipeline.train import train
 
 
@@ -27,7 +27,7 @@ def test_ngram_baselines_match_hand_computation():
     assert got == pytest.approx(-np.log([(2 + 1) / (3 + 3), (0 + 1) / (3 + 3), (2 + 1) / (2 + 3), 1 / 3]))
     # documents [1 0 2] and [1] after the prefix token 0: targets 1, 0, 2 after 0, 1, 0, then 1 after 0
     model = scores([9.0, 9.0], [10, 4])
-    got = baseline.score([[1, 0, 2], [1]], 0, model)
+    got = baseline.score(Encoded([[1, 0, 2], [1]], None, model.bytes, model.documents), 0, model)
     assert got["unigram"].bits.tolist() == pytest.approx(
         [-np.log2([3 / 9, 4 / 9, 2 / 9]).sum(), -np.log2(3 / 9)]
     )

@@ -32,7 +32,7 @@ from pipeline.preprocess import preprocess
 from pipeline.ray_engine import SINGLE_MACHINE, RayEngine
 from pipeline.validate import validate_corpus, write_report
 
-from .conftest import POEM_LINES, free_port, stop_group
+from .conftest import POEM_LINES, chat_records, free_port, stop_group, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +116,25 @@ def test_both_engines_write_the_same_report_tokenizer_and_shards(ray_cluster, co
     manifest = json.loads((tmp_path / "ray" / "shards" / "manifest.json").read_text())
     assert len(manifest["splits"]["train"]["shards"]) > 3
     assert "encode_seconds" not in manifest  # a timing would differ run to run
+
+
+def test_both_engines_write_the_same_conversation_shards(ray_cluster, tmp_path):
+    """ingest.format=chat: conversations (JSONL with bad records, Parquet of message structs) validated,
+    rendered and masked to the same bytes on both engines."""
+    records = chat_records(300, bad_every=30) + chat_records(200, "zh", seed=4)
+    corpus = tmp_path / "chats"
+    write_jsonl(corpus / "a.jsonl", records[:300])
+    pq.write_table(
+        pa.table({"messages": [r["messages"] for r in records[300:] if "messages" in r]}),
+        corpus / "b.parquet",
+    )
+    overrides = [*LOW, "ingest.format=chat", "preprocess.vocab_size=1000"]
+    local = run_stages(corpus, tmp_path / "local", resolve_params({}, [*overrides, "data.engine=local"]))
+    ray = run_stages(corpus, tmp_path / "ray", resolve_params({}, [*overrides, "data.engine=ray"]))
+    assert ray == local
+    report = json.loads((tmp_path / "ray" / "validation" / "report.json").read_text())
+    assert report["stats"]["dropped_documents"] == 10
+    assert any(name.endswith(".mask.bin") for name in ray)
 
 
 def test_each_file_is_read_and_measured_in_a_task_of_its_own(ray_cluster, corpus):

@@ -180,8 +180,6 @@ def test_openai_client_completion_and_stream(server, bento):
 def test_openai_client_chat_streamed_and_not_agree_and_carry_logprobs(server, trained):
     from openai import OpenAI
 
-    from pipeline.preprocess import PLAIN_CHAT_TEMPLATE
-
     client = OpenAI(base_url=f"{server}/v1", api_key="unused")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
     done = client.chat.completions.create(
@@ -196,8 +194,11 @@ def test_openai_client_chat_streamed_and_not_agree_and_carry_logprobs(server, tr
     assert choice.message.role == "assistant" and choice.message.content
     # the plain template the from-scratch tokenizer ships: the prompt is exactly its rendering
     rendered = "System: Be brief.\n\nUser: the quick brown\n\nAssistant:"
-    assert "{{ message['role'] | capitalize }}" in PLAIN_CHAT_TEMPLATE
     assert done.usage.prompt_tokens == post(server, "/tokenize", {"prompt": rendered}).json()["count"]
+    assert (
+        post(server, "/tokenize", {"messages": messages}).json()
+        == post(server, "/tokenize", {"prompt": rendered, "add_special_tokens": False}).json()
+    )
     entries = choice.logprobs.content
     assert len(entries) == done.usage.completion_tokens <= 12
     assert "".join(e.token for e in entries) == choice.message.content
@@ -644,48 +645,40 @@ def test_lm_evaluation_harness_runs_against_the_server(server, trained, tmp_path
         assert generated == direct["choices"][0]["text"] and " lazy" not in generated
 
 
-def test_chat_template_sources_and_a_model_without_one(trained, tmp_path):
-    """serve.chat_template (a file or the template) overrides the tokenizer's; a tokenizer without a template
-    and no setting gives chat a clear error (the routes turn it into a 400, as for every GenerationError)."""
-    from types import SimpleNamespace
-
+def test_chat_template_sources_in_order(trained, tmp_path):
+    """serve.chat_template (a file or the template itself) comes first, then the tokenizer's own, then
+    lmforge's plain one; a template that raises is a ChatError with its message."""
     from transformers import AutoTokenizer
 
-    from pipeline.generation import GenerationError
-    from pipeline.package import PackageError, chat_template
-    from pipeline.service import ChatMessage, LMForge
+    from pipeline.chat import PLAIN_CHAT_TEMPLATE, ChatError, render_text, resolve_template, template_setting
+    from pipeline.config import ConfigError
 
     ws, _ = trained
     (tmp_path / "chat.jinja").write_text(
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
     )
-    assert chat_template("chat.jinja", tmp_path).startswith("{% for m in messages %}<")
-    assert chat_template("{{ messages[0]['content'] }}", tmp_path) == "{{ messages[0]['content'] }}"
-    assert chat_template(None, tmp_path) is None
-    with pytest.raises(PackageError, match="neither a file nor a Jinja template"):
-        chat_template("missing.jinja", tmp_path)
+    assert template_setting("chat.jinja", tmp_path).startswith("{% for m in messages %}<")
+    assert template_setting("{{ messages[0]['content'] }}", tmp_path) == "{{ messages[0]['content'] }}"
+    assert template_setting(None, tmp_path) is None
+    with pytest.raises(ConfigError, match="neither a file nor a Jinja template"):
+        template_setting("missing.jinja", tmp_path)
 
     tokenizer = AutoTokenizer.from_pretrained(ws.model_dir)
-    messages = [ChatMessage(role="user", content="hi")]
-    render = LMForge.inner._render_chat
-    plain = SimpleNamespace(
-        engine=SimpleNamespace(tokenizer=tokenizer), chat_template=tokenizer.chat_template
-    )
-    assert render(plain, messages) == "User: hi\n\nAssistant:"
-    custom = SimpleNamespace(engine=plain.engine, chat_template=chat_template("chat.jinja", tmp_path))
-    assert render(custom, messages) == "<user>hi"
-    strict = SimpleNamespace(engine=plain.engine, chat_template="{{ raise_exception('only users here') }}")
-    with pytest.raises(GenerationError, match="only users here"):
-        render(strict, messages)
+    messages = [{"role": "user", "content": "hi"}]
+    own = resolve_template(tokenizer)
+    assert render_text(tokenizer, own, messages, True) == "User: hi\n\nAssistant:"
+    custom = resolve_template(tokenizer, template_setting("chat.jinja", tmp_path))
+    assert render_text(tokenizer, custom, messages, True) == "<user>hi"
+    with pytest.raises(ChatError, match="only users here"):
+        render_text(tokenizer, "{{ raise_exception('only users here') }}", messages, True)
     tokenizer.chat_template = None
-    bare = SimpleNamespace(engine=plain.engine, chat_template=tokenizer.chat_template)
-    with pytest.raises(GenerationError, match="this model has no chat template: set serve.chat_template"):
-        render(bare, messages)
+    assert resolve_template(tokenizer) == PLAIN_CHAT_TEMPLATE
 
 
-def test_a_model_without_a_chat_template_answers_chat_with_a_clear_400(trained, tmp_path):
-    """The same model packaged with its tokenizer's template removed: no serve.chat_template gives a 400, and
-    serve.chat_template set in params gives chat with that template."""
+def test_a_model_without_a_chat_template_is_served_with_the_plain_one(trained, tmp_path):
+    """The same model packaged with its tokenizer's template removed answers chat through lmforge's plain
+    template (what training falls back to as well); serve.chat_template set in params travels in the Bento
+    instead."""
     from pipeline.package import package
 
     ws, params = trained
@@ -698,10 +691,12 @@ def test_a_model_without_a_chat_template_answers_chat_with_a_clear_400(trained, 
     bento = package(bare, params, data_md5="0123456789abcdef0123456789abcdef.dir")
     with BentoServer(bento["bento_tag"], tmp_path / "plain") as served:
         url = served.url
-        chat = post(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
-        assert chat.status_code == 400, chat.text
-        assert "this model has no chat template: set serve.chat_template" in chat.json()["error"]["message"]
-        assert post(url, "/v1/completions", {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+        chat = post(
+            url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        )
+        assert chat.status_code == 200, chat.text
+        expected = post(url, "/tokenize", {"prompt": "User: hi\n\nAssistant:"}).json()["count"]
+        assert chat.json()["usage"]["prompt_tokens"] == expected
 
     # serve.chat_template, a file in the workspace, travels in the Bento and gives the same model chat
     (root / "chat.jinja").write_text(
