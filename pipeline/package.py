@@ -54,6 +54,7 @@ def lineage(ws: Workspace, params: Params, decision: Decision, data_md5: str | N
         "git_sha": str(git_sha(ws.root)),
         "params_hash": params_hash(params),
         "profile": params.profile,
+        "data_format": params.ingest.format,  # chat: the model answers in its chat template
         "val_bits_per_byte": f"{metrics['val_bits_per_byte']:.4f}",
         "test_bits_per_byte": f"{metrics['test_bits_per_byte']:.4f}",
         "bigram_val_bits_per_byte": f"{metrics['bigram_val_bits_per_byte']:.4f}",

@@ -306,3 +306,53 @@ def test_a_short_chat_fine_tune_beats_its_base_on_the_assistant_tokens(tmp_path,
     metrics = evaluate(params, ws)
     torch.set_num_threads(threads)
     assert metrics["val_bits_per_byte"] < 0.8 * metrics["base_val_bits_per_byte"], metrics
+
+
+@pytest.mark.parametrize("long, passes", [(3, True), (30, False)], ids=["1.5%-too-long", "15%-too-long"])
+def test_conversations_longer_than_the_context_are_dropped_by_the_same_policy(tmp_path, long, passes):
+    from pipeline.corpus import CorpusError
+    from pipeline.preprocess import preprocess
+
+    records = chat_records(200, seed=5)
+    rambling = " ".join(["river stone light model data"] * 12)
+    records[:long] = [
+        {"prompt": f"Repeat these words ({i}): {rambling}", "completion": rambling} for i in range(long)
+    ]
+    root = tmp_path / "ws"
+    root.mkdir()
+    params = chat_params(root, ["preprocess.vocab_size=1000"])
+    ws = Workspace(root)
+    write_jsonl(ws.data / "chats.jsonl", records)
+    if not passes:
+        with pytest.raises(CorpusError, match=r"30 of 200 conversations \(15\.00%\) cannot be trained on.*"
+                           r"too_long_rendered 30, e\.g\. chats\.jsonl#0 \(too_long_rendered: \d+ tokens > model\.block_size 64\)"):  # fmt: skip
+            preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, root=root)
+        assert not ws.shards_dir.exists()
+        return
+    manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, root=root)
+    assert manifest.chat["dropped"] == {"too_long_rendered": 3}
+    assert sum(s.documents for s in manifest.splits.values()) == 197
+
+
+def test_a_template_that_never_ends_the_assistant_turn_is_refused(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.preprocess import preprocess
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    params = chat_params(root, ["serve.chat_template='{% for m in messages %}{{ m.content }}\n{% endfor %}'"])
+    ws = Workspace(root)
+    write_jsonl(ws.data / "chats.jsonl", chat_records(100))
+    with pytest.raises(ConfigError, match="ends an assistant turn with no special token"):
+        preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, root=root)
+
+
+def test_text_files_are_not_conversations(tmp_path):
+    from pipeline.corpus import CorpusError
+    from pipeline.validate import validate_corpus
+
+    (tmp_path / "notes.txt").write_text("User: hi\n\nAssistant: hello\n")
+    with pytest.raises(
+        CorpusError, match=r"notes\.txt: ingest\.format=chat reads conversations from \.jsonl or \.parquet"
+    ):
+        validate_corpus(tmp_path / "notes.txt", chat_params(tmp_path))

@@ -48,7 +48,8 @@ def test_a_conversation_corpus_fine_tunes_a_base_into_a_model_that_chats(tmp_pat
                     {"role": "user", "content": "Now say them backwards."},
                     {"role": "assistant", "content": "light stone river"}]  # fmt: skip
     trained = render_conversation(AutoTokenizer.from_pretrained(ws / "artifacts/model"), CHATML, conversation)
-    with lmforge_serve(ws, env) as (_, _, url):
+    with lmforge_serve(ws, env) as (models, _, url):
+        assert models["data"][0]["lineage"]["data_format"] == "chat"
         # the prompt the server renders for each assistant turn is the very tokens training saw before it
         for turn in (2, 4):
             served = httpx.post(f"{url}/tokenize", json={"messages": conversation[:turn]}, timeout=30).json()
