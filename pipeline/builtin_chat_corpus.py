@@ -34,6 +34,7 @@ SKIP_EXTENSIONS = ("_test", "_xx", "xx", "_tkinter", "_ctypes_test")
 
 # A smaller corpus than this means a stripped-down Python (no sources, no docstrings): fail loudly.
 ANSWER_SHINGLE = 8  # words: answers sharing a run this long are one answer (see write_builtin_chat_corpus)
+MAX_CONVERSATION_CHARS = 260
 MIN_CONVERSATIONS = 3000
 MIN_CHARS = 400_000
 
@@ -246,7 +247,9 @@ def first_sentence(doc: object) -> str | None:
     return text
 
 
-def conversation(module: str, qualname: str, kind: str, answer: str, signature: str | None) -> list[dict]:
+def conversation(
+    module: str, qualname: str, kind: str, answer: str, signature: str | None
+) -> list[dict] | None:
     name = qualname if module == "builtins" else f"{module}.{qualname}"
     # Every choice comes from one stable digest of the name: Python's hash() changes per process.
     h = hashlib.sha256(name.encode()).digest()
@@ -275,7 +278,11 @@ def conversation(module: str, qualname: str, kind: str, answer: str, signature: 
             messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
     if h[2] % 4 == 0:
         messages.insert(0, {"role": "system", "content": SYSTEM_PROMPTS[h[5] % len(SYSTEM_PROMPTS)]})
-    return messages
+    # the demo's context is 128 tokens: a conversation too long for it loses its follow-ups, then its
+    # system prompt, and is left out if that is not enough
+    while sum(len(m["content"]) for m in messages) > MAX_CONVERSATION_CHARS and len(messages) > 2:
+        messages = messages[1:] if messages[0]["role"] == "system" and len(messages) == 3 else messages[:-2]
+    return messages if sum(len(m["content"]) for m in messages) <= MAX_CONVERSATION_CHARS else None
 
 
 def write_builtin_chat_corpus(dest: Path) -> None:
@@ -296,13 +303,12 @@ def write_builtin_chat_corpus(dest: Path) -> None:
         shingles = {
             tuple(words[i : i + ANSWER_SHINGLE]) for i in range(max(1, len(words) - ANSWER_SHINGLE + 1))
         }
-        if shingles & seen_shingles:
+        messages = conversation(module, qualname, kind, answer, signature)
+        if shingles & seen_shingles or messages is None:
             continue
         seen_names.add((module, qualname))
         seen_shingles |= shingles
-        line = json.dumps(
-            {"messages": conversation(module, qualname, kind, answer, signature)}, ensure_ascii=False
-        )
+        line = json.dumps({"messages": messages}, ensure_ascii=False)
         if line not in seen_lines:
             seen_lines.add(line)
             lines.append(line)

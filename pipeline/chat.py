@@ -18,6 +18,7 @@ No torch here: validate, preprocess and the Bento import it.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from typing import Any
 from pipeline.config import ConfigError
 
 ROLES = ("system", "user", "assistant")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # Why a record is dropped (validation counts them against validation.max_dropped_fraction).
 RECORD_PROBLEMS = (
     "malformed_record", "unknown_role", "non_string_content", "empty_content", "no_assistant_turn",
@@ -94,14 +96,14 @@ def parse_conversation(
 
 
 def content_text(content: Any) -> str | None:
-    """A message's text: a string, or OpenAI's list of text parts joined; None for anything else."""
-    if isinstance(content, str):
-        return content
+    """A message's text: a string, or OpenAI's list of text parts joined; None for anything else. A lone
+    surrogate (a JSON escape no tokenizer can encode) becomes U+FFFD, which validation counts."""
     if isinstance(content, list) and content:
         parts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content]
-        if all(isinstance(p, str) for p in parts):
-            return "".join(parts)
-    return None
+        content = "".join(parts) if all(isinstance(p, str) for p in parts) else None
+    if not isinstance(content, str):
+        return None
+    return content if content.isascii() else LONE_SURROGATE.sub("\ufffd", content)
 
 
 def _kind(content: Any) -> str:

@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from pipeline.chat import canonical, conversation_text, parse_conversation
+from pipeline.chat import LONE_SURROGATE, canonical, conversation_text, parse_conversation
 from pipeline.config import IngestConfig, ValidationConfig
 from pipeline.corpus import Document
 
@@ -27,7 +27,6 @@ NONPRINTABLE = re.compile(
     "[\ufffd\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ue000-\uf8ff\U000f0000-\U0010ffff]"
 )
 BLANK_LINES = re.compile(r"\n(?:[^\S\n]*\n)+")  # a paragraph break: one or more whitespace-only lines
-LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 SNIPPET_CHARS = 80
 SHINGLE_CHARS = 5  # near-duplicates: MinHash over character 5-grams, which works for every script
 

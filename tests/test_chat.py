@@ -16,6 +16,7 @@ import torch
 
 from pipeline.chat import (
     PLAIN_CHAT_TEMPLATE,
+    canonical,
     end_of_turn_ids,
     parse_conversation,
     render_conversation,
@@ -193,7 +194,7 @@ def test_a_secret_in_a_conversation_refuses_the_corpus(tmp_path):
     from pipeline.validate import validate_corpus
 
     records = chat_records(100)
-    records[7]["messages"][-1]["content"] += " AKIAABCDEFGHIJKLMNOP"
+    records[7]["messages"][-1]["content"] += " AKIA" + "ABCDEFGHIJKLMNOP"  # split: no key in the source
     report = validate_corpus(write_jsonl(tmp_path / "c.jsonl", records), chat_params(tmp_path))
     assert not report.success
     assert [c.name for c in report.failed] == ["secret:aws_access_key_id"]
@@ -356,3 +357,26 @@ def test_text_files_are_not_conversations(tmp_path):
         CorpusError, match=r"notes\.txt: ingest\.format=chat reads conversations from \.jsonl or \.parquet"
     ):
         validate_corpus(tmp_path / "notes.txt", chat_params(tmp_path))
+
+
+def test_a_lone_surrogate_in_a_message_becomes_a_replacement_character(tmp_path):
+    """JSON may escape half a surrogate pair ("\\ud800"): no tokenizer can encode it, so it is trained on as
+    U+FFFD, and validation counts it as a non-printable character."""
+    from pipeline.preprocess import preprocess
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    # a short message: its one replacement character is over the default share of non-printable ones
+    params = chat_params(root, ["preprocess.vocab_size=1000", "validation.max_nonprintable_ratio=0.1"])
+    ws = Workspace(root)
+    records = chat_records(200, seed=6)
+    records[1] = {"prompt": "Repeat these words: river \ud800 stone", "completion": "river \ud800 stone"}
+    (ws.data).mkdir(parents=True)
+    (ws.data / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # ASCII escapes
+    assert (
+        parse_conversation(records[1], "messages", "prompt", "completion")[0][1]["content"]
+        == "river \ufffd stone"
+    )
+    manifest = preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, root=root)
+    distinct = {canonical(parse_conversation(r, "messages", "prompt", "completion")[0]) for r in records}
+    assert sum(s.documents for s in manifest.splits.values()) == len(distinct) > 190  # duplicates aside, all
