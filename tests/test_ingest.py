@@ -30,6 +30,31 @@ def test_builtin_corpus_is_deterministic_and_about_4mb(tmp_path):
     assert any(d.source.startswith("topics.jsonl") and "for" in d.text for d in docs)
 
 
+@pytest.mark.slow  # two builds in isolated interpreters
+def test_builtin_chat_corpus_is_deterministic_and_passes_its_own_validation(tmp_path):
+    """`--source builtin-chat`: the same bytes every time, thousands of conversations of every shape, none
+    dropped by validation, none the start of another, and no answer given twice (no leak across splits)."""
+    import json
+
+    from pipeline.config import resolve_params
+    from pipeline.validate import validate_corpus
+
+    write_builtin_corpus(tmp_path / "one", "builtin-chat")
+    write_builtin_corpus(tmp_path / "two", "builtin-chat")
+    one = (tmp_path / "one" / "conversations.jsonl").read_bytes()
+    assert one == (tmp_path / "two" / "conversations.jsonl").read_bytes()
+    conversations = [json.loads(line)["messages"] for line in one.decode().splitlines()]
+    assert len(conversations) > 3000
+    multi_turn = sum(sum(x["role"] == "user" for x in m) > 1 for m in conversations)
+    assert multi_turn > 1000 and sum(m[0]["role"] == "system" for m in conversations) > 500
+    serialized = {json.dumps(m) for m in conversations}
+    assert not any(json.dumps(m[:n]) in serialized for m in conversations for n in range(1, len(m)))
+    firsts = [next(x["content"] for x in m if x["role"] == "assistant") for m in conversations]
+    assert len(set(firsts)) == len(firsts)
+    report = validate_corpus(tmp_path / "one", resolve_params({}, ["ingest.format=chat"]))
+    assert report.success and report.stats["kept_documents"] == len(conversations)
+
+
 def test_failed_fetch_leaves_data_untouched(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
