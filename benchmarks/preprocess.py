@@ -141,7 +141,7 @@ def driver_parts(b: Bench) -> dict[str, float]:
         batch = _DocumentBatch(file)
         for index, doc in enumerate(read_file_documents(cf, params.ingest)):
             batch.add(index, doc.source, doc.utf8_ok, doc.text)
-        tables.append(_measure(batch.table(cf.layout), params.validation))
+        tables.append(_measure(batch.table(cf.layout), params.validation, params.ingest))
     timer, parts = time.perf_counter(), {}
     facts = [f for table in tables for f in facts_from_table(table)]
     parts["fact_rows"] = time.perf_counter() - timer
