@@ -18,8 +18,9 @@ class BentoServerError(LmforgeError):
 class BentoServer:
     """Logs to a file: an unread pipe fills up under many requests and stalls the server."""
 
-    def __init__(self, tag: str, dir: Path, port: int | None = None, env: dict[str, str] | None = None):
-        self.tag, self.port, self.env = tag, port or free_port(), env
+    def __init__(self, tag: str, dir: Path, port: int | None = None, env: dict[str, str] | None = None,
+                 host: str = "127.0.0.1"):  # fmt: skip
+        self.tag, self.port, self.env, self.host = tag, port or free_port(), env, host
         self.process = Supervisor(dir, "bentoml-serve")
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -32,7 +33,7 @@ class BentoServer:
         return answers_200(f"{self.url}/readyz")
 
     def start(self, timeout: float = 180) -> BentoServer:
-        cmd = [bin_path("bentoml"), "serve", self.tag, "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd = [bin_path("bentoml"), "serve", self.tag, "--host", self.host, "--port", str(self.port)]
         self.proc = self.process.spawn(cmd, env=self.env)
         if not self.process.wait_healthy(self.ready, self.proc, timeout):
             exited = self.proc.poll()

@@ -390,11 +390,18 @@ def serve(
     tag = tag or _champion_bento(ws, params)
     host = host or params.serve.host
     from infra.processes import bin_path, is_loopback
+    from pipeline.auth import AuthError, api_keys, exposure_problem, unauthenticated_warning
 
-    if not is_loopback(host):
-        typer.secho(
-            f"warning: serving on {host}: reachable from other machines", fg=typer.colors.YELLOW, err=True
-        )
+    try:
+        keys = api_keys()
+    except AuthError as exc:
+        _fail(str(exc))
+    if problem := exposure_problem(host, keys):
+        _fail(problem)
+    if warning := unauthenticated_warning(host, keys):
+        typer.secho(warning, fg=typer.colors.YELLOW, err=True)
+    elif not is_loopback(host):
+        typer.secho(f"serving on {host}: reachable from other machines, with {len(keys)} API key(s)", err=True)
     typer.echo(f"serving {tag} on http://{host}:{port or params.serve.port}")
     bentoml_bin = bin_path("bentoml")
     args = [bentoml_bin, "serve", tag, "--host", host, "--port", str(port or params.serve.port)]

@@ -14,7 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import signal
+import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,10 +31,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from pipeline.auth import OPEN_PATHS, api_keys, authorized, exposure_problem, unauthenticated_warning
 from pipeline.chat import ChatError, end_of_turn_ids, render_text, resolve_template
 from pipeline.config import ServeConfig
 from pipeline.generation import Completion, Delta, Engine, GenerationError, SamplingParams, load_engine
 
+logger = logging.getLogger("lmforge.service")
 ARGS = bentoml.use_arguments()
 MODEL_TAG = str(getattr(ARGS, "model_tag", None) or os.environ.get("LMFORGE_MODEL_TAG", "lmforge-lm:latest"))
 # The serving limits: the Bento arguments package.py pins from params (serve.*), validated by the same
@@ -43,6 +49,7 @@ DEFAULT_MAX_NEW_TOKENS = SERVE.default_max_new_tokens
 MAX_BATCH_SIZE = SERVE.max_batch_size
 MAX_BODY_BYTES = SERVE.max_body_bytes
 MAX_LOGPROBS = SERVE.max_logprobs  # vLLM's default cap on logprobs / top_logprobs
+API_KEYS = api_keys()  # from the environment of the serving process, never from the Bento
 CHAT_TEMPLATE: str | None = SERVE.chat_template or None  # the template text itself; overrides the tokenizer's
 # vLLM sets no number; harnesses send a task's stops plus EOS. Each is searched in the new text only.
 MAX_STOP_STRINGS = 256
@@ -244,6 +251,32 @@ class ChatRequest(SamplingFields):
 FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
 
 
+async def _send_error(send, status: int, payload: dict, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """A JSON error response from a middleware, before any route runs."""
+    await send(
+        {"type": "http.response.start", "status": status,
+         "headers": [(b"content-type", b"application/json"), (b"connection", b"close"), *headers]}
+    )  # fmt: skip
+    await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
+
+
+class ApiKeys:
+    """With API keys set, every route but the health probes answers 401 in OpenAI's shape unless the
+    request carries `Authorization: Bearer <key>` (pipeline/auth.py). Checked before the body is read."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send):
+        if self.keys and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            header = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), None)
+            if not authorized(header, self.keys):
+                why = "a missing API key" if header is None else "an invalid API key"
+                payload = _error_body(f"{why}: send Authorization: Bearer <key>", "invalid_api_key")
+                return await _send_error(send, 401, payload, ((b"www-authenticate", b"Bearer"),))
+        await self.app(scope, receive, send)
+
+
 class JsonOnly:
     """Refuse form bodies with a 415. Every route here takes JSON, but BentoML would parse a form into
     fields for /generate (and answer a malformed one with a 500)."""
@@ -263,12 +296,7 @@ class JsonOnly:
                 payload = _error_body(
                     "the request body must be JSON (application/json)", "unsupported_media_type"
                 )
-                await send(
-                    {"type": "http.response.start", "status": 415,
-                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]}
-                )  # fmt: skip
-                await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
-                return
+                return await _send_error(send, 415, payload)
         await self.app(scope, receive, send)
 
 
@@ -307,11 +335,7 @@ class BodyLimit:
 
     async def _reject(self, send) -> None:
         payload = _error_body(f"request body larger than {self.max_bytes} bytes", "request_too_large")
-        await send(
-            {"type": "http.response.start", "status": 413,
-             "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]}
-        )  # fmt: skip
-        await send({"type": "http.response.body", "body": json.dumps(payload).encode()})
+        await _send_error(send, 413, payload)
 
 
 def _error_body(message: str, code: str = "invalid_request", param: str | None = None) -> dict:
@@ -485,6 +509,29 @@ class ChatShape:
         return {"index": job.index, "delta": {}, "logprobs": None, "finish_reason": done.finish_reason}
 
 
+def bound_host() -> str | None:
+    """The address this worker listens on: BentoML hands each worker its socket as `--fd N`."""
+    if "--fd" not in sys.argv:
+        return None
+    fd = int(sys.argv[sys.argv.index("--fd") + 1])
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return sock.getsockname()[0]
+
+
+def refuse_exposure() -> None:
+    """A worker whose socket other machines can reach starts only with API keys (or the explicit opt-out):
+    this covers `bentoml serve` and the container, which bind 0.0.0.0 unless told otherwise."""
+    host = bound_host()
+    if host is None:
+        return
+    if problem := exposure_problem(host, API_KEYS):
+        logger.error(problem)
+        os.kill(os.getppid(), signal.SIGTERM)  # stop the whole server, not one worker circus would restart
+        raise SystemExit(problem)
+    if warning := unauthenticated_warning(host, API_KEYS):
+        logger.warning(warning)
+
+
 READY = False  # set once this worker's model is loaded: GET /health answers 200 from then on
 
 
@@ -498,6 +545,7 @@ class LMForge:
 
     def __init__(self) -> None:
         global READY
+        refuse_exposure()
         stored = self.model_ref
         self.tag = str(stored.tag)
         self.labels = dict(stored.info.labels)
@@ -747,6 +795,8 @@ class Health:
         await self.app(scope, receive, send)
 
 
+# the last added runs first: health probes, then keys, then the body's type and size
 LMForge.add_asgi_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 LMForge.add_asgi_middleware(JsonOnly)
+LMForge.add_asgi_middleware(ApiKeys, keys=API_KEYS)
 LMForge.add_asgi_middleware(Health)

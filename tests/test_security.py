@@ -100,22 +100,33 @@ def test_training_listens_on_loopback_only(tiny_workspace):
 
 
 def test_exposure_is_explicit_and_warned(tmp_path):
-    """Binding elsewhere takes an explicit flag and prints a warning; the embedded S3 refuses outright."""
+    """Binding elsewhere takes an explicit flag and an API key (or an explicit, warned opt-out); the
+    embedded S3 refuses outright."""
     from infra.embedded_s3 import EmbeddedS3
     from infra.s3 import StorageError
     from pipeline.config import StorageConfig
 
     with pytest.raises(StorageError, match="only runs on http://127.0.0.1"):
         EmbeddedS3(StorageConfig(endpoint_url="http://0.0.0.0:18333"), tmp_path)
-    result = subprocess.run(
-        [Path(sys.executable).parent / "lmforge", "serve", "no-such-bento:x", "--host", "0.0.0.0"],
-        cwd=tmp_path,
-        env=dict(os.environ, LMFORGE_ROOT=str(REPO)),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "warning: serving on 0.0.0.0: reachable from other machines" in result.stderr
-    # and the unknown Bento is refused by `bentoml serve` itself, before it binds: nothing was exposed here
-    assert result.returncode == 1, result.stderr
-    assert "Bento 'no-such-bento:x' is not found in BentoML store" in result.stderr
+
+    def serve(**env):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("LMFORGE_A")}
+        return subprocess.run(
+            [Path(sys.executable).parent / "lmforge", "serve", "no-such-bento:x", "--host", "0.0.0.0"],
+            cwd=tmp_path, env=dict(clean, LMFORGE_ROOT=str(REPO), **env), capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+
+    refused = serve()
+    assert refused.returncode == 1
+    assert "refusing to serve on 0.0.0.0, which other machines can reach, without an API key" in refused.stderr
+    assert "not found in BentoML store" not in refused.stderr  # refused before bentoml was started
+    # the opt-out is explicit and warned; a key is enough. Then the unknown Bento is refused by `bentoml
+    # serve` itself, before it binds: nothing was exposed here
+    opted_out = serve(LMFORGE_ALLOW_UNAUTHENTICATED="1")
+    assert "warning: serving on 0.0.0.0 without API keys" in opted_out.stderr
+    keyed = serve(LMFORGE_API_KEYS="k-1")
+    assert "serving on 0.0.0.0: reachable from other machines, with 1 API key(s)" in keyed.stderr
+    for result in (opted_out, keyed):
+        assert result.returncode == 1, result.stderr
+        assert "Bento 'no-such-bento:x' is not found in BentoML store" in result.stderr

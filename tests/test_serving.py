@@ -811,3 +811,68 @@ def test_two_service_workers_answer_on_one_port_and_each_batches(trained, tmp_pa
     assert sum(requests for _, requests in by_worker.values()) == 32 * rounds
     for worker, (batches, requests) in by_worker.items():
         assert batches < requests, f"worker {worker}: {requests:.0f} requests in {batches:.0f} batches"
+
+
+# ---------------------------------------------------------------------------------------------
+# API keys
+
+
+def test_api_keys_guard_every_route_but_the_health_probes(bento, tmp_path):
+    """Keys from LMFORGE_API_KEYS and LMFORGE_API_KEYS_FILE, on a server bound to 0.0.0.0: no key or a wrong
+    one is a 401 in OpenAI's shape on every route, streaming ones included; the probes stay open; the
+    openai client's api_key works; and no key reaches the log."""
+    import openai
+
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# the team's key\nk-from-the-file\n")
+    env = dict(os.environ, LMFORGE_API_KEYS="k-env-1, k-env-2", LMFORGE_API_KEYS_FILE=str(keys))
+    routes = [
+        ("GET", "/v1/models", None),
+        ("GET", "/metrics", None),
+        ("POST", "/generate", {"prompt": PROMPT, "max_new_tokens": 2}),
+        ("POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, "stream": True}),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+        ("POST", "/tokenize", {"prompt": PROMPT}),
+    ]
+    with BentoServer(bento["bento_tag"], tmp_path / "keyed", env=env, host="0.0.0.0") as served:
+        url = served.url
+        for headers in ({}, {"Authorization": "Bearer k-wrong"}, {"Authorization": "k-env-1"}):
+            for method, path, body in routes:
+                response = httpx.request(method, url + path, json=body, headers=headers, timeout=30)
+                assert response.status_code == 401, (path, headers, response.text)
+                assert response.json()["error"]["code"] == "invalid_api_key"
+        for probe in ("/health", "/livez", "/readyz"):
+            assert httpx.get(url + probe, timeout=30).status_code == 200, probe
+        for method, path, body in routes:
+            for key in ("k-env-2", "k-from-the-file"):
+                headers = {"Authorization": f"Bearer {key}"}
+                assert (
+                    httpx.request(method, url + path, json=body, headers=headers, timeout=60).status_code
+                    == 200
+                )
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="k-env-1")
+        chat = client.chat.completions.create(model="lmforge", messages=[{"role": "user", "content": "hi"}],
+                                              max_completion_tokens=4)  # fmt: skip
+        assert chat.choices[0].message.content is not None
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{url}/v1", api_key="k-wrong", max_retries=0).models.list()
+        log = served.log.read_text()
+    assert not any(key in log for key in ("k-env-1", "k-env-2", "k-from-the-file", "k-wrong"))
+
+
+def test_a_server_on_0_0_0_0_without_keys_refuses_to_start(bento, tmp_path):
+    """`bentoml serve --host 0.0.0.0` (what the container runs) with no key: the worker names the fix and
+    stops the server; LMFORGE_ALLOW_UNAUTHENTICATED=1 serves, warned."""
+    from infra.bento_server import BentoServerError
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LMFORGE_A")}
+    started = time.monotonic()
+    with pytest.raises(BentoServerError, match="refusing to serve on 0.0.0.0") as refused:
+        BentoServer(bento["bento_tag"], tmp_path / "open", env=clean, host="0.0.0.0").start(timeout=120)
+    assert "LMFORGE_API_KEYS" in str(refused.value) and time.monotonic() - started < 100
+    opted_out = dict(clean, LMFORGE_ALLOW_UNAUTHENTICATED="1")
+    with BentoServer(bento["bento_tag"], tmp_path / "opted-out", env=opted_out, host="0.0.0.0") as served:
+        assert httpx.get(f"{served.url}/v1/models", timeout=30).status_code == 200
+        log = served.log.read_text()
+    assert "serving on 0.0.0.0 without API keys" in log

@@ -1,0 +1,65 @@
+"""API keys: who may call the service, and where it may listen without them.
+
+Keys come from the environment only, never from params or git: `LMFORGE_API_KEYS` (comma-separated) and
+the file `LMFORGE_API_KEYS_FILE` names (one key a line; blank lines and `#` comments skipped). With keys
+set, every route but the health probes needs `Authorization: Bearer <key>`, as OpenAI clients send it.
+
+A service that listens on anything but loopback without a key refuses to start; the explicit opt-out is
+`LMFORGE_ALLOW_UNAUTHENTICATED=1`, which is warned about. The Bento imports this module; so does the CLI.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+
+from infra.errors import LmforgeError
+from infra.processes import is_loopback
+
+KEYS_VAR, KEYS_FILE_VAR, ALLOW_VAR = "LMFORGE_API_KEYS", "LMFORGE_API_KEYS_FILE", "LMFORGE_ALLOW_UNAUTHENTICATED"
+OPEN_PATHS = ("/health", "/livez", "/readyz")  # what an orchestrator probes without credentials
+
+
+class AuthError(LmforgeError):
+    """Keys that cannot be read, or a network-facing service without any."""
+
+
+def api_keys(env: dict[str, str] | None = None) -> list[str]:
+    """The keys the environment sets (both variables may be used at once)."""
+    env = os.environ if env is None else env
+    keys = env.get(KEYS_VAR, "").split(",")
+    if path := env.get(KEYS_FILE_VAR):
+        try:
+            keys += Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise AuthError(f"{KEYS_FILE_VAR}: cannot read {path} ({exc.strerror or exc})") from None
+    return [k.strip() for k in keys if k.strip() and not k.strip().startswith("#")]
+
+
+def authorized(header: bytes | None, keys: list[str]) -> bool:
+    """Whether an Authorization header carries one of the keys; each comparison takes the same time
+    whatever the key's content (hmac.compare_digest), and every key is compared."""
+    scheme, _, given = (header or b"").decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    matches = [hmac.compare_digest(given.strip().encode(), key.encode()) for key in keys]
+    return any(matches)
+
+
+def exposure_problem(host: str, keys: list[str], env: dict[str, str] | None = None) -> str | None:
+    """Why serving on host is refused (reachable from other machines, and no key), or None."""
+    env = os.environ if env is None else env
+    if keys or is_loopback(host) or env.get(ALLOW_VAR) == "1":
+        return None
+    return (
+        f"refusing to serve on {host}, which other machines can reach, without an API key: set {KEYS_VAR} "
+        f"(comma-separated) or {KEYS_FILE_VAR} (a file, one key a line), or bind 127.0.0.1; "
+        f"{ALLOW_VAR}=1 serves without keys anyway"
+    )
+
+
+def unauthenticated_warning(host: str, keys: list[str]) -> str | None:
+    if keys or is_loopback(host):
+        return None
+    return f"warning: serving on {host} without API keys ({ALLOW_VAR}=1): anyone who can reach it may use it"
