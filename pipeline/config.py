@@ -278,6 +278,9 @@ class ServeConfig(Section):
     max_new_tokens_cap: int = Field(256, ge=1)
     default_max_new_tokens: int = Field(64, ge=1)
     max_batch_size: int = Field(16, ge=1, le=256)
+    # rows (one per choice) waiting for the engine beyond the batch; past it a request gets a 429 with
+    # Retry-After at once, instead of a long wait and a timeout
+    max_queue: int = Field(64, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_logprobs: int = Field(20, ge=0, le=1000)
     chat_template: str | None = None  # a Jinja template, or a file holding one; overrides the tokenizer's

@@ -28,6 +28,10 @@ class GenerationError(UsageError, ValueError):
     """A request the model cannot serve as asked (too long, bad settings); the message says why."""
 
 
+class EngineStopped(RuntimeError):
+    """The engine's decoding thread has died: nothing more will be decoded by this worker."""
+
+
 @dataclass
 class SamplingParams:
     """One request's settings, with vLLM's meanings. Penalties and logit_bias shape the logits before
@@ -325,6 +329,14 @@ class Engine:
             text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
         return text
 
+    def waiting(self) -> int:
+        """Requests queued for the engine, not yet in its batch."""
+        return self.queue.qsize()
+
+    @property
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
     def submit(
         self,
         prompt_ids: list[int],
@@ -335,6 +347,8 @@ class Engine:
         """Queue one request; emit() gets Deltas (unless deltas=False), then a Completion (or an
         exception)."""
         self.check(prompt_ids, params)
+        if not self.alive:
+            raise EngineStopped("the engine has stopped: this worker decodes nothing more")
         request = _Request(list(prompt_ids), params, emit, deltas)
         self.queue.put(request)
         return request
@@ -357,7 +371,21 @@ class Engine:
     # -- the engine thread ------------------------------------------------------------------
 
     def _loop(self) -> None:
-        active = _Batch()
+        """Decode until the process ends. An error in a batch fails that batch's requests; anything
+        that stops the loop itself fails every request it holds or that waits, so none hangs."""
+        self._active = _Batch()
+        try:
+            self._decode()
+        except BaseException as exc:
+            stopped = EngineStopped(f"the engine has stopped ({type(exc).__name__}: {exc})")
+            for row in self._active.rows:
+                row.request.emit(stopped)
+            while not self.queue.empty():
+                self.queue.get_nowait().emit(stopped)
+            raise
+
+    def _decode(self) -> None:
+        active = self._active
         while True:
             room = self.max_batch_size - len(active.rows)
             # A batch whose cache can take new rows admits waiting requests between decode steps, so a
@@ -379,7 +407,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the engine
                 for row in active.rows:
                     row.request.emit(exc)
-                active = _Batch()
+                active = self._active = _Batch()
 
     def _take(self, room: int, wait: bool) -> list[_Request]:
         """Up to `room` queued requests; with `wait` (nothing is decoding), block for the first one.

@@ -154,6 +154,7 @@ def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
                     "max_new_tokens_cap": serve.max_new_tokens_cap,
                     "default_max_new_tokens": serve.default_max_new_tokens,
                     "max_batch_size": serve.max_batch_size,
+                    "max_queue": serve.max_queue,
                     "max_body_bytes": serve.max_body_bytes,
                     "max_logprobs": serve.max_logprobs,
                     "chat_template": template_setting(serve.chat_template, ws.root),

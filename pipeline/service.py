@@ -34,7 +34,15 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from pipeline.auth import OPEN_PATHS, api_keys, authorized, exposure_problem, unauthenticated_warning
 from pipeline.chat import ChatError, end_of_turn_ids, render_text, resolve_template
 from pipeline.config import ServeConfig
-from pipeline.generation import Completion, Delta, Engine, GenerationError, SamplingParams, load_engine
+from pipeline.generation import (
+    Completion,
+    Delta,
+    Engine,
+    EngineStopped,
+    GenerationError,
+    SamplingParams,
+    load_engine,
+)
 
 logger = logging.getLogger("lmforge.service")
 ARGS = bentoml.use_arguments()
@@ -47,6 +55,9 @@ SERVE = ServeConfig.model_validate(
 MAX_NEW_TOKENS_CAP = SERVE.max_new_tokens_cap
 DEFAULT_MAX_NEW_TOKENS = SERVE.default_max_new_tokens
 MAX_BATCH_SIZE = SERVE.max_batch_size
+MAX_QUEUE = SERVE.max_queue
+RETRY_AFTER_SECONDS = 1
+GENERATING_PATHS = ("/generate", "/predict", "/v1/completions", "/v1/chat/completions")
 MAX_BODY_BYTES = SERVE.max_body_bytes
 MAX_LOGPROBS = SERVE.max_logprobs  # vLLM's default cap on logprobs / top_logprobs
 API_KEYS = api_keys()  # from the environment of the serving process, never from the Bento
@@ -251,7 +262,9 @@ class ChatRequest(SamplingFields):
 FORM_TYPES = (b"multipart/form-data", b"application/x-www-form-urlencoded")
 
 
-async def _send_error(send, status: int, payload: dict, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+async def _send_error(
+    send, status: int, payload: dict, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
     """A JSON error response from a middleware, before any route runs."""
     await send(
         {"type": "http.response.start", "status": status,
@@ -274,6 +287,35 @@ class ApiKeys:
                 why = "a missing API key" if header is None else "an invalid API key"
                 payload = _error_body(f"{why}: send Authorization: Bearer <key>", "invalid_api_key")
                 return await _send_error(send, 401, payload, ((b"www-authenticate", b"Bearer"),))
+        await self.app(scope, receive, send)
+
+
+def overloaded_body() -> dict:
+    return _error_body(
+        f"the server is at capacity ({MAX_QUEUE} requests waiting): retry after {RETRY_AFTER_SECONDS} s",
+        "server_overloaded",
+    )
+
+
+OVERLOADED_HEADERS = ((b"retry-after", str(RETRY_AFTER_SECONDS).encode()),)
+
+
+class Backpressure:
+    """A generating request that finds serve.max_queue rows already waiting for the engine gets a 429
+    with Retry-After at once (the /v1 routes also count a request's n choices before queueing any)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        full = ENGINE is not None and ENGINE.waiting() >= MAX_QUEUE
+        if (
+            full
+            and scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] in GENERATING_PATHS
+        ):
+            return await _send_error(send, 429, overloaded_body(), OVERLOADED_HEADERS)
         await self.app(scope, receive, send)
 
 
@@ -360,6 +402,11 @@ async def _invalid_request(request: Request, exc: RequestValidationError) -> JSO
         f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors
     )
     return JSONResponse(_error_body(message or "invalid request", param=param), status_code=400)
+
+
+@openai_app.exception_handler(EngineStopped)
+async def _engine_stopped(request: Request, exc: EngineStopped) -> JSONResponse:
+    return JSONResponse(_error_body(str(exc), "engine_stopped"), status_code=503)
 
 
 @openai_app.exception_handler(GenerationError)
@@ -532,6 +579,7 @@ def refuse_exposure() -> None:
         logger.warning(warning)
 
 
+ENGINE: Engine | None = None  # this worker's engine, once loaded: the back-pressure middleware reads it
 READY = False  # set once this worker's model is loaded: GET /health answers 200 from then on
 
 
@@ -544,7 +592,7 @@ class LMForge:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        global READY
+        global ENGINE, READY
         refuse_exposure()
         stored = self.model_ref
         self.tag = str(stored.tag)
@@ -570,7 +618,7 @@ class LMForge:
         self.chat_template = resolve_template(self.engine.tokenizer, CHAT_TEMPLATE)
         self.end_of_turn = end_of_turn_ids(self.engine.tokenizer, self.chat_template)
         self.created = int(time.time())
-        READY = True
+        ENGINE, READY = self.engine, True
 
     async def _prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         # Tokenizing a long prompt takes a while: off the event loop, so other requests keep flowing.
@@ -590,6 +638,13 @@ class LMForge:
                 return event
         raise RuntimeError("the engine ended a request without a result")
 
+    async def _answer(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        """_complete for BentoML's own routes: a stopped engine is a 503 there too."""
+        try:
+            return await self._complete(prompt_ids, params)
+        except EngineStopped as exc:
+            raise bentoml.exceptions.ServiceUnavailable(str(exc)) from None
+
     @bentoml.api(route="/generate")
     async def generate(self, request: GenerateRequest, /) -> dict:
         """Generate a continuation of the prompt."""
@@ -601,7 +656,7 @@ class LMForge:
             ids = await self._prepare(request.prompt, params)
         except GenerationError as exc:
             raise bentoml.exceptions.InvalidArgument(str(exc)) from None
-        done = await self._complete(ids, params)
+        done = await self._answer(ids, params)
         return {
             "text": done.text,
             "finish_reason": done.finish_reason,
@@ -620,7 +675,7 @@ class LMForge:
             ids = await self._prepare(text, params)
         except GenerationError as exc:
             raise bentoml.exceptions.InvalidArgument(str(exc)) from None
-        return {"result": (await self._complete(ids, params)).text}
+        return {"result": (await self._answer(ids, params)).text}
 
     @bentoml.api(route="/tokenize")
     async def tokenize(
@@ -718,6 +773,9 @@ class LMForge:
             raise GenerationError(f"messages: {exc}") from None
 
     async def _respond(self, jobs: list[Job], shape, body: SamplingFields):
+        if self.engine.waiting() + len(jobs) > MAX_QUEUE:
+            return JSONResponse(overloaded_body(), status_code=429,
+                                headers={k.decode(): v.decode() for k, v in OVERLOADED_HEADERS})  # fmt: skip
         head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "object": shape.object,
                 "created": int(time.time()), "model": self.tag}  # fmt: skip
         if body.stream:
@@ -781,22 +839,27 @@ def _sse(payload: dict) -> str:
 
 
 class Health:
-    """vLLM's GET /health: 200 with an empty body once the model is loaded, 503 before."""
+    """vLLM's GET /health: 200 with an empty body once the model is loaded, 503 before. If the engine's
+    decoding thread has died, /health, /livez and /readyz all answer 503, so that an orchestrator takes
+    the worker out of service and replaces it."""
 
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] == "/health" and scope["method"] in ("GET", "HEAD"):
-            await send({"type": "http.response.start", "status": 200 if READY else 503,
+        probe = scope["type"] == "http" and scope["path"] in OPEN_PATHS and scope["method"] in ("GET", "HEAD")
+        stopped = ENGINE is not None and not ENGINE.alive
+        if probe and (scope["path"] == "/health" or stopped):
+            await send({"type": "http.response.start", "status": 200 if READY and not stopped else 503,
                         "headers": [(b"content-length", b"0")]})  # fmt: skip
             await send({"type": "http.response.body", "body": b""})
             return
         await self.app(scope, receive, send)
 
 
-# the last added runs first: health probes, then keys, then the body's type and size
+# the last added runs first: health probes, then keys, then the queue, then the body's type and size
 LMForge.add_asgi_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
 LMForge.add_asgi_middleware(JsonOnly)
+LMForge.add_asgi_middleware(Backpressure)
 LMForge.add_asgi_middleware(ApiKeys, keys=API_KEYS)
 LMForge.add_asgi_middleware(Health)

@@ -275,3 +275,50 @@ def test_a_cancelled_request_leaves_its_row_and_the_next_one_is_served(engine_pa
     engine.queue.mutex.release()
     assert collect(engine, PROMPTS[3], SamplingParams(max_new_tokens=3, temperature=0)).completion_tokens == 3
     assert sizes == [1, 1, 1] and abandoned.empty()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies, as meant
+def test_an_engine_whose_thread_dies_fails_what_it_holds_and_the_probes_turn_503(engine_parts, monkeypatch):
+    """Something that stops the decoding loop itself (not one batch's error): the request it held fails
+    at once instead of hanging, a new one is refused, and the service's /health, /livez and /readyz
+    answer 503 so that an orchestrator replaces the worker."""
+    import asyncio
+
+    import pipeline.service as service
+    from pipeline.generation import EngineStopped
+
+    model, tokenizer = engine_parts
+    engine = Engine(model, tokenizer)
+
+    def stop_the_loop(active):
+        raise SystemExit("the decoding thread is gone")
+
+    monkeypatch.setattr(engine, "_step", stop_the_loop)
+    with pytest.raises(
+        EngineStopped, match="the engine has stopped .SystemExit: the decoding thread is gone"
+    ):
+        collect(engine, "the quick", SamplingParams(max_new_tokens=4))
+    engine.thread.join(timeout=30)
+    assert not engine.alive
+    with pytest.raises(EngineStopped, match="decodes nothing more"):
+        engine.submit(engine.encode("river"), SamplingParams(max_new_tokens=4), lambda event: None)
+
+    async def probe(path: str, engine: Engine) -> int:
+        monkeypatch.setattr(service, "ENGINE", engine)
+        monkeypatch.setattr(service, "READY", True)
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def downstream(scope, receive, send):  # BentoML's own /livez and /readyz: 200
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        await service.Health(downstream)({"type": "http", "path": path, "method": "GET"}, None, send)
+        return sent[0]["status"]
+
+    working = Engine(model, tokenizer)
+    for path in ("/health", "/livez", "/readyz"):
+        assert asyncio.run(probe(path, working)) == 200, path
+        assert asyncio.run(probe(path, engine)) == 503, path

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -876,3 +877,40 @@ def test_a_server_on_0_0_0_0_without_keys_refuses_to_start(bento, tmp_path):
         assert httpx.get(f"{served.url}/v1/models", timeout=30).status_code == 200
         log = served.log.read_text()
     assert "serving on 0.0.0.0 without API keys" in log
+
+
+# ---------------------------------------------------------------------------------------------
+# back-pressure
+
+
+def test_256_clients_against_a_queue_of_64_get_an_answer_or_a_429_at_once(server):
+    """Far more rows than the batch and serve.max_queue (64) hold: each request ends in a 200, or in a
+    429 in OpenAI's shape with Retry-After, within seconds; never a timeout or another error."""
+    import asyncio
+
+    body = {"prompt": PROMPT, "max_tokens": 48, "ignore_eos": True, "temperature": 0, "n": 4}
+
+    async def one(client: httpx.AsyncClient) -> tuple[int, float, httpx.Response]:
+        started = time.monotonic()
+        response = await client.post(f"{server}/v1/completions", json=body)
+        return response.status_code, time.monotonic() - started, response
+
+    async def burst() -> list[tuple[int, float, httpx.Response]]:
+        limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
+        async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+            return await asyncio.gather(*(one(client) for _ in range(256)))
+
+    results = asyncio.run(burst())
+    statuses = Counter(status for status, _, _ in results)
+    assert set(statuses) <= {200, 429}, statuses
+    refused = [r for status, _, r in results if status == 429]
+    assert refused and statuses[200] >= (16 + 64) // 4, statuses  # the batch and the queue were used
+    assert all(
+        r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "server_overloaded" for r in refused
+    )
+    accepted = sorted(seconds for status, seconds, _ in results if status == 200)
+    p99 = accepted[min(len(accepted) - 1, int(0.99 * len(accepted)))]
+    assert max(seconds for status, seconds, _ in results if status == 429) < 10
+    print(
+        f"\nback-pressure: {statuses[429]} of 256 refused ({statuses[429] / 256:.0%}), p99 of the accepted {p99:.2f} s"
+    )
