@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -57,6 +57,7 @@ DEFAULT_MAX_NEW_TOKENS = SERVE.default_max_new_tokens
 MAX_BATCH_SIZE = SERVE.max_batch_size
 MAX_QUEUE = SERVE.max_queue
 RETRY_AFTER_SECONDS = 1
+DISCONNECT_POLL_SECONDS = 0.1  # how soon a request whose client hung up leaves the batch
 GENERATING_PATHS = ("/generate", "/predict", "/v1/completions", "/v1/chat/completions")
 MAX_BODY_BYTES = SERVE.max_body_bytes
 MAX_LOGPROBS = SERVE.max_logprobs  # vLLM's default cap on logprobs / top_logprobs
@@ -435,6 +436,22 @@ async def _events(
         request.cancelled.set()
 
 
+async def _unless_abandoned(request: Request, work: Awaitable[Any]) -> Any:
+    """work's result, or None if the client disconnects first: work is then cancelled, which marks its
+    requests cancelled, and the engine drops their rows before its next decode step."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                return None
+    finally:
+        task.cancel()  # a no-op once done; cancels the work if this handler is cancelled itself
+
+
 @dataclass
 class Job:
     """One choice of one prompt: what the engine decodes."""
@@ -639,11 +656,13 @@ class LMForge:
         raise RuntimeError("the engine ended a request without a result")
 
     async def _answer(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
-        """_complete for BentoML's own routes: a stopped engine is a 503 there too."""
+        """_complete for BentoML's own routes: a stopped engine is a 503 there too, and a client that
+        hangs up has its request dropped from the batch."""
         try:
-            return await self._complete(prompt_ids, params)
+            done = await _unless_abandoned(bentoml.Context().request, self._complete(prompt_ids, params))
         except EngineStopped as exc:
             raise bentoml.exceptions.ServiceUnavailable(str(exc)) from None
+        return Completion("", len(prompt_ids), 0, "abort") if done is None else done
 
     @bentoml.api(route="/generate")
     async def generate(self, request: GenerateRequest, /) -> dict:
@@ -725,7 +744,7 @@ class LMForge:
         return {"object": "list", "data": [card | {"lineage": self.labels}]}
 
     @openai_app.post("/completions")
-    async def completions(self, body: CompletionRequest):
+    async def completions(self, body: CompletionRequest, request: Request):
         if problem := body.unsupported():
             return JSONResponse(_error_body(problem), status_code=400)
         # echo with logprobs scores the prompt, in the same prefill as the generation; echo with
@@ -747,10 +766,12 @@ class LMForge:
                     else ""
                 )
                 jobs.append(Job(p * body.n + k, ids, params, text))
-        return await self._respond(jobs, CompletionShape(self.engine, body.echo, body.logprobs), body)
+        return await self._respond(
+            jobs, CompletionShape(self.engine, body.echo, body.logprobs), body, request
+        )
 
     @openai_app.post("/chat/completions")
-    async def chat_completions(self, body: ChatRequest):
+    async def chat_completions(self, body: ChatRequest, request: Request):
         if problem := body.unsupported():
             return JSONResponse(_error_body(problem), status_code=400)
         prompt = self._render_chat(body.messages)
@@ -762,7 +783,8 @@ class LMForge:
                 params.stop_token_ids = list(dict.fromkeys([*params.stop_token_ids, *self.end_of_turn]))
             ids = jobs[0].prompt_ids if jobs else await self._prepare(prompt, params)
             jobs.append(Job(k, ids, params))
-        return await self._respond(jobs, ChatShape(self.engine, body.logprobs, body.top_logprobs or 0), body)
+        shape = ChatShape(self.engine, body.logprobs, body.top_logprobs or 0)
+        return await self._respond(jobs, shape, body, request)
 
     def _render_chat(self, messages: list[ChatMessage], generation_prompt: bool = True) -> str:
         """The messages through the chat template, as preprocess rendered the model's training data."""
@@ -772,7 +794,7 @@ class LMForge:
         except ChatError as exc:
             raise GenerationError(f"messages: {exc}") from None
 
-    async def _respond(self, jobs: list[Job], shape, body: SamplingFields):
+    async def _respond(self, jobs: list[Job], shape, body: SamplingFields, request: Request):
         if self.engine.waiting() + len(jobs) > MAX_QUEUE:
             return JSONResponse(overloaded_body(), status_code=429,
                                 headers={k.decode(): v.decode() for k, v in OVERLOADED_HEADERS})  # fmt: skip
@@ -784,7 +806,11 @@ class LMForge:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        results = await asyncio.gather(*(self._complete(job.prompt_ids, job.params) for job in jobs))
+        work = asyncio.gather(*(self._complete(job.prompt_ids, job.params) for job in jobs))
+        if (results := await _unless_abandoned(request, work)) is None:
+            return JSONResponse(
+                _error_body("the client closed the request", "client_closed"), status_code=499
+            )
         choices = [shape.choice(job, done) for job, done in zip(jobs, results, strict=True)]
         # a JSONResponse, not a dict: FastAPI's jsonable_encoder walks every logprob entry of a dict
         return JSONResponse(head | {"choices": choices, "usage": _usage(results, body.n)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import pytest
 import torch
@@ -277,7 +278,9 @@ def test_a_cancelled_request_leaves_its_row_and_the_next_one_is_served(engine_pa
     assert sizes == [1, 1, 1] and abandoned.empty()
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies, as meant
+@pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnhandledThreadExceptionWarning"
+)  # the thread dies, as meant
 def test_an_engine_whose_thread_dies_fails_what_it_holds_and_the_probes_turn_503(engine_parts, monkeypatch):
     """Something that stops the decoding loop itself (not one batch's error): the request it held fails
     at once instead of hanging, a new one is refused, and the service's /health, /livez and /readyz
@@ -322,3 +325,53 @@ def test_an_engine_whose_thread_dies_fails_what_it_holds_and_the_probes_turn_503
     for path in ("/health", "/livez", "/readyz"):
         assert asyncio.run(probe(path, working)) == 200, path
         assert asyncio.run(probe(path, engine)) == 503, path
+
+
+def test_a_request_whose_client_hangs_up_leaves_the_batch(engine_parts, monkeypatch):
+    """The service's wait for a non-streaming answer (`_unless_abandoned`) sees the client's disconnect
+    on the ASGI channel and cancels the work: the engine drops the request's rows before its next step,
+    long before the tokens it asked for, and the next request is served."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    import pipeline.service as service
+
+    _, tokenizer = engine_parts
+    torch.manual_seed(0)  # a model big enough that 60 tokens take many polls of the channel
+    model = build_model(ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=64), len(tokenizer), 0).eval()
+    engine = Engine(model, tokenizer)
+    monkeypatch.setattr(service, "DISCONNECT_POLL_SECONDS", 0.002)
+    gone = asyncio.Event()
+
+    async def receive():  # an ASGI channel: the body was read; then the client disconnects
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}, receive)
+    decoded = []
+
+    async def complete(params: SamplingParams):
+        async for event in service._events(engine, engine.encode("the quick"), params, deltas=True):
+            if isinstance(event, Delta):
+                decoded.append(event)
+            if isinstance(event, Completion):
+                return event
+
+    async def abandon():
+        params = SamplingParams(max_new_tokens=60, temperature=0.8, ignore_eos=True)
+        work = asyncio.gather(*(complete(params) for _ in range(8)))
+        waiting = asyncio.create_task(service._unless_abandoned(request, work))
+        while len(decoded) < 8:  # every row has decoded a token: the batch is running
+            await asyncio.sleep(0.001)
+        gone.set()
+        return await asyncio.wait_for(waiting, timeout=10)
+
+    assert asyncio.run(abandon()) is None
+    deadline = time.monotonic() + 10
+    while engine._active.rows and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not engine._active.rows and engine.waiting() == 0
+    assert len(decoded) < 8 * 60 / 2  # the rows left long before their 60 tokens
+    done = collect(engine, "river", SamplingParams(max_new_tokens=3, temperature=0))
+    assert done.completion_tokens == 3
