@@ -392,13 +392,17 @@ class Engine:
             # request never waits for a whole batch to finish (continuous batching).
             if room and (not active.rows or active.mergeable):
                 waiting = self._take(room, wait=not active.rows)
-                if waiting:
-                    if self.on_batch:
-                        self.on_batch(len(waiting))
+                if waiting and self.on_batch:
+                    self.on_batch(len(waiting))
+                # prompts to score are prefilled apart, with every position's logits; the rest keep only
+                # the last position's, so one scoring request never inflates a whole batch's logits
+                scoring = [r for r in waiting if r.params.prompt_logprobs is not None]
+                for group in (scoring, [r for r in waiting if r.params.prompt_logprobs is None]):
                     try:
-                        self._admit(active, waiting)
+                        if group:
+                            self._admit(active, group)
                     except Exception as exc:  # noqa: BLE001 - fails the new requests, not the batch
-                        for request in waiting:
+                        for request in group:
                             request.emit(exc)
             if not active.rows:
                 continue
@@ -422,8 +426,8 @@ class Engine:
 
     @torch.inference_mode()
     def _admit(self, active: _Batch, requests: list[_Request]) -> None:
-        """Prefill the requests together, score the prompts that ask for it, then join the rows that
-        generate to the decoding batch; a scoring-only row is done here."""
+        """Prefill the requests together (all of them scoring their prompts, or none), then join the rows
+        that generate to the decoding batch; a scoring-only row is done here."""
         rows = [
             _Row(
                 r,

@@ -375,3 +375,38 @@ def test_a_request_whose_client_hangs_up_leaves_the_batch(engine_parts, monkeypa
     assert len(decoded) < 8 * 60 / 2  # the rows left long before their 60 tokens
     done = collect(engine, "river", SamplingParams(max_new_tokens=3, temperature=0))
     assert done.completion_tokens == 3
+
+
+def test_only_the_prompts_that_are_scored_get_every_positions_logits(engine_parts):
+    """Two requests scoring their prompts taken from the queue with two that only generate: the head
+    computes every position for the two that score, and the last position alone for the others
+    (logits_to_keep), so a scoring request does not multiply the batch's logits; all four are answered."""
+    model, tokenizer = engine_parts
+    engine = Engine(model, tokenizer)
+    shapes = []
+    hook = model.lm_head.register_forward_hook(lambda module, inputs, out: shapes.append(tuple(out.shape)))
+    events: queue.Queue = queue.Queue()
+    asks = (("the quick brown fox", 1), ("river stone", None), ("a model data", 0), ("light", None))
+    requests = [
+        _Request(
+            engine.encode(p),
+            SamplingParams(max_new_tokens=3, temperature=0, prompt_logprobs=scored),
+            events.put,
+        )
+        for p, scored in asks
+    ]
+    try:
+        with engine.queue.mutex:  # all four at once: the engine takes them in one admission
+            engine.queue.queue.extend(requests)
+            engine.queue.unfinished_tasks += len(requests)
+            engine.queue.not_empty.notify()
+        done = []
+        while len(done) < len(requests):
+            event = events.get(timeout=60)
+            assert not isinstance(event, BaseException), event
+            done += [event] if isinstance(event, Completion) else []
+    finally:
+        hook.remove()
+    vocab, width = model.lm_head.out_features, len(requests[0].prompt_ids)
+    assert shapes[:2] == [(2, width, vocab), (2, 1, vocab)], shapes
+    assert sorted(d.completion_tokens for d in done) == [3, 3, 3, 3]
