@@ -16,6 +16,7 @@ import inspect
 import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -101,6 +102,8 @@ class _Request:
     emit: Callable[[Event], None]
     deltas: bool = True  # False: only the Completion, so no text is decoded token by token
     cancelled: threading.Event = field(default_factory=threading.Event)
+    arrived: float = field(default_factory=time.monotonic)  # for the service's latency metrics
+    first_token_at: float | None = None
 
 
 class _Row:
@@ -154,6 +157,8 @@ class _Row:
         return logits
 
     def push(self, token: int, eos_id: int | None, logprob: TokenLogprob | None = None) -> None:
+        if self.request.first_token_at is None:
+            self.request.first_token_at = time.monotonic()
         if token in self.ends or (token == eos_id and not self.params.ignore_eos):
             self.finish = "stop"
             return

@@ -285,6 +285,7 @@ class ApiKeys:
         if self.keys and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
             header = next((v for k, v in scope.get("headers") or [] if k == b"authorization"), None)
             if not authorized(header, self.keys):
+                refused("unauthorized")
                 why = "a missing API key" if header is None else "an invalid API key"
                 payload = _error_body(f"{why}: send Authorization: Bearer <key>", "invalid_api_key")
                 return await _send_error(send, 401, payload, ((b"www-authenticate", b"Bearer"),))
@@ -339,6 +340,7 @@ class JsonOnly:
                 payload = _error_body(
                     "the request body must be JSON (application/json)", "unsupported_media_type"
                 )
+                refused("unsupported_media_type")
                 return await _send_error(send, 415, payload)
         await self.app(scope, receive, send)
 
@@ -377,6 +379,7 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
     async def _reject(self, send) -> None:
+        refused("too_large")
         payload = _error_body(f"request body larger than {self.max_bytes} bytes", "request_too_large")
         await _send_error(send, 413, payload)
 
@@ -424,16 +427,23 @@ async def _events(
     request = engine.submit(
         prompt_ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), deltas
     )
+    if METRICS is not None:
+        METRICS.started(engine)
+    done = None
     try:
         while True:
             event = await events.get()
             if isinstance(event, BaseException):
                 raise event
-            yield event
             if isinstance(event, Completion):
+                done = event
+            yield event
+            if done is not None:
                 return
     finally:
         request.cancelled.set()
+        if METRICS is not None:
+            METRICS.finished(engine, request, done)
 
 
 async def _unless_abandoned(request: Request, work: Awaitable[Any]) -> Any:
@@ -596,6 +606,76 @@ def refuse_exposure() -> None:
         logger.warning(warning)
 
 
+class ServingMetrics:
+    """What an LLM dashboard reads, under vLLM's names and meanings (a vLLM Grafana dashboard works as it
+    is): requests running and waiting, time to first token, time per output token, end-to-end latency,
+    prompt and generated tokens, finished requests by reason; and lmforge's refusals by reason. Made in
+    the worker, after BentoML has set up Prometheus' multiprocess directory."""
+
+    LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                       7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+
+    def __init__(self, model_name: str):
+        from prometheus_client import Counter, Gauge, Histogram
+
+        def one(kind, name: str, doc: str, **kwargs):
+            return kind(name, doc, ["model_name"], **kwargs).labels(model_name=model_name)
+
+        self.running = one(
+            Gauge, "vllm:num_requests_running", "Requests in the batch", multiprocess_mode="livesum"
+        )
+        self.waiting = one(Gauge, "vllm:num_requests_waiting", "Requests waiting for the batch",
+                           multiprocess_mode="livesum")  # fmt: skip
+        self.prompt_tokens = one(Counter, "vllm:prompt_tokens", "Prompt tokens processed")
+        self.generation_tokens = one(Counter, "vllm:generation_tokens", "Tokens generated")
+        self.ttft = one(Histogram, "vllm:time_to_first_token_seconds", "Time to the first token",
+                        buckets=self.LATENCY_BUCKETS)  # fmt: skip
+        self.tpot = one(Histogram, "vllm:time_per_output_token_seconds", "Time per output token after the first",
+                        buckets=self.LATENCY_BUCKETS)  # fmt: skip
+        self.e2e = one(Histogram, "vllm:e2e_request_latency_seconds", "Request latency, queueing included",
+                       buckets=self.LATENCY_BUCKETS)  # fmt: skip
+        self.success = Counter("vllm:request_success", "Finished requests", ["model_name", "finished_reason"])
+        self.refused = Counter(
+            "lmforge_requests_refused", "Requests refused before the engine", ["model_name", "reason"]
+        )
+        self.model_name, self.in_flight = model_name, 0
+
+    def started(self, engine: Engine) -> None:
+        self.in_flight += 1
+        self.count(engine)
+
+    def finished(self, engine: Engine, request, done: Completion | None) -> None:
+        self.in_flight -= 1
+        self.count(engine)
+        if done is None:
+            return
+        now = time.monotonic()
+        self.prompt_tokens.inc(done.prompt_tokens)
+        self.generation_tokens.inc(done.completion_tokens)
+        self.e2e.observe(now - request.arrived)
+        if request.first_token_at is not None:
+            self.ttft.observe(request.first_token_at - request.arrived)
+            if done.completion_tokens > 1:
+                self.tpot.observe((now - request.first_token_at) / (done.completion_tokens - 1))
+        self.success.labels(model_name=self.model_name, finished_reason=done.finish_reason).inc()
+
+    def count(self, engine: Engine) -> None:
+        waiting = min(engine.waiting(), self.in_flight)
+        self.waiting.set(waiting)
+        self.running.set(self.in_flight - waiting)
+
+    def refuse(self, reason: str) -> None:
+        self.refused.labels(model_name=self.model_name, reason=reason).inc()
+
+
+METRICS: ServingMetrics | None = None  # this worker's, once its model is loaded
+
+
+def refused(reason: str) -> None:
+    if METRICS is not None:
+        METRICS.refuse(reason)
+
+
 ENGINE: Engine | None = None  # this worker's engine, once loaded: the back-pressure middleware reads it
 READY = False  # set once this worker's model is loaded: GET /health answers 200 from then on
 
@@ -609,7 +689,7 @@ class LMForge:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
     def __init__(self) -> None:
-        global ENGINE, READY
+        global ENGINE, METRICS, READY
         refuse_exposure()
         stored = self.model_ref
         self.tag = str(stored.tag)
@@ -635,6 +715,7 @@ class LMForge:
         self.chat_template = resolve_template(self.engine.tokenizer, CHAT_TEMPLATE)
         self.end_of_turn = end_of_turn_ids(self.engine.tokenizer, self.chat_template)
         self.created = int(time.time())
+        METRICS = ServingMetrics(self.tag)
         ENGINE, READY = self.engine, True
 
     async def _prepare(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
@@ -796,6 +877,7 @@ class LMForge:
 
     async def _respond(self, jobs: list[Job], shape, body: SamplingFields, request: Request):
         if self.engine.waiting() + len(jobs) > MAX_QUEUE:
+            refused("overloaded")
             return JSONResponse(overloaded_body(), status_code=429,
                                 headers={k.decode(): v.decode() for k, v in OVERLOADED_HEADERS})  # fmt: skip
         head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "object": shape.object,

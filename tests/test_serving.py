@@ -914,3 +914,74 @@ def test_256_clients_against_a_queue_of_64_get_an_answer_or_a_429_at_once(server
     print(
         f"\nback-pressure: {statuses[429]} of 256 refused ({statuses[429] / 256:.0%}), p99 of the accepted {p99:.2f} s"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics an LLM dashboard reads
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """/metrics as {(sample name, sorted labels): value}, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+def test_metrics_count_the_traffic_sent_under_vllms_names(server):
+    """After real traffic, vLLM's metrics (a vLLM Grafana dashboard reads them unchanged) count exactly
+    the requests and tokens sent, and lmforge's refusals count each refusal by its reason."""
+    before = scrape(server)
+    prompt_tokens = completion_tokens = 0
+    reasons = Counter()
+    for k in range(4):
+        body = {"prompt": PROMPT, "max_tokens": 5 + k, "ignore_eos": True}
+        done = post(server, "/v1/completions", body).json()
+        prompt_tokens += done["usage"]["prompt_tokens"]
+        completion_tokens += 5 + k
+        reasons[done["choices"][0]["finish_reason"]] += 1
+    chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                                 "ignore_eos": True}).json()  # fmt: skip
+    prompt_tokens, completion_tokens = prompt_tokens + chat["usage"]["prompt_tokens"], completion_tokens + 3
+    reasons[chat["choices"][0]["finish_reason"]] += 1
+    generated = post(server, "/generate", {"prompt": PROMPT, "max_new_tokens": 4}).json()
+    prompt_tokens += generated["prompt_tokens"]
+    completion_tokens += generated["completion_tokens"]
+    reasons[generated["finish_reason"]] += 1
+    assert post(server, "/generate", {"prompt": "x" * (2 << 20)}).status_code == 413
+    requests = 6
+
+    deadline = time.monotonic() + 10  # a finished request is counted as its stream closes
+    while (after := scrape(server)) and time.monotonic() < deadline:
+        if (
+            total(after, "vllm:e2e_request_latency_seconds_count")
+            - total(before, "vllm:e2e_request_latency_seconds_count")
+            >= requests
+        ):
+            break
+        time.sleep(0.1)
+
+    def delta(name: str, **labels) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    name = httpx.get(f"{server}/v1/models", timeout=30).json()["data"][0]["id"]
+    assert delta("vllm:prompt_tokens_total", model_name=name) == prompt_tokens
+    assert delta("vllm:generation_tokens_total", model_name=name) == completion_tokens
+    for histogram in ("vllm:e2e_request_latency_seconds", "vllm:time_to_first_token_seconds"):
+        assert delta(f"{histogram}_count", model_name=name) == requests, histogram
+    assert delta("vllm:time_per_output_token_seconds_count") == sum(
+        n > 1 for n in (5, 6, 7, 8, 3, generated["completion_tokens"])
+    )
+    assert reasons["length"] >= 5
+    for reason, count in reasons.items():
+        assert delta("vllm:request_success_total", finished_reason=reason) == count, reason
+    assert delta("lmforge_requests_refused_total", reason="too_large") == 1
+    assert total(after, "vllm:num_requests_running") == total(after, "vllm:num_requests_waiting") == 0
