@@ -109,7 +109,7 @@ class _Request:
 class _Row:
     """Decoding state of one request inside a batch."""
 
-    def __init__(self, request: _Request, tokenizer, budget: int, vocab: int):
+    def __init__(self, request: _Request, tokenizer, budget: int, vocab: int, device: torch.device):
         self.request, self.tokenizer = request, tokenizer
         self.params = p = request.params
         self.budget = budget  # new tokens allowed: max_new_tokens, cut to what the context holds
@@ -124,19 +124,19 @@ class _Row:
         self.finish: str | None = None if budget > 0 else "length"
         self.generator = None
         if p.seed is not None:
-            self.generator = torch.Generator().manual_seed(p.seed)
+            self.generator = torch.Generator(device=device).manual_seed(p.seed)
         # text that could still become a stop string is held back until it cannot
         self.holdback = max((len(s) for s in p.stop), default=1) - 1
         self.ends = set(p.stop_token_ids)
         # logit shaping state, only for rows that ask for it: a bias vector, output counts, seen tokens
         self.bias = self.counts = self.seen = None
         if p.logit_bias:
-            self.bias = torch.zeros(vocab)
-            self.bias[list(p.logit_bias)] = torch.tensor(list(p.logit_bias.values()))
+            self.bias = torch.zeros(vocab, device=device)
+            self.bias[list(p.logit_bias)] = torch.tensor(list(p.logit_bias.values()), device=device)
         if p.presence_penalty or p.frequency_penalty:
-            self.counts = torch.zeros(vocab)
+            self.counts = torch.zeros(vocab, device=device)
         if p.repetition_penalty != 1:
-            self.seen = torch.zeros(vocab, dtype=torch.bool)
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
             self.seen[request.prompt_ids] = True
 
     def shape(self, logits: torch.Tensor) -> torch.Tensor:
@@ -439,17 +439,17 @@ class Engine:
                 self.tokenizer,
                 min(r.params.max_new_tokens, self.context - len(r.prompt_ids)),
                 self.logits_width,
+                self.device,
             )
             for r in requests
         ]
         width = max(len(r.prompt_ids) for r in requests)
         # Left padding: every row's last prompt token sits in the last column, so one step decodes all.
-        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long, device=self.device)
+        mask = torch.zeros((len(requests), width), dtype=torch.long, device=self.device)
         for i, r in enumerate(requests):
-            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids)
+            ids[i, width - len(r.prompt_ids) :] = torch.tensor(r.prompt_ids, device=self.device)
             mask[i, width - len(r.prompt_ids) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         scoring = [i for i, r in enumerate(requests) if r.params.prompt_logprobs is not None]
         extra = {"logits_to_keep": 1} if self.keep_last_logits and not scoring else {}
@@ -491,7 +491,8 @@ class Engine:
                 token = sample_next(row.shape(logits), row.params, row.generator)
             logprob = None
             if row.params.logprobs is not None:
-                (logprob,) = top_logprobs(logits.unsqueeze(0), torch.tensor([token]), row.params.logprobs)
+                chosen = torch.tensor([token], device=logits.device)
+                (logprob,) = top_logprobs(logits.unsqueeze(0), chosen, row.params.logprobs)
             row.push(token, self.eos_id, logprob)
             row.flush()
             if row.finish is None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.config import ModelConfig
-from pipeline.generation import Completion, Delta, Engine, SamplingParams, _Request
+from pipeline.generation import Completion, Delta, Engine, SamplingParams, _Request, _Row
 from pipeline.model import build_model
 from pipeline.preprocess import train_tokenizer
 
@@ -410,3 +410,43 @@ def test_only_the_prompts_that_are_scored_get_every_positions_logits(engine_part
     vocab, width = model.lm_head.out_features, len(requests[0].prompt_ids)
     assert shapes[:2] == [(2, width, vocab), (2, 1, vocab)], shapes
     assert sorted(d.completion_tokens for d in done) == [3, 3, 3, 3]
+
+
+def test_every_tensor_the_engine_makes_is_made_on_the_models_device(engine_parts):
+    """A batch mixing a seed, logit_bias, every penalty, logprobs and prompt scoring, admitted and decoded
+    with a record of every tensor factory call: each one names the model's device (so on a GPU nothing
+    meets the logits from the CPU), and a seeded row's generator lives there too."""
+    from torch.overrides import TorchFunctionMode
+
+    from pipeline.generation import _Batch
+
+    factories = {torch.tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.rand,
+                 torch.randn, torch.randint, torch.as_tensor}  # fmt: skip
+
+    class Factories(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in factories:
+                self.calls.append((func.__name__, kwargs.get("device")))
+            return func(*args, **kwargs)
+
+    model, tokenizer = engine_parts
+    engine = Engine(model, tokenizer)  # its thread waits on the queue: this test drives it
+    shaped = {"seed": 3, "temperature": 0.9, "logit_bias": {5: 2.0}, "presence_penalty": 0.5,
+              "frequency_penalty": 0.5, "repetition_penalty": 1.2, "logprobs": 2}  # fmt: skip
+    asks = [SamplingParams(max_new_tokens=4, **shaped), SamplingParams(max_new_tokens=4, prompt_logprobs=1),
+            SamplingParams(max_new_tokens=4, temperature=0, logprobs=0)]  # fmt: skip
+    requests = [_Request(engine.encode("the quick brown"), p, lambda event: None) for p in asks]
+    active = _Batch()
+    with Factories() as recorded:
+        engine._admit(active, requests[1:2])
+        engine._admit(active, [requests[0], requests[2]])
+        while active.rows:
+            engine._step(active)
+    assert recorded.calls and all(device == engine.device for _, device in recorded.calls), recorded.calls
+    row = _Row(requests[0], tokenizer, 4, len(tokenizer), engine.device)
+    assert row.generator.device == row.bias.device == row.counts.device == row.seen.device == engine.device
