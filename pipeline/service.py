@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -57,7 +57,7 @@ DEFAULT_MAX_NEW_TOKENS = SERVE.default_max_new_tokens
 MAX_BATCH_SIZE = SERVE.max_batch_size
 MAX_QUEUE = SERVE.max_queue
 RETRY_AFTER_SECONDS = 1
-DISCONNECT_POLL_SECONDS = 0.1  # how soon a request whose client hung up leaves the batch
+DISCONNECT_POLL_SECONDS = 0.05  # how soon a request whose client hung up leaves the batch
 GENERATING_PATHS = ("/generate", "/predict", "/v1/completions", "/v1/chat/completions")
 MAX_BODY_BYTES = SERVE.max_body_bytes
 MAX_LOGPROBS = SERVE.max_logprobs  # vLLM's default cap on logprobs / top_logprobs
@@ -446,10 +446,13 @@ async def _events(
             METRICS.finished(engine, request, done)
 
 
-async def _unless_abandoned(request: Request, work: Awaitable[Any]) -> Any:
-    """work's result, or None if the client disconnects first: work is then cancelled, which marks its
-    requests cancelled, and the engine drops their rows before its next decode step."""
-    task = asyncio.ensure_future(work)
+async def _unless_abandoned(request: Request, work: Callable[[], Awaitable[Any]]) -> Any:
+    """The result of work(), or None if the client disconnects first: the work is then cancelled, which
+    marks its requests cancelled, and the engine drops their rows before its next decode step. A client
+    already gone is never queued."""
+    if await request.is_disconnected():
+        return None
+    task = asyncio.ensure_future(work())
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
@@ -740,7 +743,9 @@ class LMForge:
         """_complete for BentoML's own routes: a stopped engine is a 503 there too, and a client that
         hangs up has its request dropped from the batch."""
         try:
-            done = await _unless_abandoned(bentoml.Context().request, self._complete(prompt_ids, params))
+            done = await _unless_abandoned(
+                bentoml.Context().request, lambda: self._complete(prompt_ids, params)
+            )
         except EngineStopped as exc:
             raise bentoml.exceptions.ServiceUnavailable(str(exc)) from None
         return Completion("", len(prompt_ids), 0, "abort") if done is None else done
@@ -888,8 +893,11 @@ class LMForge:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        work = asyncio.gather(*(self._complete(job.prompt_ids, job.params) for job in jobs))
-        if (results := await _unless_abandoned(request, work)) is None:
+
+        def decode_all():
+            return asyncio.gather(*(self._complete(job.prompt_ids, job.params) for job in jobs))
+
+        if (results := await _unless_abandoned(request, decode_all)) is None:
             return JSONResponse(
                 _error_body("the client closed the request", "client_closed"), status_code=499
             )

@@ -360,8 +360,9 @@ def test_a_request_whose_client_hangs_up_leaves_the_batch(engine_parts, monkeypa
 
     async def abandon():
         params = SamplingParams(max_new_tokens=60, temperature=0.8, ignore_eos=True)
-        work = asyncio.gather(*(complete(params) for _ in range(8)))
-        waiting = asyncio.create_task(service._unless_abandoned(request, work))
+        waiting = asyncio.create_task(
+            service._unless_abandoned(request, lambda: asyncio.gather(*(complete(params) for _ in range(8))))
+        )
         while len(decoded) < 8:  # every row has decoded a token: the batch is running
             await asyncio.sleep(0.001)
         gone.set()
