@@ -936,9 +936,16 @@ def total(samples: dict, name: str, **labels) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
 
 
-def test_metrics_count_the_traffic_sent_under_vllms_names(server):
+def test_metrics_count_the_traffic_sent_under_vllms_names(bento, tmp_path):
     """After real traffic, vLLM's metrics (a vLLM Grafana dashboard reads them unchanged) count exactly
-    the requests and tokens sent, and lmforge's refusals count each refusal by its reason."""
+    the requests and tokens sent, and lmforge's refusals count each refusal by its reason. (A server of
+    its own: every `bentoml serve` empties BentoML's one Prometheus directory as it starts, so another
+    server started since the module's would have wiped that one's metric files.)"""
+    with BentoServer(bento["bento_tag"], tmp_path / "metrics") as served:
+        count_the_traffic(served.url)
+
+
+def count_the_traffic(server: str) -> None:
     before = scrape(server)
     prompt_tokens = completion_tokens = 0
     reasons = Counter()
