@@ -32,7 +32,6 @@ RECORD_PROBLEMS = (
     "malformed_record", "unknown_role", "non_string_content", "empty_content", "no_assistant_turn",
     "ends_without_assistant",
 )  # fmt: skip
-RENDER_PROBLEMS = ("too_long_rendered", "template_error")  # found by preprocess, which has the tokenizer
 
 # lmforge's own template, for a tokenizer that has none: "User: hi", a blank line, "Assistant:". The
 # assistant's turn ends with EOS, so a model trained on it learns to stop where the turn ends.

@@ -180,10 +180,10 @@ def evaluate(params: Params, ws: Workspace) -> dict:
     }
     for split, docs in docs_by_split.items():
         start = time.perf_counter()
-        mine = score_documents(model, tokenizer, docs, cfg.batch_size, device, template)
+        encoded = encode_held_out(tokenizer, docs, template)
+        mine = score_documents(model, tokenizer, docs, cfg.batch_size, device, template, encoded)
         eval_seconds += time.perf_counter() - start
         eval_tokens += int(mine.tokens.sum())
-        encoded = encode_held_out(tokenizer, docs, template)
         baselines = baseline.score(encoded, prefix_token_id(tokenizer), mine)
         metrics |= {
             **split_figures("", split, mine),

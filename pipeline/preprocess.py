@@ -371,13 +371,16 @@ def encode_conversations(records, names, splits, tokenizer, params: Params, writ
                 rendered = render_conversation(tokenizer, template, messages)
                 problem = None
                 if len(rendered.ids) > limit:
-                    problem = f"too_long_rendered: {len(rendered.ids):,} tokens > model.block_size {limit}"
+                    problem = (
+                        "too_long_rendered",
+                        f"{len(rendered.ids):,} tokens > model.block_size {limit}",
+                    )
             except ChatError as exc:
-                problem = f"template_error: {exc}"
+                problem = ("template_error", str(exc))
             if problem is not None:
-                reason = problem.split(":", 1)[0]
+                reason, detail = problem
                 dropped[reason] += 1
-                examples.setdefault(reason, f"{names[k]} ({problem})")
+                examples.setdefault(reason, f"{names[k]} ({reason}: {detail})")
                 continue
             writers[split].write_conversation(np.asarray(rendered.ids, np.int64), np.asarray(rendered.mask))
             documents[split] += 1

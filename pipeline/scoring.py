@@ -148,14 +148,21 @@ def rolling_windows(ids: list[int], prefix: int, context: int) -> list[tuple[lis
 
 @torch.no_grad()
 def score_documents(
-    model, tokenizer, docs: list, batch_size: int, device: torch.device, template: str | None = None
+    model,
+    tokenizer,
+    docs: list,
+    batch_size: int,
+    device: torch.device,
+    template: str | None = None,
+    encoded: Encoded | None = None,
 ) -> DocScores:
     """The model's summed NLL of each document in bits, its tokens and the bytes they decode to; with a
-    chat template, of each conversation's assistant tokens, over the assistant turns' bytes."""
+    chat template, of each conversation's assistant tokens, over the assistant turns' bytes. encoded:
+    the documents as encode_held_out gave them, when the caller has them already."""
     was_training = model.training
     model.eval()
     context, prefix = context_length(model), prefix_token_id(tokenizer)
-    encoded = encode_held_out(tokenizer, docs, template)
+    encoded = encode_held_out(tokenizer, docs, template) if encoded is None else encoded
     windows = []  # (document, model input, targets, the targets' offset in the document)
     for doc, ids in enumerate(encoded.ids):
         offset = 0
