@@ -36,8 +36,8 @@ def run(b: Bench) -> dict:
     from transformers.utils import logging as hf_logging
 
     from infra.bento_server import BentoServer
+    from lmforge.serving.engine import context_length
     from pipeline.data import fixed_windows
-    from pipeline.generation import context_length
     from pipeline.model import load_model
     from pipeline.package import use_bentoml_home
     from pipeline.shards import load_shard

@@ -29,6 +29,7 @@ Typical session:
   lmforge up --prefect           also start the Prefect server and UI (127.0.0.1:4200)
   lmforge schedule --cron "0 3 * * *"   retrain nightly (a Prefect deployment)
   lmforge serve [TAG]            serve the champion Bento (or TAG) on 127.0.0.1:3000
+  lmforge serve --follow         ... and switch to each new champion without a restart
   lmforge generate "PROMPT"      a quick local check of the trained model
   lmforge rollback               make the previous champion current again
   lmforge containerize [TAG]     the Bento as a container image (needs docker)
@@ -41,7 +42,9 @@ app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False, rich_ma
 Overrides = Annotated[
     list[str] | None, typer.Option("-p", "--param", help="Override a param: section.key=value")
 ]
-Profile = Annotated[str | None, typer.Option("--profile", help="Params profile: demo (this CPU), chat, gpu or gpu-adapt")]
+Profile = Annotated[
+    str | None, typer.Option("--profile", help="Params profile: demo (this CPU), chat, gpu or gpu-adapt")
+]
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -306,7 +309,9 @@ def print_summary(summary) -> None:
         typer.echo(f"  model in S3   {summary.model_url}")
     if summary.bento_tag:
         typer.echo(f"  Bento         {summary.bento_tag}  ({summary.bento_url})")
-        typer.echo("  serve it      lmforge serve   (then POST /generate, /v1/completions or /v1/chat/completions)")
+        typer.echo(
+            "  serve it      lmforge serve   (then POST /generate, /v1/completions or /v1/chat/completions)"
+        )
 
 
 @app.command()
@@ -381,31 +386,41 @@ def serve(
     tag: Annotated[str | None, typer.Argument(help="Bento tag; default: the current champion")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address; default serve.host (127.0.0.1)")] = None,
     port: Annotated[int | None, typer.Option(help="Port; default serve.port (3000)")] = None,
+    follow: Annotated[
+        bool, typer.Option(help="Switch to each new champion (a promotion, a rollback) without a restart")
+    ] = False,
+    follow_interval: Annotated[
+        float, typer.Option(min=0.5, help="With --follow: seconds between reads of the champion record")
+    ] = 5.0,
 ) -> None:
     """Serve a Bento over HTTP: POST /generate, /v1/completions (OpenAI), GET /v1/models, /metrics."""
+    from lmforge.serving.auth import api_keys, exposure_problem, is_loopback, unauthenticated_warning
     from pipeline.package import use_bentoml_home
 
+    if follow and tag:
+        _fail("--follow serves the champion, whichever it is: give no TAG with it")
     ws, params = _workspace_and_params()
     use_bentoml_home(ws.state)
-    tag = tag or _champion_bento(ws, params)
-    host = host or params.serve.host
-    from infra.processes import bin_path, is_loopback
-    from pipeline.auth import AuthError, api_keys, exposure_problem, unauthenticated_warning
-
-    try:
-        keys = api_keys()
-    except AuthError as exc:
-        _fail(str(exc))
+    host, port = host or params.serve.host, port or params.serve.port
+    keys = api_keys()
     if problem := exposure_problem(host, keys):
         _fail(problem)
     if warning := unauthenticated_warning(host, keys):
         typer.secho(warning, fg=typer.colors.YELLOW, err=True)
     elif not is_loopback(host):
-        typer.secho(f"serving on {host}: reachable from other machines, with {len(keys)} API key(s)", err=True)
-    typer.echo(f"serving {tag} on http://{host}:{port or params.serve.port}")
+        typer.secho(
+            f"serving on {host}: reachable from other machines, with {len(keys)} API key(s)", err=True
+        )
+    if follow:
+        from lmforge.follow import serve_following
+
+        raise typer.Exit(serve_following(ws, params, host, port, follow_interval, typer.echo))
+    tag = tag or _champion_bento(ws, params)
+    typer.echo(f"serving {tag} on http://{host}:{port}")
+    from infra.processes import bin_path
+
     bentoml_bin = bin_path("bentoml")
-    args = [bentoml_bin, "serve", tag, "--host", host, "--port", str(port or params.serve.port)]
-    os.execv(bentoml_bin, args)  # BentoML owns the process from here: signals, workers, logs
+    os.execv(bentoml_bin, [bentoml_bin, "serve", tag, "--host", host, "--port", str(port)])  # BentoML owns it
 
 
 @app.command()
@@ -422,7 +437,7 @@ def generate(
     seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """A quick local check: continue PROMPT with the trained model, in this process."""
-    from pipeline.generation import Delta, SamplingParams, load_engine
+    from lmforge.serving.engine import Delta, SamplingParams, load_engine
 
     ws, params = _workspace_and_params()
     model_dir = model or ws.model_dir
@@ -472,8 +487,8 @@ def rollback() -> None:
 
     ws, params = _workspace_and_params()
     record = roll_back(params.storage, ws.state)
-    typer.echo(f"champion is now {record_name(record)} (rolled back from "
-               f"{record.rolled_back_from}); restart `lmforge serve` to serve it")  # fmt: skip
+    typer.echo(f"champion is now {record_name(record)} (rolled back from {record.rolled_back_from}); "
+               "`lmforge serve --follow` switches to it, a plain `lmforge serve` needs a restart")  # fmt: skip
 
 
 @app.command()
@@ -559,12 +574,14 @@ def bench(
 
 
 def main() -> int:
-    """Every expected failure (an LmforgeError) ends with its message and exit code, never a traceback."""
+    """Every expected failure (an LmforgeError, or the serving package's own ServingError) ends with its
+    message and exit code, never a traceback."""
     from infra.errors import LmforgeError
+    from lmforge.serving.errors import ServingError
 
     try:
         app(prog_name="lmforge")
-    except LmforgeError as exc:
+    except (LmforgeError, ServingError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         return exc.exit_code
     return 0

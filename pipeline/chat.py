@@ -12,7 +12,8 @@ exactly on the assistant turns: for turn i, the text between the rendering of th
 server renders the messages before turn i with the generation prompt and tokenizes that text; the
 rendering checks that those are the very tokens training saw, so training and serving cannot drift.
 
-No torch here: validate, preprocess and the Bento import it.
+No torch here: ingest, validate and preprocess import it. The serving side of templates (which
+template, rendering a prompt, where a turn ends) is lmforge/serving/chat_template.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.serving.chat_template import ChatError, encode_prompt, render_text
 from pipeline.config import ConfigError
 
 ROLES = ("system", "user", "assistant")
@@ -32,19 +34,6 @@ RECORD_PROBLEMS = (
     "malformed_record", "unknown_role", "non_string_content", "empty_content", "no_assistant_turn",
     "ends_without_assistant",
 )  # fmt: skip
-
-# lmforge's own template, for a tokenizer that has none: "User: hi", a blank line, "Assistant:". The
-# assistant's turn ends with EOS, so a model trained on it learns to stop where the turn ends.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] | trim }}"
-    "{{ eos_token if message['role'] == 'assistant' else '' }}\n\n"
-    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
-)
-
-
-class ChatError(ValueError):
-    """A conversation the template cannot render the way training needs it."""
-
 
 # ---------------------------------------------------------------------------------------------
 # records -> messages
@@ -144,29 +133,6 @@ def template_setting(setting: str | None, root: Path) -> str | None:
     return setting
 
 
-def resolve_template(tokenizer, setting: str | None = None) -> str:
-    """The template a model is trained and served with: serve.chat_template (its text) if set, else the
-    tokenizer's own, else lmforge's plain one."""
-    return setting or getattr(tokenizer, "chat_template", None) or PLAIN_CHAT_TEMPLATE
-
-
-def render_text(tokenizer, template: str, messages: list[dict], generation_prompt: bool) -> str:
-    """The messages through the template, as text: what a server tokenizes (without special tokens
-    added: a template writes its own BOS)."""
-    from jinja2 import TemplateError
-
-    try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
-        )
-    except (TemplateError, TypeError, ValueError) as exc:
-        raise ChatError(f"the chat template cannot render it ({exc})") from None
-
-
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 @dataclass
 class Rendered:
     ids: list[int]
@@ -198,18 +164,3 @@ def render_conversation(tokenizer, template: str, messages: list[dict], served: 
             )
     assistant_bytes = sum(len(text[lo:hi].encode("utf-8", "surrogatepass")) for lo, hi in spans)
     return Rendered(ids, mask, assistant_bytes)
-
-
-def end_of_turn_ids(tokenizer, template: str) -> list[int]:
-    """The special tokens that end an assistant turn in this template (<|im_end|>, <|eot_id|>, EOS): a
-    chat reply stops at them. Found by rendering a short exchange."""
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    try:
-        text = render_text(tokenizer, template, probe, generation_prompt=False)
-    except ChatError:
-        return []
-    tail = text[text.rfind("Hello") + len("Hello") :]
-    special = set(tokenizer.all_special_ids) | {
-        i for i, t in tokenizer.added_tokens_decoder.items() if getattr(t, "special", False)
-    }
-    return list(dict.fromkeys(i for i in encode_prompt(tokenizer, tail) if i in special))

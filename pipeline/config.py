@@ -27,6 +27,7 @@ from pydantic import (
 )
 
 from infra.errors import UsageError
+from lmforge.serving.settings import ServeConfig
 
 PARAMS_FILE = "params.yaml"
 
@@ -269,35 +270,6 @@ class GateConfig(Section):
     # Share of val/test word n-grams seen in train above which a held-out figure is not evidence.
     max_contamination: float = Field(0.05, ge=0, le=1)
     tasks: list[TaskRule] = []  # the user's own lm-evaluation-harness tasks, run on both models
-
-
-class ServeConfig(Section):
-    model_name: str = Field("lmforge-lm", pattern=r"^[a-z0-9][a-z0-9_.\-]{0,62}$")
-    host: str = "127.0.0.1"
-    port: int = Field(3000, ge=1, le=65535)
-    max_new_tokens_cap: int = Field(256, ge=1)
-    default_max_new_tokens: int = Field(64, ge=1)
-    max_batch_size: int = Field(16, ge=1, le=256)
-    # rows (one per choice) waiting for the engine beyond the batch; past it a request gets a 429 with
-    # Retry-After at once, instead of a long wait and a timeout
-    max_queue: int = Field(64, ge=1)
-    max_body_bytes: int = Field(1 << 20, ge=1024)
-    max_logprobs: int = Field(20, ge=0, le=1000)
-    chat_template: str | None = None  # a Jinja template, or a file holding one; overrides the tokenizer's
-    # BentoML's scaling settings. workers: processes behind the one port, each with its own copy of the
-    # model and its own batching engine. concurrency: traffic.concurrency, the requests the whole
-    # service takes at once, which BentoCloud's autoscaler scales replicas on (unset: no limit).
-    workers: int = Field(1, ge=1, le=64)
-    concurrency: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _default_within_cap(self) -> ServeConfig:
-        if self.default_max_new_tokens > self.max_new_tokens_cap:
-            raise ValueError(
-                f"default_max_new_tokens ({self.default_max_new_tokens}) exceeds max_new_tokens_cap "
-                f"({self.max_new_tokens_cap})"
-            )
-        return self
 
 
 class PrefectConfig(Section):

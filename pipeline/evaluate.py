@@ -18,7 +18,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline.chat import end_of_turn_ids, render_text
+from lmforge.serving.chat_template import end_of_turn_ids, render_text
+from lmforge.serving.engine import context_length
 from pipeline.config import ConfigError, EvaluateConfig, Params, Workspace, load_params
 from pipeline.contracts import (
     HELD_OUT,
@@ -28,7 +29,6 @@ from pipeline.contracts import (
     TrainSummary,
     write_json,
 )
-from pipeline.generation import context_length
 from pipeline.model import load_model
 from pipeline.plots import plot_loss_curve
 from pipeline.scoring import (

@@ -115,10 +115,12 @@ def _build_context(ws: Workspace, card: str) -> Path:
 
 
 def service_files(bentofile: Path) -> list[str]:
-    """The source files the Bento includes: bentofile.yaml's include list, which is the one list of them."""
+    """The source files the Bento includes: bentofile.yaml's include list (its patterns expanded), which is
+    the one list of them."""
     import yaml
 
-    return [rel for rel in yaml.safe_load(bentofile.read_text())["include"] if rel != MODEL_CARD]
+    patterns = [rel for rel in yaml.safe_load(bentofile.read_text())["include"] if rel != MODEL_CARD]
+    return sorted({str(p.relative_to(SOURCE_ROOT)) for rel in patterns for p in SOURCE_ROOT.glob(rel)})
 
 
 def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
@@ -142,7 +144,8 @@ def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
     serve = params.serve
     # BentoML records the service's config (workers, traffic) by importing the service with these args;
     # a copy this process imported before, with other args, would be reused as it is
-    sys.modules.pop("pipeline.service", None)
+    for name in ("lmforge.serving.service", "lmforge.serving.protocol", "lmforge.serving.arguments"):
+        sys.modules.pop(name, None)  # the modules that read the arguments at import
     try:
         with chdir(ctx):  # bentofile's "file: ./MODEL_CARD.md" is read relative to the cwd
             bento = bentoml.bentos.build_bentofile(

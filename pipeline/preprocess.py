@@ -30,16 +30,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from lmforge.serving.chat_template import PLAIN_CHAT_TEMPLATE, ChatError, end_of_turn_ids, resolve_template
 from pipeline.base_model import resolve_base
 from pipeline.chat import (
-    PLAIN_CHAT_TEMPLATE,
-    ChatError,
     conversation_text,
-    end_of_turn_ids,
     labelled_text,
     parse_conversation,
     render_conversation,
-    resolve_template,
     template_setting,
 )
 from pipeline.config import ConfigError, IngestConfig, Params, Workspace, load_params

@@ -97,7 +97,7 @@ class RayEngine(AbstractContextManager):
                 if address:
                     # the workers import lmforge's own modules: ship them, so any cluster can run them
                     here = Path(__file__).resolve().parents[1]
-                    env["py_modules"] = [str(here / "pipeline"), str(here / "infra")]
+                    env["py_modules"] = [str(here / name) for name in ("pipeline", "infra", "lmforge")]
                     self.context = ray.init(address=address, runtime_env=env, **common)
                 else:
                     self.context = ray.init(

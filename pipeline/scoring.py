@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lmforge.serving.engine import context_length
 from pipeline.chat import conversation_text, render_conversation
 from pipeline.contracts import Manifest
-from pipeline.generation import context_length
 from pipeline.model import autocast_for
 
 LN2 = math.log(2)

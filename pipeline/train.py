@@ -27,8 +27,8 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from lmforge.serving.chat_template import render_text
 from pipeline.base_model import resolve_base
-from pipeline.chat import render_text
 from pipeline.checkpoints import capture_rng, resume_latest, run_fingerprint, save_checkpoint
 from pipeline.config import ConfigError, Params, TrainConfig, Workspace, load_params
 from pipeline.contracts import Manifest, TrainSummary, read_train_log
@@ -480,7 +480,7 @@ def preflight(params: Params, ws: Workspace) -> None:
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from pipeline.generation import context_length
+    from lmforge.serving.engine import context_length
 
     manifest = Manifest.read(ws.shards_dir)
     mcfg, world = params.model, params.train.nproc_per_node * params.train.nnodes

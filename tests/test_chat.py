@@ -14,14 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.chat import (
-    PLAIN_CHAT_TEMPLATE,
-    canonical,
-    end_of_turn_ids,
-    parse_conversation,
-    render_conversation,
-    render_text,
-)
+from lmforge.serving.chat_template import PLAIN_CHAT_TEMPLATE, end_of_turn_ids, render_text
+from pipeline.chat import canonical, parse_conversation, render_conversation
 from pipeline.config import Workspace, load_params, write_overrides
 
 from .conftest import CHATML, REPO, TINY, TINY_BASES, chat_records, chatml_tokenizer, tiny_base, write_jsonl

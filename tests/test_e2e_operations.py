@@ -606,6 +606,101 @@ def test_rollback_then_serve_serves_the_model_rolled_back_to(operated):
     assert bentoml.get(previous.bento_tag).info.labels["model_tag"] == model_tag  # imported back
 
 
+FOLLOW_PROMPTS = ["the river", "a stone and", "light on the", "where the", "and then the", "in a", "of the old",
+                  "the quick"]  # fmt: skip
+
+
+def test_serve_follow_switches_through_a_promotion_and_a_rollback_and_no_stream_fails(operated, tmp_path):
+    """`lmforge serve --follow` serves the champion and switches to each new one without a restart. Eight
+    clients (the openai SDK) stream completions the whole time, through a promotion (the registry's own
+    conditional write, as a run makes it) and `lmforge rollback`. No stream fails; each names one model in
+    all its chunks; /v1/models names the new champion after each switch; and the two models answer the
+    same prompt differently, each always the same way, so a stream that named the wrong model would show."""
+    import openai
+
+    from pipeline.registry import promote, read_history
+
+    ws, env, cfg, state = operated["ws"], operated["env"], operated["cfg"], operated["state"]
+    first = read_champion(cfg, state)  # the one the rollback test above went back to
+    second = max((r for r in read_history(cfg, state) if r.bento_tag != first.bento_tag),
+                 key=lambda r: r.promoted_at)  # fmt: skip
+    tag_of = {r.bento_tag: bentos_model_tag(r.bento_tag) for r in (first, second)}
+    port, log = free_port(), tmp_path / "serve.log"
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [BIN / "lmforge", "serve", "--follow", "--follow-interval", "1", "--port", str(port)],
+        cwd=ws, env=env, start_new_session=True, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    streams: list[tuple[str, set[str], str]] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def stream_until_stopped(prompt: str) -> None:
+        while not stop.is_set():
+            try:
+                chunks = list(client.completions.create(model="lmforge", prompt=prompt, max_tokens=16,
+                                                        temperature=0, stream=True))  # fmt: skip
+                text = "".join(c.choices[0].text for c in chunks if c.choices)
+                streams.append((prompt, {c.model for c in chunks}, text))
+            except Exception as exc:  # noqa: BLE001 - every failure is reported below
+                failures.append(f"{prompt!r}: {exc!r}")
+
+    def answering() -> str | None:
+        try:
+            with urllib.request.urlopen(f"{url}/v1/models", timeout=5) as response:
+                return json.loads(response.read())["data"][0]["id"]
+        except OSError:
+            return None
+
+    def wait_until_served(bento_tag: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while answering() != tag_of[bento_tag] or not any(tag_of[bento_tag] in m for _, m, _ in streams[-8:]):
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.1)
+
+    clients = [threading.Thread(target=stream_until_stopped, args=(p,), daemon=True) for p in FOLLOW_PROMPTS]
+    try:
+        deadline = time.monotonic() + 180
+        while answering() is None:
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
+        for thread in clients:
+            thread.start()
+        wait_until_served(first.bento_tag)
+        promote(second, cfg, state, judged_against=first)
+        wait_until_served(second.bento_tag)
+        rolled = run([BIN / "lmforge", "rollback"], ws, env)
+        assert f"champion is now {first.bento_tag}" in rolled.stdout
+        wait_until_served(first.bento_tag)
+        time.sleep(1)  # streams that began on the model just retired finish
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=60)
+        stop_group(server, signal.SIGTERM, grace=30)
+    out = log.read_text()
+    assert not failures, failures[:5]
+    assert all(len(models) == 1 for _, models, _ in streams), [m for _, m, _ in streams if len(m) != 1][:5]
+    served = [next(iter(models)) for _, models, _ in streams]
+    order = [tag for i, tag in enumerate(served) if i == 0 or tag != served[i - 1]]
+    a, b = tag_of[first.bento_tag], tag_of[second.bento_tag]
+    assert order[0] == a and b in order and order[-1] == a, order
+    answers: dict[tuple[str, str], set[str]] = {}
+    for prompt, models, text in streams:
+        answers.setdefault((prompt, next(iter(models))), set()).add(text)
+    assert all(len(texts) == 1 for texts in answers.values()), answers  # greedy: one answer per model
+    differ = [p for p in FOLLOW_PROMPTS if (p, a) in answers and (p, b) in answers and answers[p, a] != answers[p, b]]
+    assert len(differ) >= len(FOLLOW_PROMPTS) // 2, answers
+    assert f"switching from {a} to {b}" in out and f"switching from {b} to {a}" in out, out[-3000:]
+
+
+def bentos_model_tag(bento_tag: str) -> str:
+    import bentoml
+
+    return bentoml.get(bento_tag).info.labels["model_tag"]
+
+
 def training_processes(ws: Path) -> list[int]:
     """torchrun and its ranks working in this workspace."""
     found = []

@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
+from lmforge.serving.engine import Completion, Delta, Engine, SamplingParams, _Request, _Row
 from pipeline.config import ModelConfig
-from pipeline.generation import Completion, Delta, Engine, SamplingParams, _Request, _Row
 from pipeline.model import build_model
 from pipeline.preprocess import train_tokenizer
 
@@ -287,8 +287,9 @@ def test_an_engine_whose_thread_dies_fails_what_it_holds_and_the_probes_turn_503
     answer 503 so that an orchestrator replaces the worker."""
     import asyncio
 
-    import pipeline.service as service
-    from pipeline.generation import EngineStopped
+    from lmforge.serving.engine import EngineStopped
+    from lmforge.serving.middleware import Health
+    from lmforge.serving.models import Served, ServedModels
 
     model, tokenizer = engine_parts
     engine = Engine(model, tokenizer)
@@ -307,8 +308,8 @@ def test_an_engine_whose_thread_dies_fails_what_it_holds_and_the_probes_turn_503
         engine.submit(engine.encode("river"), SamplingParams(max_new_tokens=4), lambda event: None)
 
     async def probe(path: str, engine: Engine) -> int:
-        monkeypatch.setattr(service, "ENGINE", engine)
-        monkeypatch.setattr(service, "READY", True)
+        models = ServedModels()
+        models.switch(Served("tiny:1", {}, engine, "", []))
         sent = []
 
         async def send(message):
@@ -318,7 +319,7 @@ def test_an_engine_whose_thread_dies_fails_what_it_holds_and_the_probes_turn_503
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b""})
 
-        await service.Health(downstream)({"type": "http", "path": path, "method": "GET"}, None, send)
+        await Health(downstream, models)({"type": "http", "path": path, "method": "GET"}, None, send)
         return sent[0]["status"]
 
     working = Engine(model, tokenizer)
@@ -335,12 +336,14 @@ def test_a_request_whose_client_hangs_up_leaves_the_batch(engine_parts, monkeypa
 
     from starlette.requests import Request
 
-    import pipeline.service as service
+    import lmforge.serving.service as service
+    from lmforge.serving.models import Served
 
     _, tokenizer = engine_parts
     torch.manual_seed(0)  # a model big enough that 60 tokens take many polls of the channel
     model = build_model(ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=64), len(tokenizer), 0).eval()
     engine = Engine(model, tokenizer)
+    served = Served("tiny:1", {}, engine, "", [])
     monkeypatch.setattr(service, "DISCONNECT_POLL_SECONDS", 0.002)
     gone = asyncio.Event()
 
@@ -352,7 +355,7 @@ def test_a_request_whose_client_hangs_up_leaves_the_batch(engine_parts, monkeypa
     decoded = []
 
     async def complete(params: SamplingParams):
-        async for event in service._events(engine, engine.encode("the quick"), params, deltas=True):
+        async for event in service._events(served, engine.encode("the quick"), params, deltas=True):
             if isinstance(event, Delta):
                 decoded.append(event)
             if isinstance(event, Completion):
@@ -419,7 +422,7 @@ def test_every_tensor_the_engine_makes_is_made_on_the_models_device(engine_parts
     meets the logits from the CPU), and a seeded row's generator lives there too."""
     from torch.overrides import TorchFunctionMode
 
-    from pipeline.generation import _Batch
+    from lmforge.serving.engine import _Batch
 
     factories = {torch.tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.rand,
                  torch.randn, torch.randint, torch.as_tensor}  # fmt: skip
@@ -451,3 +454,79 @@ def test_every_tensor_the_engine_makes_is_made_on_the_models_device(engine_parts
     assert recorded.calls and all(device == engine.device for _, device in recorded.calls), recorded.calls
     row = _Row(requests[0], tokenizer, 4, len(tokenizer), engine.device)
     assert row.generator.device == row.bias.device == row.counts.device == row.seen.device == engine.device
+
+
+def test_a_switch_sends_new_requests_to_the_new_model_and_frees_the_old_once_its_requests_end(engine_parts):
+    """What `lmforge serve --follow` does in each worker: after switch(), a new lease gets the new model at
+    once; a request that began on the old one finishes there; the old engine then stops and its model is
+    freed. A lease that is dropped unreturned (a stream that never started) is returned all the same."""
+    import gc
+    import weakref
+
+    from lmforge.serving.models import Served, ServedModels
+
+    model, tokenizer = engine_parts
+    torch.manual_seed(1)
+    old_model = build_model(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64), len(tokenizer), 0).eval()
+    freed = weakref.ref(old_model)
+    old, new = Engine(old_model, tokenizer), Engine(model, tokenizer)
+    del old_model
+    models = ServedModels()
+    models.switch(Served("lm:old", {}, old, "", []))
+    in_flight = models.lease()
+    dropped = models.lease()
+    greedy = SamplingParams(max_new_tokens=12, temperature=0)
+    expected_old = collect(old, "the quick", greedy).text
+
+    models.switch(Served("lm:new", {}, new, "", []))
+    with models.lease() as lease:
+        assert lease.served.tag == "lm:new"
+        assert collect(lease.served.engine, "the quick", greedy).text == collect(new, "the quick", greedy).text
+    assert old.alive and models.retiring  # two requests still hold it
+    assert collect(in_flight.served.engine, "the quick", greedy).text == expected_old
+    in_flight.release()
+    del dropped
+    old.thread.join(timeout=30)
+    assert not old.alive and not models.retiring
+    assert expected_old != collect(new, "the quick", greedy).text  # two models that answer differently
+    gc.collect()
+    assert freed() is None, "the old model is still referenced"
+    assert models.current.engine.alive and models.alive
+
+
+def test_follow_switches_to_the_model_the_file_names_and_keeps_serving_through_a_bad_one(
+    engine_parts, tmp_path, monkeypatch
+):
+    import json
+
+    import lmforge.serving.models as served_models
+    from lmforge.serving.models import Served, ServedModels
+
+    model, tokenizer = engine_parts
+    monkeypatch.setattr(served_models, "FOLLOW_POLL_SECONDS", 0.01)
+    loaded = []
+
+    def load(wanted: dict) -> Served:
+        if wanted["model_tag"] == "lm:broken":
+            raise OSError("no such model in the store")
+        loaded.append(wanted["model_tag"])
+        return Served(wanted["model_tag"], {}, Engine(model, tokenizer), "", [])
+
+    models = ServedModels()
+    models.switch(load({"model_tag": "lm:1"}))
+    follow_file = tmp_path / "follow.json"
+
+    def names(tag: str) -> None:
+        follow_file.write_text(json.dumps({"model_tag": tag}))
+        deadline = time.monotonic() + 10
+        while models.current.tag != tag and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    models.follow(follow_file, load)
+    names("lm:2")
+    assert models.current.tag == "lm:2"
+    names("lm:broken")
+    time.sleep(0.2)
+    assert models.current.tag == "lm:2" and models.current.engine.alive
+    names("lm:1")
+    assert models.current.tag == "lm:1" and loaded == ["lm:1", "lm:2", "lm:1"]

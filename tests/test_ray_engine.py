@@ -274,9 +274,9 @@ def test_an_external_cluster_from_ray_address_is_used_and_left_running(corpus, t
         assert re.search(pattern, done.stderr), done.stderr[-2000:]
         assert json.loads((tmp_path / "report" / "report.json").read_text())["stats"]["files"] == 5
         wait_for("3.0")  # still up, both nodes
-        # the stage ran its tasks there: the cluster holds the modules it shipped (pipeline, infra)
+        # the stage ran its tasks there: the cluster holds the modules it shipped (pipeline, infra, lmforge)
         shipped = list(session_dir(log).glob("runtime_resources/py_modules_files/*/*"))
-        assert {p.name for p in shipped} == {"pipeline", "infra"}, shipped
+        assert {p.name for p in shipped} == {"pipeline", "infra", "lmforge"}, shipped
     finally:
         for proc in reversed(nodes):
             stop_group(proc, signal.SIGTERM, grace=60)

@@ -23,7 +23,7 @@ import pytest
 
 from infra.bento_server import BentoServer
 from pipeline.config import Workspace
-from tests.conftest import PROMPT
+from tests.conftest import PROMPT, REPO
 
 # every test here talks to a trained model in a real Bento (a session fixture of about a minute)
 pytestmark = pytest.mark.slow
@@ -69,7 +69,10 @@ def test_bento_carries_the_lineage_and_a_dockerfile(trained, bento):
     root = Path(stored.path)
     assert (root / "env" / "docker" / "Dockerfile").is_file()
     assert "Intended use and limits" in (root / "src" / "MODEL_CARD.md").read_text()
-    assert {p.name for p in (root / "src" / "pipeline").iterdir()} >= {"service.py", "generation.py"}
+    # exactly the serving package: nothing of the stages, the machinery or the CLI
+    shipped = {str(p.relative_to(root / "src")) for p in (root / "src").rglob("*.py")}
+    package = {str(p.relative_to(REPO)) for p in (REPO / "lmforge" / "serving").glob("*.py")}
+    assert shipped == package | {"lmforge/__init__.py"}, shipped
 
 
 def test_a_rejected_model_is_not_packaged(trained, bento):
@@ -651,7 +654,8 @@ def test_chat_template_sources_in_order(trained, tmp_path):
     lmforge's plain one; a template that raises is a ChatError with its message."""
     from transformers import AutoTokenizer
 
-    from pipeline.chat import PLAIN_CHAT_TEMPLATE, ChatError, render_text, resolve_template, template_setting
+    from lmforge.serving.chat_template import PLAIN_CHAT_TEMPLATE, ChatError, render_text, resolve_template
+    from pipeline.chat import template_setting
     from pipeline.config import ConfigError
 
     ws, _ = trained
@@ -774,7 +778,7 @@ def test_two_service_workers_answer_on_one_port_and_each_batches(trained, tmp_pa
         update={"serve": params.serve.model_copy(update={"workers": 2, "concurrency": 32})}
     )
     bento = package(ws, scaled, data_md5="0123456789abcdef0123456789abcdef.dir")
-    # built in a process that imported pipeline.service before (earlier tests did, with the defaults)
+    # built in a process that imported the service before (earlier tests did, with the defaults)
 
     body = {"max_tokens": 48, "temperature": 0.7, "seed": 1, "ignore_eos": True}
     ready = threading.Barrier(32)

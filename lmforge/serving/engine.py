@@ -7,7 +7,6 @@ and joined to the batch's KV cache, and a finished row leaves at once. So a requ
 another to finish. Each row keeps its own sampling settings, seed, stop strings and token budget;
 text streams out per row as it is decoded.
 
-This module imports no lmforge config: it travels inside the Bento on its own.
 """
 
 from __future__ import annotations
@@ -22,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from infra.errors import UsageError
+from lmforge.serving.errors import ServingError
 
 
-class GenerationError(UsageError, ValueError):
+class GenerationError(ServingError):
     """A request the model cannot serve as asked (too long, bad settings); the message says why."""
 
 
@@ -93,6 +92,13 @@ class Delta:
 
 # A stream yields Deltas, then one Completion at the end.
 Event = Delta | Completion | BaseException
+
+
+class _Closed(Exception):
+    """Raised in the engine thread when close() asks it to end."""
+
+
+_CLOSE = object()  # queued by close(): the thread ends when it takes it
 
 
 @dataclass
@@ -275,7 +281,7 @@ class Engine:
         self._token_texts: dict[int, str] = {}
         # a prefill that needs no prompt logprobs computes the last position's logits only
         self.keep_last_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.queue: queue.Queue[_Request] = queue.Queue()
+        self.queue: queue.Queue = queue.Queue()  # _Requests, and _CLOSE at the end
         self.thread = threading.Thread(target=self._loop, name="lmforge-engine", daemon=True)
         self.thread.start()
 
@@ -342,6 +348,13 @@ class Engine:
     def alive(self) -> bool:
         return self.thread.is_alive()
 
+    def close(self) -> None:
+        """Stop the decoding thread once it has nothing to do, and let the model go: for a worker that
+        has switched to another model. Requests still queued then fail with EngineStopped."""
+        self.queue.put(_CLOSE)
+        self.thread.join()
+        self.model = None
+
     def submit(
         self,
         prompt_ids: list[int],
@@ -381,6 +394,10 @@ class Engine:
         self._active = _Batch()
         try:
             self._decode()
+        except _Closed:
+            stopped = EngineStopped("the engine was closed: this worker serves another model now")
+            while not self.queue.empty():
+                self.queue.get_nowait().emit(stopped)
         except BaseException as exc:
             stopped = EngineStopped(f"the engine has stopped ({type(exc).__name__}: {exc})")
             for row in self._active.rows:
@@ -427,6 +444,8 @@ class Engine:
                 taken.append(self.queue.get_nowait())
         except queue.Empty:
             pass
+        if _CLOSE in taken:  # only an idle engine is closed, so nothing else was queued before it
+            raise _Closed
         return [r for r in taken if not r.cancelled.is_set()]
 
     @torch.inference_mode()

@@ -5,23 +5,35 @@ the file `LMFORGE_API_KEYS_FILE` names (one key a line; blank lines and `#` comm
 set, every route but the health probes needs `Authorization: Bearer <key>`, as OpenAI clients send it.
 
 A service that listens on anything but loopback without a key refuses to start; the explicit opt-out is
-`LMFORGE_ALLOW_UNAUTHENTICATED=1`, which is warned about. The Bento imports this module; so does the CLI.
+`LMFORGE_ALLOW_UNAUTHENTICATED=1`, which is warned about. `lmforge serve` checks the same before it starts the server.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import os
 from pathlib import Path
 
-from infra.errors import LmforgeError
-from infra.processes import is_loopback
+from lmforge.serving.errors import ServingError
 
-KEYS_VAR, KEYS_FILE_VAR, ALLOW_VAR = "LMFORGE_API_KEYS", "LMFORGE_API_KEYS_FILE", "LMFORGE_ALLOW_UNAUTHENTICATED"
+KEYS_VAR, KEYS_FILE_VAR, ALLOW_VAR = (
+    "LMFORGE_API_KEYS",
+    "LMFORGE_API_KEYS_FILE",
+    "LMFORGE_ALLOW_UNAUTHENTICATED",
+)
 OPEN_PATHS = ("/health", "/livez", "/readyz")  # what an orchestrator probes without credentials
 
 
-class AuthError(LmforgeError):
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach host: localhost, 127.0.0.0/8 or ::1."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost may resolve to anything
+        return False
+
+
+class AuthError(ServingError):
     """Keys that cannot be read, or a network-facing service without any."""
 
 

@@ -1,0 +1,448 @@
+"""The Bento service: `POST /generate`; OpenAI-compatible `POST /v1/completions` (logprobs, echo scoring,
+token-id prompts), `POST /v1/chat/completions` and `GET /v1/models`, answered in vLLM's shapes; vLLM's
+`POST /tokenize`, `/detokenize` and `GET /health`; and the minimal `POST /predict`.
+
+BentoML 1.4 provides /readyz, /livez and Prometheus /metrics. Each worker loads the model once (from
+the BentoML model store, safetensors only) into a batching Engine (engine.py), so concurrent requests
+share forward passes. Bad input gets a 4xx with a message; never a 5xx. With `lmforge serve --follow`,
+a worker switches to each new champion without a restart (models.py).
+
+The serving limits come from the Bento's build arguments (arguments.py), so a Bento carries its own
+settings: `bentoml serve lmforge:<version>` needs nothing else from the workspace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import bentoml
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import AfterValidator, Field
+
+from lmforge.serving.arguments import API_KEYS, CHAT_TEMPLATE, FOLLOW_FILE, MODEL_TAG, SERVE
+from lmforge.serving.auth import exposure_problem, unauthenticated_warning
+from lmforge.serving.chat_template import ChatError, end_of_turn_ids, render_text, resolve_template
+from lmforge.serving.engine import Completion, EngineStopped, GenerationError, SamplingParams, load_engine
+from lmforge.serving.metrics import ServingMetrics
+from lmforge.serving.middleware import (
+    OVERLOADED_HEADERS,
+    ApiKeys,
+    Backpressure,
+    BodyLimit,
+    Health,
+    JsonOnly,
+    overloaded_body,
+)
+from lmforge.serving.models import Lease, Served, ServedModels
+from lmforge.serving.protocol import (
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    GenerateRequest,
+    SamplingFields,
+    check_unicode,
+    error_body,
+)
+from lmforge.serving.responses import ChatShape, CompletionShape, Job, sse, usage
+
+logger = logging.getLogger("bentoml.lmforge")  # BentoML shows its own loggers at INFO
+DISCONNECT_POLL_SECONDS = 0.05  # how soon a request whose client hung up leaves the batch
+INLINE_ENCODE_CHARS = 4096
+
+MODELS = ServedModels()  # what this worker serves; the middlewares read it too
+METRICS: ServingMetrics | None = None  # this worker's, once its model is loaded
+
+
+def refused(reason: str) -> None:
+    if METRICS is not None:
+        METRICS.refuse(MODELS.current.tag if MODELS.current else "", reason)
+
+
+# ---------------------------------------------------------------------------------------------
+# the OpenAI-compatible app, mounted at /v1
+
+openai_app = FastAPI(title="lmforge OpenAI-compatible API")
+
+
+@openai_app.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
+    first = errors[0] if errors else {}
+    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+    message = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors
+    )
+    return JSONResponse(error_body(message or "invalid request", param=param), status_code=400)
+
+
+@openai_app.exception_handler(EngineStopped)
+async def _engine_stopped(request: Request, exc: EngineStopped) -> JSONResponse:
+    return JSONResponse(error_body(str(exc), "engine_stopped"), status_code=503)
+
+
+@openai_app.exception_handler(GenerationError)
+async def _cannot_generate(request: Request, exc: GenerationError) -> JSONResponse:
+    return JSONResponse(error_body(str(exc)), status_code=400)
+
+
+async def _events(
+    served: Served, prompt_ids: list[int], params: SamplingParams, deltas: bool = True
+) -> AsyncIterator[Any]:
+    """The engine's events for one request, on this event loop; cancels the request if abandoned."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    request = served.engine.submit(
+        prompt_ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), deltas
+    )
+    if METRICS is not None:
+        METRICS.started(served)
+    done = None
+    try:
+        while True:
+            event = await events.get()
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, Completion):
+                done = event
+            yield event
+            if done is not None:
+                return
+    finally:
+        request.cancelled.set()
+        if METRICS is not None:
+            METRICS.finished(served, request, done)
+
+
+async def _unless_abandoned(request: Request, work: Callable[[], Awaitable[Any]]) -> Any:
+    """The result of work(), or None if the client disconnects first: the work is then cancelled, which
+    marks its requests cancelled, and the engine drops their rows before its next decode step. A client
+    already gone is never queued."""
+    if await request.is_disconnected():
+        return None
+    task = asyncio.ensure_future(work())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                return None
+    finally:
+        task.cancel()  # a no-op once done; cancels the work if this handler is cancelled itself
+
+
+def bound_host() -> str | None:
+    """The address this worker listens on: BentoML hands each worker its socket as `--fd N`."""
+    if "--fd" not in sys.argv:
+        return None
+    fd = int(sys.argv[sys.argv.index("--fd") + 1])
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return sock.getsockname()[0]
+
+
+def refuse_exposure() -> None:
+    """A worker whose socket other machines can reach starts only with API keys (or the explicit opt-out):
+    this covers `bentoml serve` and the container, which bind 0.0.0.0 unless told otherwise."""
+    host = bound_host()
+    if host is None:
+        return
+    if problem := exposure_problem(host, API_KEYS):
+        logger.error(problem)
+        os.kill(os.getppid(), signal.SIGTERM)  # stop the whole server, not one worker circus would restart
+        raise SystemExit(problem)
+    if warning := unauthenticated_warning(host, API_KEYS):
+        logger.warning(warning)
+
+
+def load_served(stored, chat_template: str | None) -> Served:
+    """A model from the BentoML store, loaded into an engine of its own."""
+    threads = max(1, (os.cpu_count() or 1) // SERVE.workers)  # the workers share the machine's cores
+    engine = load_engine(stored.path, max_batch_size=SERVE.max_batch_size, threads=threads,
+                         on_batch=METRICS.batch_size.observe if METRICS else None)  # fmt: skip
+    # the template the model was trained with (preprocess stores it in the tokenizer), and the tokens that
+    # end its assistant turns: a reply stops there, as it learnt to
+    template = resolve_template(engine.tokenizer, chat_template)
+    return Served(str(stored.tag), dict(stored.info.labels), engine, template,
+                  end_of_turn_ids(engine.tokenizer, template))  # fmt: skip
+
+
+def load_followed(wanted: dict) -> Served:
+    """The model the follow file names (written by `lmforge serve --follow`), with its Bento's template."""
+    return load_served(bentoml.models.get(wanted["model_tag"]), wanted.get("chat_template"))
+
+
+TRAFFIC = {"timeout": 300} | ({"concurrency": SERVE.concurrency} if SERVE.concurrency else {})
+
+
+@bentoml.asgi_app(openai_app, path="/v1")
+@bentoml.service(name="lmforge", traffic=TRAFFIC, workers=SERVE.workers)
+class LMForge:
+    model_ref = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __init__(self) -> None:
+        global METRICS
+        refuse_exposure()
+        METRICS = ServingMetrics(worker=str(bentoml.server_context.worker_index))
+        MODELS.switch(load_served(self.model_ref, CHAT_TEMPLATE))
+        if FOLLOW_FILE:
+            MODELS.follow(Path(FOLLOW_FILE), load_followed)
+
+    @staticmethod
+    async def _prepare(served: Served, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        # Tokenizing a long prompt takes a while: off the event loop, so other requests keep flowing.
+        # A short one takes microseconds, less than the hop to a thread.
+        if not isinstance(prompt, str):
+            ids = list(prompt)
+        elif len(prompt) <= INLINE_ENCODE_CHARS:
+            ids = served.engine.encode(prompt)
+        else:
+            ids = await asyncio.to_thread(served.engine.encode, prompt)
+        served.engine.check(ids, params)
+        return ids
+
+    @staticmethod
+    async def _complete(served: Served, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        async for event in _events(served, prompt_ids, params, deltas=False):
+            if isinstance(event, Completion):
+                return event
+        raise RuntimeError("the engine ended a request without a result")
+
+    async def _answer(self, prompt: str, params: SamplingParams) -> tuple[Completion, str]:
+        """A completion for BentoML's own routes, and the model that made it: a bad prompt is a 400, a
+        stopped engine a 503, and a client that hangs up has its request dropped from the batch."""
+        with MODELS.lease() as lease:
+            served = lease.served
+            try:
+                ids = await self._prepare(served, prompt, params)
+                done = await _unless_abandoned(
+                    bentoml.Context().request, lambda: self._complete(served, ids, params)
+                )
+            except GenerationError as exc:
+                raise bentoml.exceptions.InvalidArgument(str(exc)) from None
+            except EngineStopped as exc:
+                raise bentoml.exceptions.ServiceUnavailable(str(exc)) from None
+            return (Completion("", len(ids), 0, "abort") if done is None else done), served.tag
+
+    @bentoml.api(route="/generate")
+    async def generate(self, request: GenerateRequest, /) -> dict:
+        """Generate a continuation of the prompt."""
+        params = SamplingParams(
+            max_new_tokens=request.max_new_tokens, temperature=request.temperature, top_p=request.top_p,
+            top_k=request.top_k, seed=request.seed, stop=request.stop,
+        )  # fmt: skip
+        done, model = await self._answer(request.prompt, params)
+        return {
+            "text": done.text,
+            "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "model": model,
+        }
+
+    @bentoml.api(route="/predict")
+    async def predict(self, text: Annotated[str, Field(min_length=1), AfterValidator(check_unicode)]) -> dict:
+        """The minimal form: {"text": ...} -> {"result": ...}, with /generate's defaults."""
+        params = SamplingParams(max_new_tokens=SERVE.default_max_new_tokens, temperature=0.8)
+        done, _ = await self._answer(text, params)
+        return {"result": done.text}
+
+    @bentoml.api(route="/tokenize")
+    async def tokenize(
+        self,
+        prompt: Annotated[str, AfterValidator(check_unicode)] | None = None,
+        model: str | None = None,
+        add_special_tokens: bool | None = None,
+        messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> dict:
+        """vLLM's shape: {"count", "max_model_len", "tokens"}, of a prompt, or as vLLM does, of chat
+        messages rendered the way /v1/chat/completions renders them."""
+        if (prompt is None) == (messages is None):
+            raise bentoml.exceptions.InvalidArgument("give either prompt or messages")
+        with MODELS.lease() as lease:
+            served = lease.served
+            if messages is not None:
+                try:
+                    prompt = render_chat(served, messages, add_generation_prompt)
+                except GenerationError as exc:
+                    raise bentoml.exceptions.InvalidArgument(str(exc)) from None
+            if add_special_tokens is None:  # vLLM's defaults: a chat template writes its own special tokens
+                add_special_tokens = messages is None
+            engine = served.engine
+            if len(prompt) > engine.max_prompt_chars:
+                raise bentoml.exceptions.InvalidArgument(
+                    f"prompt: {len(prompt):,} characters cannot fit the model's context of {engine.context} tokens"
+                )
+            tokens = engine.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+            return {"count": len(tokens), "max_model_len": engine.context, "tokens": tokens}
+
+    @bentoml.api(route="/detokenize")
+    async def detokenize(
+        self, tokens: Annotated[list[int], Field(max_length=1 << 16)], model: str | None = None
+    ) -> dict:
+        """vLLM's shape: {"prompt"}; an id outside the vocabulary is a 400 that names it."""
+        with MODELS.lease() as lease:
+            tokenizer = lease.served.engine.tokenizer
+            vocab = len(tokenizer)
+            if bad := [t for t in tokens if not 0 <= t < vocab]:
+                raise bentoml.exceptions.InvalidArgument(
+                    f"tokens: {bad[0]} is not in the vocabulary (0..{vocab - 1})"
+                )
+            return {"prompt": tokenizer.decode(tokens)}
+
+    @openai_app.get("/models")
+    async def models(self) -> dict:
+        """The model that answers new requests (after a switch, the new champion)."""
+        served = MODELS.current
+        card = {
+            "id": served.tag, "object": "model", "created": served.created, "owned_by": "lmforge",
+            "max_model_len": served.engine.context,
+        }  # fmt: skip
+        return {"object": "list", "data": [card | {"lineage": served.labels}]}
+
+    @openai_app.post("/completions")
+    async def completions(self, body: CompletionRequest, request: Request):
+        if problem := body.unsupported():
+            return JSONResponse(error_body(problem), status_code=400)
+        # echo with logprobs scores the prompt, in the same prefill as the generation; echo with
+        # max_tokens 0 and no logprobs is a scoring request too (it only shows the prompt back)
+        prompt_logprobs = None
+        if body.echo and (body.logprobs is not None or body.max_tokens == 0):
+            prompt_logprobs = body.logprobs or 0
+        with MODELS.lease() as lease:
+            served, jobs = lease.served, []
+            for p, prompt in enumerate(body.prompts):
+                ids = None  # one prompt, tokenized once for its n choices
+                for k in range(body.n):
+                    params = body.sampling(body.max_tokens, k, body.logprobs, prompt_logprobs)
+                    ids = ids or await self._prepare(served, prompt, params)
+                    text = (
+                        prompt
+                        if isinstance(prompt, str)
+                        else served.engine.tokenizer.decode(ids)
+                        if body.echo
+                        else ""
+                    )
+                    jobs.append(Job(p * body.n + k, ids, params, text))
+            shape = CompletionShape(served.engine, body.echo, body.logprobs)
+            return await self._respond(lease, jobs, shape, body, request)
+
+    @openai_app.post("/chat/completions")
+    async def chat_completions(self, body: ChatRequest, request: Request):
+        if problem := body.unsupported():
+            return JSONResponse(error_body(problem), status_code=400)
+        with MODELS.lease() as lease:
+            served, jobs = lease.served, []
+            prompt = render_chat(served, body.messages)
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            for k in range(body.n):
+                params = body.sampling(body.budget, k, logprobs)
+                if not body.ignore_eos:
+                    params.stop_token_ids = list(dict.fromkeys([*params.stop_token_ids, *served.end_of_turn]))
+                ids = jobs[0].prompt_ids if jobs else await self._prepare(served, prompt, params)
+                jobs.append(Job(k, ids, params))
+            shape = ChatShape(served.engine, body.logprobs, body.top_logprobs or 0)
+            return await self._respond(lease, jobs, shape, body, request)
+
+    async def _respond(self, lease: Lease, jobs: list[Job], shape, body: SamplingFields, request: Request):
+        """The answer to a /v1 request. A stream holds a lease of its own, which it returns when it ends."""
+        served = lease.served
+        if MODELS.waiting() + len(jobs) > SERVE.max_queue:
+            refused("overloaded")
+            return JSONResponse(overloaded_body(SERVE.max_queue), status_code=429,
+                                headers={k.decode(): v.decode() for k, v in OVERLOADED_HEADERS})  # fmt: skip
+        head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "object": shape.object,
+                "created": int(time.time()), "model": served.tag}  # fmt: skip
+        if body.stream:
+            return StreamingResponse(
+                self._stream(
+                    lease.another(),
+                    jobs,
+                    shape,
+                    head | {"object": shape.chunk_object},
+                    body.include_usage,
+                    body.n,
+                ),  # fmt: skip
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+
+        def decode_all():
+            return asyncio.gather(*(self._complete(served, job.prompt_ids, job.params) for job in jobs))
+
+        if (results := await _unless_abandoned(request, decode_all)) is None:
+            return JSONResponse(error_body("the client closed the request", "client_closed"), status_code=499)
+        choices = [shape.choice(job, done) for job, done in zip(jobs, results, strict=True)]
+        # a JSONResponse, not a dict: FastAPI's jsonable_encoder walks every logprob entry of a dict
+        return JSONResponse(head | {"choices": choices, "usage": usage(results, body.n)})
+
+    async def _stream(
+        self, lease: Lease, jobs: list[Job], shape, head: dict, include_usage: bool, n: int
+    ) -> AsyncIterator[str]:
+        """Server-sent events in OpenAI's chunk format, every choice interleaved, then [DONE]."""
+        merged: asyncio.Queue = asyncio.Queue()
+
+        async def pump(job: Job) -> None:
+            try:
+                async for event in _events(lease.served, job.prompt_ids, job.params):
+                    await merged.put((job, event))
+            except Exception as exc:  # noqa: BLE001 - reported in the stream, not as a dropped socket
+                await merged.put((job, exc))
+
+        tasks = []
+        try:
+            for job in jobs:
+                for choice in shape.opening(job):
+                    yield sse(head | {"choices": [choice]})
+            tasks = [asyncio.create_task(pump(job)) for job in jobs]
+            finished: list[Completion] = []
+            while len(finished) < len(jobs):
+                job, event = await merged.get()
+                if isinstance(event, BaseException):
+                    yield sse(error_body(f"generation failed: {event}", "generation_error"))
+                    finished.append(Completion("", 0, 0, "error"))
+                elif isinstance(event, Completion):
+                    finished.append(event)
+                    yield sse(head | {"choices": [shape.ending(job, event)]})
+                else:
+                    for choice in shape.delta(job, event):
+                        yield sse(head | {"choices": [choice]})
+            if include_usage:
+                yield sse(head | {"choices": [], "usage": usage(finished, n)})
+            yield "data: [DONE]\n\n"
+        finally:
+            for task in tasks:
+                task.cancel()
+            lease.release()
+
+
+def render_chat(served: Served, messages: list[ChatMessage], generation_prompt: bool = True) -> str:
+    """The messages through the model's chat template, as preprocess rendered its training data."""
+    try:
+        return render_text(served.engine.tokenizer, served.chat_template, [m.render() for m in messages],
+                           generation_prompt)  # fmt: skip
+    except ChatError as exc:
+        raise GenerationError(f"messages: {exc}") from None
+
+
+# the last added runs first: health probes, then keys, then the queue, then the body's type and size
+LMForge.add_asgi_middleware(BodyLimit, max_bytes=SERVE.max_body_bytes, refuse=refused)
+LMForge.add_asgi_middleware(JsonOnly, refuse=refused)
+LMForge.add_asgi_middleware(Backpressure, models=MODELS, max_queue=SERVE.max_queue, refuse=refused)
+LMForge.add_asgi_middleware(ApiKeys, keys=API_KEYS, refuse=refused)
+LMForge.add_asgi_middleware(Health, models=MODELS)
