@@ -140,19 +140,28 @@ def side(what: str, unit: str, runs: list[Run], per: float | None = None) -> dic
 
 
 def figure(measurement: str, lmforge: dict, baseline: dict | None = None, note: str = "", **detail) -> dict:
-    """lmforge's median rate over the baseline's, and the spread of the ratio: the lowest and highest
-    ratio of the runs paired round by round. Its target and whether it met it are filled in by
-    run_bench, from the one table in benchmarks.targets."""
+    """lmforge's median rate over the baseline's (of two wall times: the baseline's median seconds over
+    lmforge's; higher is better either way), and the spread of the ratio: the lowest and highest ratio
+    of the runs paired round by round. Its target and whether it met it are filled in by run_bench, from
+    the one table in benchmarks.targets."""
     ratio = spread = None
+    pairs: list[float] = []
+    paired = baseline is not None and len(lmforge["runs"]) == len(baseline["runs"])  # round by round
     if baseline and baseline["rate"] and lmforge["rate"]:
         ratio = lmforge["rate"] / baseline["rate"]
-        if len(lmforge["runs"]) == len(baseline["runs"]):  # paired round by round
+        if paired:
             pairs = [
                 a["rate"] / b["rate"]
                 for a, b in zip(lmforge["runs"], baseline["runs"], strict=True)
                 if a["rate"] and b["rate"]
             ]
-            spread = [min(pairs), max(pairs)] if pairs else None
+    elif baseline and baseline["rate"] is None and lmforge["rate"] is None:
+        ratio = baseline["seconds"] / lmforge["seconds"]
+        if paired:
+            pairs = [
+                b["seconds"] / a["seconds"] for a, b in zip(lmforge["runs"], baseline["runs"], strict=True)
+            ]
+    spread = [min(pairs), max(pairs)] if pairs else None
     return {
         "measurement": measurement,
         "lmforge": lmforge,

@@ -160,6 +160,17 @@ def run(b: Bench) -> dict:
             def http_scoring() -> tuple[int, float]:
                 return scored, http_score(session, url, windows)
 
+            capacity = params.serve.max_batch_size + params.serve.max_queue  # rows the batch and queue hold
+            refused: dict[int, list[float]] = {}  # per client count: the share of requests refused, a run
+
+            def under_load(n: int):
+                def run_load() -> tuple[None, float]:
+                    latencies, refusals = overload(url, n, requests_each, new)
+                    refused.setdefault(n, []).append(refusals / (refusals + len(latencies)))
+                    return None, float(np.percentile(latencies, 99))
+
+                return run_load
+
             def clients(n: int):
                 def run_clients() -> tuple[int, float]:
                     tokens, seconds, completions = aggregate(url, n, requests_each, new)
@@ -178,6 +189,10 @@ def run(b: Bench) -> dict:
             scores, direct_score = interleaved(rounds, http_scoring, score_in_process)
             b.log(f"serve: 1, 4 and 16 clients and the bare loop on 16 rows, {rounds} rounds")
             one, four, sixteen, batch = interleaved(rounds, clients(1), clients(4), clients(16), bare_batch)
+            b.log(
+                f"serve: p99 latency at {capacity} clients and at {2 * capacity} (2x overload), {rounds} rounds"
+            )
+            at_capacity, overloaded = interleaved(rounds, under_load(capacity), under_load(2 * capacity))
     finally:
         import bentoml
 
@@ -231,6 +246,15 @@ def run(b: Bench) -> dict:
             sixteen_clients,
             one_client,
             note="the clients run on the same cores as the server",
+        ),
+        "overload": figure(
+            "serve: p99 latency of accepted requests, 2x overload vs at capacity",
+            side(f"{2 * capacity} clients: twice what the batch and serve.max_queue hold", "", overloaded),
+            side(f"{capacity} clients: serve.max_batch_size + serve.max_queue", "", at_capacity),
+            note=f"seconds; {requests_each} request(s) of {new} tokens per client, each retried after Retry-After "
+            f"when refused with a 429; refused at 2x: {np.median(refused[2 * capacity]):.0%} of attempts "
+            f"(at capacity: {np.median(refused[capacity]):.0%})",
+            refused_share={str(n): shares for n, shares in refused.items()},
         ),
         "batch_limit": figure(
             "serve: aggregate tokens/s, 16 clients vs the bare loop on 16 rows",
@@ -339,6 +363,40 @@ def http_score(client, url: str, windows: torch.Tensor) -> float:
     response.raise_for_status()
     assert len(response.json()["choices"]) == windows.shape[0]
     return time.perf_counter() - start
+
+
+def overload(url: str, clients: int, requests_each: int, max_new_tokens: int) -> tuple[list[float], int]:
+    """(seconds of each accepted request, requests refused) of `clients` clients each sending requests one
+    after another, all at once. A refused request (429) waits its Retry-After and is sent again, as a
+    well-behaved client does; only the attempt that is answered counts as a latency."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    sessions = [httpx.Client() for _ in range(clients)]
+    latencies: list[float] = []
+    refusals: list[float] = []  # list.append is atomic across the client threads; += on an int is not
+
+    def client(k: int) -> None:
+        for i in range(requests_each):
+            body = {"prompt": PROMPTS[(k + i) % len(PROMPTS)], "max_tokens": max_new_tokens, "temperature": 0}
+            while True:
+                start = time.perf_counter()
+                response = sessions[k].post(f"{url}/v1/completions", json=body, timeout=300)
+                if response.status_code != 429:
+                    response.raise_for_status()
+                    latencies.append(time.perf_counter() - start)
+                    break
+                refusals.append(start)
+                time.sleep(float(response.headers["retry-after"]))
+
+    try:
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(client, range(clients)))
+        return latencies, len(refusals)
+    finally:
+        for session in sessions:
+            session.close()
 
 
 def aggregate(

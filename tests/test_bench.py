@@ -68,7 +68,7 @@ def test_sections_ran_and_the_machine_is_recorded(results):
     expected = {
         "preprocess.encode", "train.overhead", "train.fused_loss", "train.mfu", "train.bare_mfu",
         "serve.score", "serve.overhead", "serve.decode", "serve.first_token", "serve.clients_4",
-        "serve.clients_16", "serve.batch_limit",
+        "serve.clients_16", "serve.batch_limit", "serve.overload",
         "validate.throughput", "validate.peak_rss", "validate.preprocess_rss",
     }  # fmt: skip
     assert expected <= set(figures(data))
@@ -106,9 +106,12 @@ def test_each_ratio_is_the_ratio_of_the_medians_of_its_runs(results):
             values = [r["seconds"] for r in s["runs"]] if timed else rates
             assert math.isclose(s["seconds"] if timed else s["rate"], statistics.median(values)), name
             assert s["spread"] == [min(values), max(values)], name
-        if f["ratio"] is None:
-            assert f["lmforge"]["rate"] is None, name  # only bare wall times have no ratio
+        if f["lmforge"]["rate"] is None:  # two wall times: the baseline's seconds over lmforge's
+            lm_s = statistics.median(r["seconds"] for r in f["lmforge"]["runs"])
+            base_s = statistics.median(r["seconds"] for r in f["baseline"]["runs"])
+            assert math.isclose(f["ratio"], base_s / lm_s, rel_tol=1e-9), name
             continue
+
         def rate(run: dict, s: dict) -> float:  # per run's seconds, or per a fixed amount (memory)
             return run["amount"] / (s["per"] or run["seconds"])
 
@@ -187,6 +190,18 @@ def test_timings_without_a_ratio_are_measured_too(results):
     assert len(rss["detail"]["rss_bytes"]) == len(validate["lmforge"]["runs"])  # one per validate run
     peaks = [*rss["detail"]["rss_bytes"], figures(data)["validate.preprocess_rss"]["detail"]["rss_bytes"]]
     assert all(peak > 50 << 20 for peak in peaks), peaks  # a Python process with numpy
+
+
+def test_the_overload_row_refuses_the_excess_and_answers_the_rest(results):
+    """At twice what the batch and serve.max_queue hold, a real share of the attempts is refused with a
+    429 (and retried after Retry-After); at capacity, fewer are. Every accepted request was timed."""
+    data, _, _ = results
+    f = figures(data)["serve.overload"]
+    shares = {int(n): statistics.median(s) for n, s in f["detail"]["refused_share"].items()}
+    capacity, overloaded = sorted(shares)
+    assert overloaded == 2 * capacity
+    assert shares[overloaded] > 0.2 and shares[overloaded] > shares[capacity], shares
+    assert all(run["amount"] is None and run["seconds"] > 0 for run in f["lmforge"]["runs"])
 
 
 def test_check_names_every_missed_target_of_the_table(results):

@@ -337,13 +337,15 @@ def test_a_request_whose_client_hangs_up_leaves_the_batch(engine_parts, monkeypa
     from starlette.requests import Request
 
     import lmforge.serving.service as service
-    from lmforge.serving.models import Served
+    from lmforge.serving.models import Served, ServedModels
 
     _, tokenizer = engine_parts
     torch.manual_seed(0)  # a model big enough that 60 tokens take many polls of the channel
     model = build_model(ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=64), len(tokenizer), 0).eval()
     engine = Engine(model, tokenizer)
-    served = Served("tiny:1", {}, engine, "", [])
+    models = ServedModels()
+    models.switch(Served("tiny:1", {}, engine, "", []))
+    lease = models.lease()
     monkeypatch.setattr(service, "DISCONNECT_POLL_SECONDS", 0.002)
     gone = asyncio.Event()
 
@@ -355,7 +357,7 @@ def test_a_request_whose_client_hangs_up_leaves_the_batch(engine_parts, monkeypa
     decoded = []
 
     async def complete(params: SamplingParams):
-        async for event in service._events(served, engine.encode("the quick"), params, deltas=True):
+        async for event in service._events(lease, engine.encode("the quick"), params, deltas=True):
             if isinstance(event, Delta):
                 decoded.append(event)
             if isinstance(event, Completion):
@@ -366,7 +368,9 @@ def test_a_request_whose_client_hangs_up_leaves_the_batch(engine_parts, monkeypa
         waiting = asyncio.create_task(
             service._unless_abandoned(request, lambda: asyncio.gather(*(complete(params) for _ in range(8))))
         )
+        started = time.monotonic()
         while len(decoded) < 8:  # every row has decoded a token: the batch is running
+            assert not waiting.done() and time.monotonic() - started < 30, waiting
             await asyncio.sleep(0.001)
         gone.set()
         return await asyncio.wait_for(waiting, timeout=10)
@@ -530,3 +534,24 @@ def test_follow_switches_to_the_model_the_file_names_and_keeps_serving_through_a
     assert models.current.tag == "lm:2" and models.current.engine.alive
     names("lm:1")
     assert models.current.tag == "lm:1" and loaded == ["lm:1", "lm:2", "lm:1"]
+
+
+def test_admission_counts_rows_on_their_way_so_a_burst_cannot_overfill_the_queue(engine_parts):
+    """serve.max_queue bounds the rows waiting for the engine, counting those admitted but still being
+    tokenized: requests that arrive together cannot all pass the check before any is queued. A request
+    that ends before its rows reach the engine gives their places back (a dropped stream too)."""
+    from lmforge.serving.models import Served, ServedModels
+
+    model, tokenizer = engine_parts
+    models = ServedModels()
+    models.switch(Served("lm:1", {}, Engine(model, tokenizer), "", []))
+    first, second = models.lease(), models.lease()
+    assert models.admit(first, 3, max_queue=4)
+    assert not models.admit(second, 2, max_queue=4)  # 3 on their way and 2 more: over 4, none queued yet
+    assert models.admit(second, 1, max_queue=4) and models.waiting() == 4
+    first.queued()  # one of first's rows reached the engine's queue: the engine counts it now
+    assert models.admitted == 3
+    first.release()
+    assert models.admitted == 1
+    del second
+    assert models.admitted == 0 and models.waiting() == 0

@@ -40,15 +40,20 @@ class Served:
 
 
 class Lease:
-    """One request's hold on a model. Returned by release(), or, for a stream that never started, when
-    the lease is dropped."""
+    """One request's hold on a model, and the rows it was admitted for but has not yet queued in the
+    engine. Returned by release(), or, for a stream that never started, when the lease is dropped."""
 
     def __init__(self, models: ServedModels, served: Served):
-        self.models, self.served, self.held = models, served, True
+        self.models, self.served, self.held, self.admitted = models, served, True, 0
+
+    def queued(self) -> None:
+        """One admitted row is in the engine's queue now, where waiting() counts it."""
+        self.models._unadmit(self, 1)
 
     def release(self) -> None:
         if self.held:
             self.held = False
+            self.models._unadmit(self, self.admitted)
             self.models._returned(self.served)
 
     __del__ = release
@@ -70,6 +75,7 @@ class ServedModels:
     def __init__(self):
         self.current: Served | None = None
         self.retiring: list[Served] = []
+        self.admitted = 0  # rows admitted, on their way to an engine's queue (tokenizing, say)
         self._lock = threading.RLock()  # a Lease's __del__ may run while this thread holds it
 
     @property
@@ -82,11 +88,26 @@ class ServedModels:
         return self.current is None or self.current.engine.alive
 
     def waiting(self) -> int:
-        """Rows queued for any engine this worker runs."""
+        """Rows waiting for any engine this worker runs: queued, or admitted and on their way."""
         with self._lock:
-            return sum(
-                s.engine.waiting() for s in [*self.retiring, *([self.current] if self.current else [])]
-            )
+            engines = [*self.retiring, *([self.current] if self.current else [])]
+            return self.admitted + sum(s.engine.waiting() for s in engines)
+
+    def admit(self, lease: Lease, rows: int, max_queue: int) -> bool:
+        """Whether rows more may wait, counting them at once: requests that arrive together cannot all
+        pass the check before any of them has reached the engine's queue."""
+        with self._lock:
+            if self.waiting() + rows > max_queue:
+                return False
+            self.admitted += rows
+            lease.admitted += rows
+            return True
+
+    def _unadmit(self, lease: Lease, rows: int) -> None:
+        with self._lock:
+            rows = min(rows, lease.admitted)
+            lease.admitted -= rows
+            self.admitted -= rows
 
     def lease(self) -> Lease:
         """A hold on the current model."""

@@ -100,14 +100,18 @@ async def _cannot_generate(request: Request, exc: GenerationError) -> JSONRespon
 
 
 async def _events(
-    served: Served, prompt_ids: list[int], params: SamplingParams, deltas: bool = True
+    lease: Lease, prompt_ids: list[int], params: SamplingParams, deltas: bool = True
 ) -> AsyncIterator[Any]:
     """The engine's events for one request, on this event loop; cancels the request if abandoned."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
-    request = served.engine.submit(
-        prompt_ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), deltas
-    )
+    served = lease.served
+    try:
+        request = served.engine.submit(
+            prompt_ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), deltas
+        )
+    finally:
+        lease.queued()
     if METRICS is not None:
         METRICS.started(served)
     done = None
@@ -186,6 +190,19 @@ def load_followed(wanted: dict) -> Served:
     return load_served(bentoml.models.get(wanted["model_tag"]), wanted.get("chat_template"))
 
 
+class Overloaded(Exception):
+    """The queue is full (serve.max_queue): the request is refused with a 429."""
+
+
+def overloaded() -> dict:
+    """The 429 with Retry-After of BentoML's own routes, which the Backpressure middleware would have
+    sent had the queue been full a moment earlier."""
+    ctx = bentoml.Context()
+    ctx.response.status_code = 429
+    ctx.response.metadata.update({k.decode(): v.decode() for k, v in OVERLOADED_HEADERS})
+    return overloaded_body(SERVE.max_queue)
+
+
 TRAFFIC = {"timeout": 300} | ({"concurrency": SERVE.concurrency} if SERVE.concurrency else {})
 
 
@@ -216,21 +233,25 @@ class LMForge:
         return ids
 
     @staticmethod
-    async def _complete(served: Served, prompt_ids: list[int], params: SamplingParams) -> Completion:
-        async for event in _events(served, prompt_ids, params, deltas=False):
+    async def _complete(lease: Lease, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        async for event in _events(lease, prompt_ids, params, deltas=False):
             if isinstance(event, Completion):
                 return event
         raise RuntimeError("the engine ended a request without a result")
 
     async def _answer(self, prompt: str, params: SamplingParams) -> tuple[Completion, str]:
         """A completion for BentoML's own routes, and the model that made it: a bad prompt is a 400, a
-        stopped engine a 503, and a client that hangs up has its request dropped from the batch."""
+        stopped engine a 503, a full queue Overloaded, and a client that hangs up has its request dropped
+        from the batch."""
         with MODELS.lease() as lease:
             served = lease.served
+            if not MODELS.admit(lease, 1, SERVE.max_queue):
+                refused("overloaded")
+                raise Overloaded
             try:
                 ids = await self._prepare(served, prompt, params)
                 done = await _unless_abandoned(
-                    bentoml.Context().request, lambda: self._complete(served, ids, params)
+                    bentoml.Context().request, lambda: self._complete(lease, ids, params)
                 )
             except GenerationError as exc:
                 raise bentoml.exceptions.InvalidArgument(str(exc)) from None
@@ -245,7 +266,10 @@ class LMForge:
             max_new_tokens=request.max_new_tokens, temperature=request.temperature, top_p=request.top_p,
             top_k=request.top_k, seed=request.seed, stop=request.stop,
         )  # fmt: skip
-        done, model = await self._answer(request.prompt, params)
+        try:
+            done, model = await self._answer(request.prompt, params)
+        except Overloaded:
+            return overloaded()
         return {
             "text": done.text,
             "finish_reason": done.finish_reason,
@@ -258,7 +282,10 @@ class LMForge:
     async def predict(self, text: Annotated[str, Field(min_length=1), AfterValidator(check_unicode)]) -> dict:
         """The minimal form: {"text": ...} -> {"result": ...}, with /generate's defaults."""
         params = SamplingParams(max_new_tokens=SERVE.default_max_new_tokens, temperature=0.8)
-        done, _ = await self._answer(text, params)
+        try:
+            done, _ = await self._answer(text, params)
+        except Overloaded:
+            return overloaded()
         return {"result": done.text}
 
     @bentoml.api(route="/tokenize")
@@ -361,8 +388,9 @@ class LMForge:
 
     async def _respond(self, lease: Lease, jobs: list[Job], shape, body: SamplingFields, request: Request):
         """The answer to a /v1 request. A stream holds a lease of its own, which it returns when it ends."""
-        served = lease.served
-        if MODELS.waiting() + len(jobs) > SERVE.max_queue:
+        served, lease = lease.served, lease.another() if body.stream else lease
+        if not MODELS.admit(lease, len(jobs), SERVE.max_queue):
+            lease.release()
             refused("overloaded")
             return JSONResponse(overloaded_body(SERVE.max_queue), status_code=429,
                                 headers={k.decode(): v.decode() for k, v in OVERLOADED_HEADERS})  # fmt: skip
@@ -383,7 +411,7 @@ class LMForge:
             )
 
         def decode_all():
-            return asyncio.gather(*(self._complete(served, job.prompt_ids, job.params) for job in jobs))
+            return asyncio.gather(*(self._complete(lease, job.prompt_ids, job.params) for job in jobs))
 
         if (results := await _unless_abandoned(request, decode_all)) is None:
             return JSONResponse(error_body("the client closed the request", "client_closed"), status_code=499)
@@ -399,7 +427,7 @@ class LMForge:
 
         async def pump(job: Job) -> None:
             try:
-                async for event in _events(lease.served, job.prompt_ids, job.params):
+                async for event in _events(lease, job.prompt_ids, job.params):
                     await merged.put((job, event))
             except Exception as exc:  # noqa: BLE001 - reported in the stream, not as a dropped socket
                 await merged.put((job, exc))
