@@ -54,7 +54,7 @@ def overloaded_body(max_queue: int) -> dict:
     )
 
 
-OVERLOADED_HEADERS = ((b"retry-after", str(RETRY_AFTER_SECONDS).encode()),)
+RETRY_HEADERS = {"retry-after": str(RETRY_AFTER_SECONDS)}  # with every 429, whoever sends it
 
 
 class Backpressure:
@@ -70,7 +70,8 @@ class Backpressure:
         )
         if generating and self.models.waiting() >= self.max_queue:
             self.refuse("overloaded")
-            return await _send_error(send, 429, overloaded_body(self.max_queue), OVERLOADED_HEADERS)
+            headers = tuple((k.encode(), v.encode()) for k, v in RETRY_HEADERS.items())
+            return await _send_error(send, 429, overloaded_body(self.max_queue), headers)
         await self.app(scope, receive, send)
 
 

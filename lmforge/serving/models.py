@@ -135,7 +135,8 @@ class ServedModels:
     def _returned(self, served: Served) -> None:
         with self._lock:
             served.leases -= 1
-        if served.leases == 0 and served is not self.current:
+            retired = served.leases == 0 and served is not self.current
+        if retired:
             # off the caller's thread: closing joins the engine thread
             threading.Thread(target=self._close_idle, name="lmforge-retire", daemon=True).start()
 

@@ -37,7 +37,7 @@ from lmforge.serving.chat_template import ChatError, end_of_turn_ids, render_tex
 from lmforge.serving.engine import Completion, EngineStopped, GenerationError, SamplingParams, load_engine
 from lmforge.serving.metrics import ServingMetrics
 from lmforge.serving.middleware import (
-    OVERLOADED_HEADERS,
+    RETRY_HEADERS,
     ApiKeys,
     Backpressure,
     BodyLimit,
@@ -199,7 +199,7 @@ def overloaded() -> dict:
     sent had the queue been full a moment earlier."""
     ctx = bentoml.Context()
     ctx.response.status_code = 429
-    ctx.response.metadata.update({k.decode(): v.decode() for k, v in OVERLOADED_HEADERS})
+    ctx.response.metadata.update(RETRY_HEADERS)
     return overloaded_body(SERVE.max_queue)
 
 
@@ -392,8 +392,7 @@ class LMForge:
         if not MODELS.admit(lease, len(jobs), SERVE.max_queue):
             lease.release()
             refused("overloaded")
-            return JSONResponse(overloaded_body(SERVE.max_queue), status_code=429,
-                                headers={k.decode(): v.decode() for k, v in OVERLOADED_HEADERS})  # fmt: skip
+            return JSONResponse(overloaded_body(SERVE.max_queue), status_code=429, headers=RETRY_HEADERS)
         head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "object": shape.object,
                 "created": int(time.time()), "model": served.tag}  # fmt: skip
         if body.stream:
