@@ -65,6 +65,10 @@ def test_profile_override_via_param():
         (["preprocess.vocab_size.deep=1"], "preprocess.vocab_size: Input should be a valid integer"),
         (["novalue"], "must look like section.key=value"),
         (["profile=nope"], "unknown profile 'nope'"),
+        (["serve.engine=tgi"], "serve.engine: Input should be 'auto', 'builtin' or 'vllm'"),
+        (["serve.vllm.gpu_memory_utilization=1.5"], "serve.vllm.gpu_memory_utilization: Input should be less than"),
+        (["serve.vllm.max_lora_rank=12"], "serve.vllm.max_lora_rank: Input should be 1, 8, 16"),
+        (["serve.vllm.tensor_parallel=2"], "serve.vllm.tensor_parallel: Extra inputs are not permitted"),
     ],
 )
 def test_bad_config_names_the_key(overrides, expected):
@@ -101,3 +105,13 @@ def test_params_yaml_holds_exactly_the_config_defaults():
     written = {key: value for key, value in raw.items() if key != "profiles"}
     assert written == Params().model_dump()
     assert raw["profiles"]["demo"] == {}
+
+
+def test_vllm_settings_become_vllms_own_flags():
+    from lmforge.serving.settings import VllmSettings
+
+    flags = VllmSettings(dtype="float32", max_model_len=128, enforce_eager=True, enable_prefix_caching=False,
+                         enable_lora=True, max_lora_rank=8).flags()  # fmt: skip
+    assert flags == ["--dtype", "float32", "--max-num-seqs", "256", "--gpu-memory-utilization", "0.9",
+                     "--tensor-parallel-size", "1", "--max-model-len", "128", "--no-enable-prefix-caching",
+                     "--enforce-eager", "--enable-lora", "--max-lora-rank", "8"]  # fmt: skip

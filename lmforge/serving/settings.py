@@ -3,11 +3,44 @@ arguments, so that a Bento serves the same way anywhere."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # `lmforge serve --follow` names the champion's model in the file this variable names; each worker
 # switches to it when it changes (models.py)
 FOLLOW_VAR = "LMFORGE_FOLLOW_FILE"
+
+
+class VllmSettings(BaseModel):
+    """serve.vllm: vLLM's own engine settings, passed through to `vllm serve` as its flags."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_num_seqs: int = Field(256, ge=1)  # sequences decoded together
+    max_model_len: int | None = Field(None, ge=16)  # null: the model's own context
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    enable_prefix_caching: bool = True
+    cpu_kvcache_space_gb: int = Field(4, ge=1)  # VLLM_CPU_KVCACHE_SPACE, where there is no GPU
+    enforce_eager: bool = False  # no CUDA graphs (and on a CPU, no torch.compile)
+    enable_lora: bool = False  # a LoRA fine-tune served as an adapter on its base, where vLLM supports it
+    max_lora_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] = 16  # the ranks vLLM takes
+
+    def flags(self) -> list[str]:
+        """The settings as `vllm serve` flags (the CPU KV cache is an environment variable instead)."""
+        flags = ["--dtype", self.dtype, "--max-num-seqs", str(self.max_num_seqs),
+                 "--gpu-memory-utilization", str(self.gpu_memory_utilization),
+                 "--tensor-parallel-size", str(self.tensor_parallel_size)]  # fmt: skip
+        if self.max_model_len:
+            flags += ["--max-model-len", str(self.max_model_len)]
+        flags.append("--enable-prefix-caching" if self.enable_prefix_caching else "--no-enable-prefix-caching")
+        if self.enforce_eager:
+            flags.append("--enforce-eager")
+        if self.enable_lora:
+            flags += ["--enable-lora", "--max-lora-rank", str(self.max_lora_rank)]
+        return flags
 
 
 class ServeConfig(BaseModel):
@@ -32,6 +65,10 @@ class ServeConfig(BaseModel):
     # service takes at once, which BentoCloud's autoscaler scales replicas on (unset: no limit).
     workers: int = Field(1, ge=1, le=64)
     concurrency: int | None = Field(None, ge=1)
+    # which engine the Bento serves with: lmforge's own (small models, CPUs) or vLLM; auto: vLLM where
+    # the build machine has a GPU or the profile is a GPU one
+    engine: Literal["auto", "builtin", "vllm"] = "auto"
+    vllm: VllmSettings = VllmSettings()
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> ServeConfig:
