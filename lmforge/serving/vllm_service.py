@@ -1,0 +1,99 @@
+"""The Bento service on vLLM (`serve.engine: vllm`): vLLM's OpenAI server runs the model, and BentoML's
+proxy forwards to it every route this service does not answer itself (`/v1/...`, `/tokenize`,
+`/detokenize`, `/health`). This service adds lmforge's `/generate` and `/predict`, and puts the same
+guards in front of everything: API keys, the body's size, JSON only.
+
+BentoML starts the command below in the first worker, waits until its /health answers, and stops it
+with the server. vLLM's Prometheus metrics are appended to BentoML's on /metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from typing import Annotated, Any
+
+import bentoml
+import httpx
+from pydantic import AfterValidator, Field
+
+from lmforge.serving.arguments import API_KEYS, CHAT_TEMPLATE, MODEL_TAG, SERVE
+from lmforge.serving.middleware import ApiKeys, BodyLimit, JsonOnly
+from lmforge.serving.protocol import GenerateRequest, check_unicode
+
+VLLM_PORT = int(os.environ.get("LMFORGE_VLLM_PORT", "8000"))  # where vLLM listens, on loopback only
+TRAFFIC = {"timeout": 300} | ({"concurrency": SERVE.concurrency} if SERVE.concurrency else {})
+
+
+def refused(reason: str) -> None:
+    """vLLM counts its own requests; the guards' refusals are in BentoML's per-status counters."""
+
+
+@bentoml.service(
+    name="lmforge",
+    traffic=TRAFFIC,
+    endpoints={"livez": "/health", "readyz": "/health"},
+    http={"proxy_port": VLLM_PORT},
+    envs=[{"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(SERVE.vllm.cpu_kvcache_space_gb)},
+          {"name": "VLLM_NO_USAGE_STATS", "value": "1"}],  # fmt: skip
+)
+class LMForgeVLLM:
+    model_ref = bentoml.models.BentoModel(MODEL_TAG)
+
+    def __command__(self) -> list[str]:
+        stored = self.model_ref
+        command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", stored.path,
+            "--served-model-name", str(stored.tag), "--host", "127.0.0.1", "--port", str(VLLM_PORT),
+            "--max-logprobs", str(SERVE.max_logprobs), "--disable-uvicorn-access-log", *SERVE.vllm.flags(),
+        ]  # fmt: skip
+        if CHAT_TEMPLATE:  # else the template preprocess stored in the tokenizer, as the builtin engine
+            with tempfile.NamedTemporaryFile("w", suffix=".jinja", delete=False) as template:
+                template.write(CHAT_TEMPLATE)
+            command += ["--chat-template", template.name]
+        return command
+
+    @property
+    def vllm(self) -> httpx.AsyncClient:
+        return LMForgeVLLM.context.state["client"]
+
+    async def _complete(self, prompt: str, max_tokens: int, **sampling: Any) -> dict:
+        response = await self.vllm.post("/v1/completions", json={
+            "model": str(self.model_ref.tag), "prompt": prompt, "max_tokens": max_tokens, **sampling,
+        })  # fmt: skip
+        body = response.json()
+        if response.status_code != 200:
+            raise bentoml.exceptions.InvalidArgument(body.get("error", {}).get("message", response.text))
+        return body
+
+    @bentoml.api(route="/generate")
+    async def generate(self, request: GenerateRequest, /) -> dict:
+        """Generate a continuation of the prompt (the builtin engine's shape)."""
+        sampling = {"temperature": request.temperature, "top_p": request.top_p, "top_k": request.top_k or -1,
+                    "seed": request.seed, "stop": request.stop}  # fmt: skip
+        body = await self._complete(request.prompt, request.max_new_tokens, **sampling)
+        choice = body["choices"][0]
+        return {
+            "text": choice["text"],
+            "finish_reason": choice["finish_reason"],
+            "prompt_tokens": body["usage"]["prompt_tokens"],
+            "completion_tokens": body["usage"]["completion_tokens"],
+            "model": body["model"],
+        }
+
+    @bentoml.api(route="/predict")
+    async def predict(self, text: Annotated[str, Field(min_length=1), AfterValidator(check_unicode)]) -> dict:
+        """The minimal form: {"text": ...} -> {"result": ...}, with /generate's defaults."""
+        body = await self._complete(text, SERVE.default_max_new_tokens, temperature=0.8)
+        return {"result": body["choices"][0]["text"]}
+
+    async def __metrics__(self, content: str) -> str:
+        response = await self.vllm.get("/metrics")
+        return content + "\n" + response.text
+
+
+# the last added runs first: keys, then the body's type and size
+LMForgeVLLM.add_asgi_middleware(BodyLimit, max_bytes=SERVE.max_body_bytes, refuse=refused)
+LMForgeVLLM.add_asgi_middleware(JsonOnly, refuse=refused)
+LMForgeVLLM.add_asgi_middleware(ApiKeys, keys=API_KEYS, refuse=refused)
