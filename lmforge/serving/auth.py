@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import os
+import signal
+import socket
+import sys
 from pathlib import Path
 
 from lmforge.serving.errors import ServingError
+
+logger = logging.getLogger("bentoml.lmforge")  # BentoML shows its own loggers at INFO
 
 KEYS_VAR, KEYS_FILE_VAR, ALLOW_VAR = (
     "LMFORGE_API_KEYS",
@@ -75,3 +81,26 @@ def unauthenticated_warning(host: str, keys: list[str]) -> str | None:
     if keys or is_loopback(host):
         return None
     return f"warning: serving on {host} without API keys ({ALLOW_VAR}=1): anyone who can reach it may use it"
+
+
+def bound_host() -> str | None:
+    """The address this worker listens on: BentoML hands each worker its socket as `--fd N`."""
+    if "--fd" not in sys.argv:
+        return None
+    fd = int(sys.argv[sys.argv.index("--fd") + 1])
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return sock.getsockname()[0]
+
+
+def refuse_exposure(keys: list[str]) -> None:
+    """A worker whose socket other machines can reach starts only with API keys (or the explicit opt-out):
+    this covers `bentoml serve` and the container, which bind 0.0.0.0 unless told otherwise."""
+    host = bound_host()
+    if host is None:
+        return
+    if problem := exposure_problem(host, keys):
+        logger.error(problem)
+        os.kill(os.getppid(), signal.SIGTERM)  # stop the whole server, not one worker circus would restart
+        raise SystemExit(problem)
+    if warning := unauthenticated_warning(host, keys):
+        logger.warning(warning)

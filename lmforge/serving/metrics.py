@@ -7,12 +7,21 @@ sees metrics created after that)."""
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
-from lmforge.serving.engine import Completion
-from lmforge.serving.models import Served
+if TYPE_CHECKING:  # the vLLM service counts refusals too, without this engine's torch
+    from lmforge.serving.engine import Completion
+    from lmforge.serving.models import Served
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                    10.0, 20.0, 40.0, 80.0)  # fmt: skip
+
+
+def refusals():
+    """lmforge_requests_refused_total{model_name, reason}: requests the guards answered themselves."""
+    from prometheus_client import Counter
+
+    return Counter("lmforge_requests_refused", "Requests refused before the engine", ["model_name", "reason"])
 
 
 class ServingMetrics:
@@ -33,8 +42,7 @@ class ServingMetrics:
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency, queueing included", model,
                              buckets=LATENCY_BUCKETS)  # fmt: skip
         self.success = Counter("vllm:request_success", "Finished requests", [*model, "finished_reason"])
-        self.refused = Counter("lmforge_requests_refused", "Requests refused before the engine",
-                               [*model, "reason"])  # fmt: skip
+        self.refused = refusals()
         batch = Histogram("lmforge_batch_size", "Requests admitted together, in one prefill, by service worker",
                           ["worker"], buckets=(1, 2, 4, 8, 16, 32, 64, 128))  # fmt: skip
         self.batch_size = batch.labels(worker=worker)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from lmforge.serving.auth import OPEN_PATHS, authorized
-from lmforge.serving.models import ServedModels
 from lmforge.serving.protocol import error_body
+
+if TYPE_CHECKING:  # the vLLM service uses these middlewares without the builtin engine's torch
+    from lmforge.serving.models import ServedModels
 
 Refuse = Callable[[str], None]  # counts a refusal by its reason
 GENERATING_PATHS = ("/generate", "/predict", "/v1/completions", "/v1/chat/completions")
@@ -57,22 +60,53 @@ def overloaded_body(max_queue: int) -> dict:
 RETRY_HEADERS = {"retry-after": str(RETRY_AFTER_SECONDS)}  # with every 429, whoever sends it
 
 
+def is_generating(scope) -> bool:
+    return scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATING_PATHS
+
+
+class Queue(Protocol):
+    def waiting(self) -> int: ...
+
+
 class Backpressure:
     """A generating request that finds serve.max_queue rows already waiting for the engine gets a 429
     with Retry-After at once (the /v1 routes also count a request's n choices before queueing any)."""
 
-    def __init__(self, app, models: ServedModels, max_queue: int, refuse: Refuse):
-        self.app, self.models, self.max_queue, self.refuse = app, models, max_queue, refuse
+    def __init__(self, app, queue: Queue, max_queue: int, refuse: Refuse):
+        self.app, self.queue, self.max_queue, self.refuse = app, queue, max_queue, refuse
 
     async def __call__(self, scope, receive, send):
-        generating = (
-            scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATING_PATHS
-        )
-        if generating and self.models.waiting() >= self.max_queue:
+        if is_generating(scope) and self.queue.waiting() >= self.max_queue:
             self.refuse("overloaded")
             headers = tuple((k.encode(), v.encode()) for k, v in RETRY_HEADERS.items())
             return await _send_error(send, 429, overloaded_body(self.max_queue), headers)
         await self.app(scope, receive, send)
+
+
+class InFlight:
+    """The queue of an engine in another process (vLLM): the generating requests between arrival and
+    the end of their response, of which the first `running` decode and the rest wait. Counts requests,
+    not their n choices."""
+
+    def __init__(self, running: int):
+        self.running, self.count = running, 0
+
+    def waiting(self) -> int:
+        return max(0, self.count - self.running)
+
+
+class CountInFlight:
+    def __init__(self, app, in_flight: InFlight):
+        self.app, self.in_flight = app, in_flight
+
+    async def __call__(self, scope, receive, send):
+        if not is_generating(scope):
+            return await self.app(scope, receive, send)
+        self.in_flight.count += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight.count -= 1
 
 
 class JsonOnly:

@@ -16,9 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
-import socket
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, Field
 
 from lmforge.serving.arguments import API_KEYS, CHAT_TEMPLATE, FOLLOW_FILE, MODEL_TAG, SERVE
-from lmforge.serving.auth import exposure_problem, unauthenticated_warning
+from lmforge.serving.auth import refuse_exposure
 from lmforge.serving.chat_template import ChatError, end_of_turn_ids, render_text, resolve_template
 from lmforge.serving.engine import Completion, EngineStopped, GenerationError, SamplingParams, load_engine
 from lmforge.serving.metrics import ServingMetrics
@@ -150,29 +147,6 @@ async def _unless_abandoned(request: Request, work: Callable[[], Awaitable[Any]]
         task.cancel()  # a no-op once done; cancels the work if this handler is cancelled itself
 
 
-def bound_host() -> str | None:
-    """The address this worker listens on: BentoML hands each worker its socket as `--fd N`."""
-    if "--fd" not in sys.argv:
-        return None
-    fd = int(sys.argv[sys.argv.index("--fd") + 1])
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        return sock.getsockname()[0]
-
-
-def refuse_exposure() -> None:
-    """A worker whose socket other machines can reach starts only with API keys (or the explicit opt-out):
-    this covers `bentoml serve` and the container, which bind 0.0.0.0 unless told otherwise."""
-    host = bound_host()
-    if host is None:
-        return
-    if problem := exposure_problem(host, API_KEYS):
-        logger.error(problem)
-        os.kill(os.getppid(), signal.SIGTERM)  # stop the whole server, not one worker circus would restart
-        raise SystemExit(problem)
-    if warning := unauthenticated_warning(host, API_KEYS):
-        logger.warning(warning)
-
-
 def load_served(stored, chat_template: str | None) -> Served:
     """A model from the BentoML store, loaded into an engine of its own."""
     threads = max(1, (os.cpu_count() or 1) // SERVE.workers)  # the workers share the machine's cores
@@ -213,7 +187,7 @@ class LMForge:
 
     def __init__(self) -> None:
         global METRICS
-        refuse_exposure()
+        refuse_exposure(API_KEYS)
         METRICS = ServingMetrics(worker=str(bentoml.server_context.worker_index))
         MODELS.switch(load_served(self.model_ref, CHAT_TEMPLATE))
         if FOLLOW_FILE:
@@ -470,6 +444,6 @@ def render_chat(served: Served, messages: list[ChatMessage], generation_prompt: 
 # the last added runs first: health probes, then keys, then the queue, then the body's type and size
 LMForge.add_asgi_middleware(BodyLimit, max_bytes=SERVE.max_body_bytes, refuse=refused)
 LMForge.add_asgi_middleware(JsonOnly, refuse=refused)
-LMForge.add_asgi_middleware(Backpressure, models=MODELS, max_queue=SERVE.max_queue, refuse=refused)
+LMForge.add_asgi_middleware(Backpressure, queue=MODELS, max_queue=SERVE.max_queue, refuse=refused)
 LMForge.add_asgi_middleware(ApiKeys, keys=API_KEYS, refuse=refused)
 LMForge.add_asgi_middleware(Health, models=MODELS)

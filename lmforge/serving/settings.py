@@ -10,6 +10,22 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # `lmforge serve --follow` names the champion's model in the file this variable names; each worker
 # switches to it when it changes (models.py)
 FOLLOW_VAR = "LMFORGE_FOLLOW_FILE"
+# In a stored model: a LoRA fine-tune's adapter, beside its base's weights (served as an adapter by vLLM).
+ADAPTER_DIR = "adapter"
+
+
+# The architectures vLLM (0.32) serves LoRA adapters for (its models implementing SupportsLoRA); a LoRA
+# fine-tune of any other base is served merged.
+VLLM_LORA_ARCHITECTURES = frozenset("""
+    ApertusForCausalLM BailingMoeForCausalLM Cohere2ForCausalLM CohereForCausalLM DeciLMForCausalLM
+    DeepseekForCausalLM DeepseekV2ForCausalLM DeepseekV3ForCausalLM Ernie4_5ForCausalLM ExaoneForCausalLM
+    Exaone4ForCausalLM FalconH1ForCausalLM GemmaForCausalLM Gemma2ForCausalLM Gemma3ForCausalLM
+    Gemma4ForCausalLM Glm4ForCausalLM Glm4MoeForCausalLM GptOssForCausalLM GraniteForCausalLM
+    GraniteMoeForCausalLM InternLM2ForCausalLM InternLM3ForCausalLM JambaForCausalLM LlamaForCausalLM
+    Llama4ForCausalLM MiniCPMForCausalLM MiniCPM3ForCausalLM MistralForCausalLM MixtralForCausalLM
+    NemotronForCausalLM OPTForCausalLM OlmoeForCausalLM Phi3ForCausalLM PhiMoEForCausalLM Qwen2ForCausalLM
+    Qwen2MoeForCausalLM Qwen3ForCausalLM Qwen3MoeForCausalLM Qwen3NextForCausalLM SolarForCausalLM
+""".split())
 
 
 class VllmSettings(BaseModel):

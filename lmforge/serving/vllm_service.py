@@ -1,7 +1,7 @@
 """The Bento service on vLLM (`serve.engine: vllm`): vLLM's OpenAI server runs the model, and BentoML's
 proxy forwards to it every route this service does not answer itself (`/v1/...`, `/tokenize`,
 `/detokenize`, `/health`). This service adds lmforge's `/generate` and `/predict`, and puts the same
-guards in front of everything: API keys, the body's size, JSON only.
+guards in front of everything: API keys, the queue bound, the body's size, JSON only.
 
 BentoML starts the command below in the first worker, waits until its /health answers, and stops it
 with the server. vLLM's Prometheus metrics are appended to BentoML's on /metrics.
@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
@@ -19,15 +20,29 @@ import httpx
 from pydantic import AfterValidator, Field
 
 from lmforge.serving.arguments import API_KEYS, CHAT_TEMPLATE, MODEL_TAG, SERVE
-from lmforge.serving.middleware import ApiKeys, BodyLimit, JsonOnly
+from lmforge.serving.auth import refuse_exposure
+from lmforge.serving.chat_template import resolve_template
+from lmforge.serving.metrics import refusals
+from lmforge.serving.middleware import ApiKeys, Backpressure, BodyLimit, CountInFlight, InFlight, JsonOnly
 from lmforge.serving.protocol import GenerateRequest, check_unicode
+from lmforge.serving.settings import ADAPTER_DIR
 
 VLLM_PORT = int(os.environ.get("LMFORGE_VLLM_PORT", "8000"))  # where vLLM listens, on loopback only
 TRAFFIC = {"timeout": 300} | ({"concurrency": SERVE.concurrency} if SERVE.concurrency else {})
+IN_FLIGHT = InFlight(
+    running=SERVE.vllm.max_num_seqs
+)  # beyond vLLM's batch, requests wait: max_queue bounds them
+REFUSED = None  # the refusals counter, made in the worker (after BentoML set up Prometheus)
 
 
 def refused(reason: str) -> None:
-    """vLLM counts its own requests; the guards' refusals are in BentoML's per-status counters."""
+    if REFUSED is not None:
+        REFUSED.labels(MODEL_TAG, reason).inc()
+
+
+def base_name(tag: str) -> str:
+    """The base's name beside an adapter served as the model itself."""
+    return f"{tag}-base"
 
 
 @bentoml.service(
@@ -35,24 +50,35 @@ def refused(reason: str) -> None:
     traffic=TRAFFIC,
     endpoints={"livez": "/health", "readyz": "/health"},
     http={"proxy_port": VLLM_PORT},
-    envs=[{"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(SERVE.vllm.cpu_kvcache_space_gb)},
-          {"name": "VLLM_NO_USAGE_STATS", "value": "1"}],  # fmt: skip
+    envs=[
+        {"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(SERVE.vllm.cpu_kvcache_space_gb)},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+    ],  # fmt: skip
 )
 class LMForgeVLLM:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
 
+    def __init__(self) -> None:
+        global REFUSED
+        refuse_exposure(API_KEYS)
+        REFUSED = refusals()
+
     def __command__(self) -> list[str]:
-        stored = self.model_ref
-        command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", stored.path,
-            "--served-model-name", str(stored.tag), "--host", "127.0.0.1", "--port", str(VLLM_PORT),
-            "--max-logprobs", str(SERVE.max_logprobs), "--disable-uvicorn-access-log", *SERVE.vllm.flags(),
+        from transformers import AutoTokenizer
+
+        path, tag = Path(self.model_ref.path), str(self.model_ref.tag)
+        # the template the builtin engine serves with: serve.chat_template, the tokenizer's, or lmforge's plain one
+        template = resolve_template(AutoTokenizer.from_pretrained(path), CHAT_TEMPLATE)
+        with tempfile.NamedTemporaryFile("w", suffix=".jinja", delete=False) as file:
+            file.write(template)
+        adapter = path / ADAPTER_DIR  # package.py's layout for a LoRA fine-tune served as an adapter
+        names = [base_name(tag), "--lora-modules", f"{tag}={adapter}"] if adapter.is_dir() else [tag]
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
+            "--served-model-name", *names, "--host", "127.0.0.1", "--port", str(VLLM_PORT),
+            "--chat-template", file.name, "--max-logprobs", str(SERVE.max_logprobs),
+            "--disable-uvicorn-access-log", *SERVE.vllm.flags(),
         ]  # fmt: skip
-        if CHAT_TEMPLATE:  # else the template preprocess stored in the tokenizer, as the builtin engine
-            with tempfile.NamedTemporaryFile("w", suffix=".jinja", delete=False) as template:
-                template.write(CHAT_TEMPLATE)
-            command += ["--chat-template", template.name]
-        return command
 
     @property
     def vllm(self) -> httpx.AsyncClient:
@@ -93,7 +119,9 @@ class LMForgeVLLM:
         return content + "\n" + response.text
 
 
-# the last added runs first: keys, then the body's type and size
+# the last added runs first: keys, the queue bound, then the body's type and size
 LMForgeVLLM.add_asgi_middleware(BodyLimit, max_bytes=SERVE.max_body_bytes, refuse=refused)
 LMForgeVLLM.add_asgi_middleware(JsonOnly, refuse=refused)
+LMForgeVLLM.add_asgi_middleware(CountInFlight, in_flight=IN_FLIGHT)
+LMForgeVLLM.add_asgi_middleware(Backpressure, queue=IN_FLIGHT, max_queue=SERVE.max_queue, refuse=refused)
 LMForgeVLLM.add_asgi_middleware(ApiKeys, keys=API_KEYS, refuse=refused)
