@@ -13,6 +13,8 @@ medians, and the range of each side and of the round-by-round ratios are reporte
               peak memory and the tokens/s, against full + DDP;
   serve       the Bento over HTTP against a bare KV-cache greedy loop (1 row, and 16 rows against 16
               clients) and `model.generate` in this process;
+  vllm        the same model on vLLM against the builtin engine (1, 16 and 64 clients, time to first
+              token), and the vLLM Bento against a bare vLLM server (full mode only);
   pipeline    wall times of a first `lmforge run`, a no-change `dvc repro` and a no-change `lmforge run`.
 Each section is a module here; harness.py holds what they share, targets.py every target.
 Each side keeps its raw numbers (amount, seconds) so any ratio can be recomputed from results.json.
@@ -32,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import adapt, preprocess, serve, train, validate
+from benchmarks import adapt, preprocess, serve, train, validate, vllm
 from benchmarks import pipeline as pipeline_section  # the section, not the stages' `pipeline` package
 from benchmarks.harness import FULL, QUICK, SOURCE_ROOT, Bench, Log, Run, figure, machine, side, write_results
 from benchmarks.targets import TARGETS, Target, judge
@@ -44,6 +46,7 @@ SECTION_RUNS: dict[str, Callable[[Bench], dict]] = {
     "train": train.run,
     "adapt": adapt.run,
     "serve": serve.run,
+    "vllm": vllm.run,
     "pipeline": pipeline_section.run,
 }
 SECTIONS = tuple(SECTION_RUNS)  # in the order they run

@@ -399,11 +399,23 @@ def overload(url: str, clients: int, requests_each: int, max_new_tokens: int) ->
             session.close()
 
 
+def http_complete(client, url: str, prompt: str, max_new_tokens: int) -> tuple[int, float, str]:
+    """(completion tokens, seconds, text) of one greedy POST /v1/completions of exactly max_new_tokens
+    (ignore_eos): the route and the work every engine serves alike."""
+    body = {"prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0, "ignore_eos": True}
+    start = time.perf_counter()
+    response = client.post(f"{url}/v1/completions", json=body, timeout=300)
+    seconds = time.perf_counter() - start
+    response.raise_for_status()
+    done = response.json()
+    return done["usage"]["completion_tokens"], seconds, done["choices"][0]["text"]
+
+
 def aggregate(
-    url: str, clients: int, requests_each: int, max_new_tokens: int
+    url: str, clients: int, requests_each: int, max_new_tokens: int, send=http_generate
 ) -> tuple[int, float, dict[str, str]]:
     """(completion tokens, wall seconds, the text of each prompt) of `clients` clients each sending
-    requests one after another."""
+    requests (`send`: /generate, or /v1/completions) one after another."""
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
@@ -415,7 +427,7 @@ def aggregate(
         tokens = 0
         for i in range(requests_each):
             prompt = PROMPTS[(k + i) % len(PROMPTS)]
-            count, _, texts[prompt] = http_generate(sessions[k], url, prompt, max_new_tokens)
+            count, _, texts[prompt] = send(sessions[k], url, prompt, max_new_tokens)
             tokens += count
         return tokens
 

@@ -19,8 +19,12 @@ class BentoServer:
     """Logs to a file: an unread pipe fills up under many requests and stalls the server."""
 
     def __init__(self, tag: str, dir: Path, port: int | None = None, env: dict[str, str] | None = None,
-                 host: str = "127.0.0.1"):  # fmt: skip
+                 host: str = "127.0.0.1", bentoml: str | None = None, timeout: float = 180):  # fmt: skip
+        """bentoml: the bentoml to serve with (a vLLM Bento's is in vLLM's environment); timeout: the
+        seconds it may take to become ready."""
+        self.timeout = timeout
         self.tag, self.port, self.env, self.host = tag, port or free_port(), env, host
+        self.bentoml = bentoml or bin_path("bentoml")
         self.process = Supervisor(dir, "bentoml-serve")
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
@@ -32,8 +36,9 @@ class BentoServer:
     def ready(self) -> bool:
         return answers_200(f"{self.url}/readyz")
 
-    def start(self, timeout: float = 180) -> BentoServer:
-        cmd = [bin_path("bentoml"), "serve", self.tag, "--host", self.host, "--port", str(self.port)]
+    def start(self, timeout: float | None = None) -> BentoServer:
+        timeout = timeout or self.timeout
+        cmd = [self.bentoml, "serve", self.tag, "--host", self.host, "--port", str(self.port)]
         self.proc = self.process.spawn(cmd, env=self.env)
         if not self.process.wait_healthy(self.ready, self.proc, timeout):
             exited = self.proc.poll()

@@ -517,8 +517,8 @@ def bench(
         bool, typer.Option("--skip-pipeline", help="Skip the pipeline section (it starts its own S3)")
     ] = False,
     sections: Annotated[
-        str, typer.Option(help="Comma-separated: validate,preprocess,train,adapt,serve,pipeline")
-    ] = "validate,preprocess,train,adapt,serve,pipeline",
+        str, typer.Option(help="Comma-separated: validate,preprocess,train,adapt,serve,vllm,pipeline")
+    ] = "validate,preprocess,train,adapt,serve,vllm,pipeline",
     demo_seconds: Annotated[
         float | None, typer.Option(help="Record this `make demo` wall time (timed outside the bench)")
     ] = None,
@@ -562,6 +562,9 @@ def bench(
     if skip_pipeline and "pipeline" in chosen:
         chosen.remove("pipeline")
         skipped["pipeline"] = "--skip-pipeline"
+    if quick and "vllm" in chosen:
+        chosen.remove("vllm")
+        skipped["vllm"] = "full mode only (vLLM's servers start in about a minute each)"
     results = run_bench(
         quick,
         out or ws.root / "bench",

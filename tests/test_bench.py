@@ -60,7 +60,10 @@ def two_sided(data: dict) -> dict[str, dict]:
 def test_sections_ran_and_the_machine_is_recorded(results):
     data, _, _ = results
     assert set(data["sections"]) == {"validate", "preprocess", "train", "adapt", "serve"}
-    assert data["skipped"] == {"pipeline": "--skip-pipeline"}
+    assert data["skipped"] == {
+        "pipeline": "--skip-pipeline",
+        "vllm": "full mode only (vLLM's servers start in about a minute each)",
+    }
     assert data["mode"] == "quick"
     machine = data["machine"]
     assert machine["cpu_count"] >= 1 and machine["torch_threads"] >= 1

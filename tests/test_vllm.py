@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -179,12 +180,17 @@ def test_keys_and_the_queue_bound_guard_the_vllm_bento(vllm_server, vllm_bento):
 
     # 24 long requests at once against 4 decoding and 4 waiting: the rest are refused at once
     long = {"model": tag, "prompt": PROMPT, "max_tokens": 56, "temperature": 0, "ignore_eos": True}
+    sessions = [httpx.Client(headers=auth(), timeout=120) for _ in range(24)]  # made beforehand: each builds an SSL context
+    start = threading.Barrier(24)
 
-    def attempt(_) -> httpx.Response:
-        return httpx.post(f"{vllm_server}/v1/completions", json=long, headers=auth(), timeout=120)
+    def attempt(session: httpx.Client) -> httpx.Response:
+        start.wait()
+        return session.post(f"{vllm_server}/v1/completions", json=long)
 
     with ThreadPoolExecutor(24) as pool:
-        answers = list(pool.map(attempt, range(24)))
+        answers = list(pool.map(attempt, sessions))
+    for session in sessions:
+        session.close()
     statuses = sorted(r.status_code for r in answers)
     refused = [r for r in answers if r.status_code == 429]
     assert set(statuses) == {200, 429} and len(refused) >= 8, statuses

@@ -10,8 +10,6 @@ with the server. vLLM's Prometheus metrics are appended to BentoML's on /metrics
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,30 +17,23 @@ import bentoml
 import httpx
 from pydantic import AfterValidator, Field
 
-from lmforge.serving.arguments import API_KEYS, CHAT_TEMPLATE, MODEL_TAG, SERVE
+from lmforge.serving.arguments import API_KEYS, MODEL_TAG, SERVE
 from lmforge.serving.auth import refuse_exposure
-from lmforge.serving.chat_template import resolve_template
 from lmforge.serving.metrics import refusals
 from lmforge.serving.middleware import ApiKeys, Backpressure, BodyLimit, CountInFlight, InFlight, JsonOnly
 from lmforge.serving.protocol import GenerateRequest, check_unicode
-from lmforge.serving.settings import ADAPTER_DIR
+from lmforge.serving.vllm_server import api_server_command
 
 VLLM_PORT = int(os.environ.get("LMFORGE_VLLM_PORT", "8000"))  # where vLLM listens, on loopback only
 TRAFFIC = {"timeout": 300} | ({"concurrency": SERVE.concurrency} if SERVE.concurrency else {})
-IN_FLIGHT = InFlight(
-    running=SERVE.vllm.max_num_seqs
-)  # beyond vLLM's batch, requests wait: max_queue bounds them
+# requests beyond vLLM's batch wait in it: serve.max_queue bounds them
+IN_FLIGHT = InFlight(running=SERVE.vllm.max_num_seqs)
 REFUSED = None  # the refusals counter, made in the worker (after BentoML set up Prometheus)
 
 
 def refused(reason: str) -> None:
     if REFUSED is not None:
         REFUSED.labels(MODEL_TAG, reason).inc()
-
-
-def base_name(tag: str) -> str:
-    """The base's name beside an adapter served as the model itself."""
-    return f"{tag}-base"
 
 
 @bentoml.service(
@@ -53,7 +44,7 @@ def base_name(tag: str) -> str:
     envs=[
         {"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(SERVE.vllm.cpu_kvcache_space_gb)},
         {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
-    ],  # fmt: skip
+    ],
 )
 class LMForgeVLLM:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
@@ -64,21 +55,7 @@ class LMForgeVLLM:
         REFUSED = refusals()
 
     def __command__(self) -> list[str]:
-        from transformers import AutoTokenizer
-
-        path, tag = Path(self.model_ref.path), str(self.model_ref.tag)
-        # the template the builtin engine serves with: serve.chat_template, the tokenizer's, or lmforge's plain one
-        template = resolve_template(AutoTokenizer.from_pretrained(path), CHAT_TEMPLATE)
-        with tempfile.NamedTemporaryFile("w", suffix=".jinja", delete=False) as file:
-            file.write(template)
-        adapter = path / ADAPTER_DIR  # package.py's layout for a LoRA fine-tune served as an adapter
-        names = [base_name(tag), "--lora-modules", f"{tag}={adapter}"] if adapter.is_dir() else [tag]
-        return [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
-            "--served-model-name", *names, "--host", "127.0.0.1", "--port", str(VLLM_PORT),
-            "--chat-template", file.name, "--max-logprobs", str(SERVE.max_logprobs),
-            "--disable-uvicorn-access-log", *SERVE.vllm.flags(),
-        ]  # fmt: skip
+        return api_server_command(Path(self.model_ref.path), str(self.model_ref.tag), VLLM_PORT, SERVE)
 
     @property
     def vllm(self) -> httpx.AsyncClient:
