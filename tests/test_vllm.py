@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -23,7 +24,7 @@ import pytest
 from infra.bento_server import BentoServer
 from infra.engine_env import EngineEnvError, vllm_env
 from infra.processes import Supervisor, answers_200, free_port
-from tests.conftest import PROMPT, SERVING, TINY, lag2_corpus, synthetic_corpus
+from tests.conftest import PROMPT, SERVING, TINY, synthetic_corpus
 from tests.test_engine_env import FETCH_FAILURES
 from tests.test_serving import LM_EVAL_TASKS, write_lm_eval_tasks
 
@@ -114,6 +115,18 @@ def hf_greedy(model_dir: Path, prompt: str, max_new_tokens: int) -> str:
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
+def hf_prompt_logprobs(model_dir: Path, prompt: str) -> np.ndarray:
+    """Each prompt token's log-probability after the ones before it (the first has none), in transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(prompt, return_tensors="pt")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logprobs = model(ids).logits[0, :-1].log_softmax(-1)
+    return logprobs.gather(-1, ids[0, 1:, None])[:, 0].numpy()
+
+
 def test_a_vllm_bento_carries_vllm_and_the_same_lineage(bento, vllm_bento):
     import bentoml
 
@@ -179,7 +192,7 @@ def test_keys_and_the_queue_bound_guard_the_vllm_bento(vllm_server, vllm_bento):
     assert httpx.get(f"{vllm_server}/readyz").status_code == 200  # probes stay open
 
     # 24 long requests at once against 4 decoding and 4 waiting: the rest are refused at once
-    long = {"model": tag, "prompt": PROMPT, "max_tokens": 56, "temperature": 0, "ignore_eos": True}
+    long = {"model": tag, "prompt": PROMPT, "max_tokens": 48, "temperature": 0, "ignore_eos": True}
     sessions = [
         httpx.Client(headers=auth(), timeout=120) for _ in range(24)
     ]  # made beforehand: each builds an SSL context
@@ -200,7 +213,7 @@ def test_keys_and_the_queue_bound_guard_the_vllm_bento(vllm_server, vllm_bento):
         r.headers["retry-after"] == "1" and r.json()["error"]["code"] == "server_overloaded" for r in refused
     )
     answered = [r.json()["usage"] for r in answers if r.status_code == 200]
-    assert all(usage["completion_tokens"] == 56 for usage in answered), answered
+    assert all(usage["completion_tokens"] == 48 for usage in answered), answered
     metrics = httpx.get(f"{vllm_server}/metrics", headers=auth()).text
     assert (
         f'lmforge_requests_refused_total{{model_name="{tag}",reason="overloaded"}} {len(refused)}.0'
@@ -258,8 +271,8 @@ LLAMA_HEAD_32 = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers
 
 def test_a_lora_fine_tune_is_served_as_an_adapter_equal_to_the_merged_model(tmp_path, engine_state):
     """A tiny Llama (head_dim 32: vLLM's CPU attention needs at least that) trained in full as the base,
-    then a LoRA run on it on other data: the Bento stores the base and the adapter, vLLM serves the adapter under the
-    model's tag, and its greedy text equals the merged model's in transformers."""
+    then a LoRA run on it: the Bento stores the base and the adapter, vLLM serves the adapter under the
+    model's tag, and its greedy text and prompt logprobs equal the merged model's in transformers."""
     import torch
     import transformers
 
@@ -299,9 +312,11 @@ def test_a_lora_fine_tune_is_served_as_an_adapter_equal_to_the_merged_model(tmp_
         return ws, params
 
     base_ws, _ = run("base", [f"model.base={random_base}"])
-    lora = ["train.method=lora", "train.lora.r=8", "train.lora.alpha=16", "train.max_steps=200",
+    lora = ["train.method=lora", "train.lora.r=8", "train.lora.alpha=16", "train.max_steps=100",
             "serve.vllm.enable_lora=true", "serve.vllm.max_lora_rank=8"]  # fmt: skip
-    ws, params = run("lora", [f"model.base={base_ws.model_dir}", *lora], corpus=lag2_corpus)  # other data
+    ws, params = run(
+        "lora", [f"model.base={base_ws.model_dir}", *lora], corpus=partial(synthetic_corpus, seed=1)
+    )
     from pipeline.package import package
 
     bento = package(ws, params, data_md5=None)
@@ -316,12 +331,20 @@ def test_a_lora_fine_tune_is_served_as_an_adapter_equal_to_the_merged_model(tmp_
     with lmforge_serve(bento["bento_tag"], ws.root, engine_state, tmp_path / "logs") as url:
         models = httpx.get(f"{url}/v1/models", headers=auth()).json()["data"]
         assert sorted(m["id"] for m in models) == sorted([tag, f"{tag}-base"])
-        texts = {}
+        texts, scores = {}, {}
         for model in (tag, f"{tag}-base"):
             done = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 16,
                               "temperature": 0}, headers=auth(), timeout=60)  # fmt: skip
             assert done.status_code == 200, done.text
             texts[model] = done.json()["choices"][0]["text"]
-    assert texts[tag] == hf_greedy(ws.model_dir, PROMPT, 16)  # the adapter on its base: the merged model
+            scored = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": PROMPT, "max_tokens": 1,
+                                "echo": True, "logprobs": 1, "temperature": 0}, headers=auth(), timeout=60)  # fmt: skip
+            assert scored.status_code == 200, scored.text
+            scores[model] = np.array(scored.json()["choices"][0]["logprobs"]["token_logprobs"][1:-1])
+    # the adapter on its base is the merged model: the same greedy text, the same prompt logprobs
+    assert texts[tag] == hf_greedy(ws.model_dir, PROMPT, 16)
+    merged = hf_prompt_logprobs(ws.model_dir, PROMPT)
+    assert np.abs(scores[tag] - merged).max() < 1e-3, (scores[tag], merged)
+    # and the base alone is not: the adapter is applied
     assert texts[f"{tag}-base"] == hf_greedy(base_ws.model_dir, PROMPT, 16)
-    assert texts[tag] != texts[f"{tag}-base"]  # the adapter changes what the model says
+    assert np.abs(scores[f"{tag}-base"] - merged).max() > 1e-2, (scores[f"{tag}-base"], merged)
