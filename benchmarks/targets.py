@@ -45,6 +45,9 @@ TARGETS: dict[str, Target] = {
     # is at capacity (at most 1.5x). Full mode only: quick mode's requests take milliseconds, so
     # answering the refused ones costs as much as decoding the accepted ones.
     "serve.overload": Target("ratio", ">=", 0.67, full_only=True),
+    # the vLLM Bento over a bare vLLM server: BentoML's proxy and lmforge's guards cost at most 10%
+    # (the builtin-vs-vLLM rows are reported, not judged: which wins depends on the model and the machine)
+    "vllm.proxy": Target("ratio", ">=", 0.9, full_only=True),
     "pipeline.dvc_repro": Target("seconds", "<=", 5.0),
 }
 
