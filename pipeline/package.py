@@ -168,8 +168,7 @@ def service_files(bentofile: Path) -> list[str]:
 def served_adapter(ws: Workspace, params: Params, engine: str) -> Path | None:
     """The LoRA adapter to serve on its base, where that is asked for (serve.vllm.enable_lora) and vLLM
     can (the base's architecture); None: the merged model is served."""
-    from lmforge.serving.settings import VLLM_LORA_ARCHITECTURES
-    from pipeline.train import ADAPTER_DIR
+    from lmforge.serving.settings import ADAPTER_DIR, VLLM_LORA_ARCHITECTURES
 
     adapter = ws.model_dir / ADAPTER_DIR
     if engine != "vllm" or not params.serve.vllm.enable_lora or not adapter.is_dir():

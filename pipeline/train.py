@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from lmforge.serving.chat_template import render_text
+from lmforge.serving.settings import ADAPTER_DIR
 from pipeline.base_model import resolve_base
 from pipeline.checkpoints import capture_rng, resume_latest, run_fingerprint, save_checkpoint
 from pipeline.config import ConfigError, Params, TrainConfig, Workspace, load_params
@@ -433,9 +434,6 @@ def truncate_log(path: Path, step: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = [r for r in read_train_log(path) if r["step"] <= step]
     path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-
-ADAPTER_DIR = "adapter"  # under artifacts/model: a LoRA run's adapter alone, in peft's format
 
 
 def export(model, ws: Workspace, rank_weight_checksums: list[float], adapted=None) -> dict:

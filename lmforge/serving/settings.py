@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # `lmforge serve --follow` names the champion's model in the file this variable names; each worker
 # switches to it when it changes (models.py)
 FOLLOW_VAR = "LMFORGE_FOLLOW_FILE"
-# In a stored model: a LoRA fine-tune's adapter, beside its base's weights (served as an adapter by vLLM).
+# A LoRA run's adapter alone, in peft's format, inside the model directory (artifacts/model, and a
+# stored model that vLLM serves as the adapter on the base's weights beside it)
 ADAPTER_DIR = "adapter"
 
 
