@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -70,7 +71,7 @@ def run(b: Bench) -> dict:
     vllm_port, bare_port = free_port(), free_port()
     bare = Supervisor(b.tmp / "vllm-bare", "vllm-api-server")
     command = api_server_command(
-        model.path, str(model.tag), bare_port, serve, str(env_root / "bin" / "python")
+        Path(model.path), str(model.tag), bare_port, serve, str(env_root / "bin" / "python")
     )
     vllm_env_vars = {"LMFORGE_VLLM_PORT": str(vllm_port), "VLLM_CPU_KVCACHE_SPACE": str(VLLM["cpu_kvcache_space_gb"]),
                      "VLLM_NO_USAGE_STATS": "1"}  # fmt: skip
