@@ -448,7 +448,8 @@ def listening_in_tree(pid: int) -> set[str]:
 # `make test` runs the suite on pytest-xdist workers. Each module runs whole on one worker, so its
 # fixtures are built once; modules that share a session fixture's model and server share a worker.
 SHARED_GROUPS = {"test_serving": "trained-model", "test_reliability_service": "trained-model",
-                 "test_e2e_operations": "operated", "test_reliability_data": "operated"}  # fmt: skip
+                 "test_vllm": "trained-model", "test_e2e_operations": "operated",
+                 "test_reliability_data": "operated"}  # fmt: skip
 # The longest groups first (minutes measured on a clean clone): one started last would run alone.
 LONGEST_FIRST = ["operated", "test_bench", "test_e2e_experiments", "trained-model", "test_e2e_corpora",
                  "test_e2e_data", "test_reliability_train", "test_reliability_storage", "test_ray_engine"]  # fmt: skip
