@@ -416,10 +416,15 @@ def serve(
 
     from infra.processes import bin_path, free_port
 
-    vllm = bentoml.get(tag).info.labels.get("engine") == "vllm"
+    try:
+        vllm = bentoml.get(tag).info.labels.get("engine") == "vllm"
+    except bentoml.exceptions.NotFound:
+        _fail(f"no Bento {tag} in the local store ({os.environ['BENTOML_HOME']}): see `bentoml list`")
     if follow:
         if vllm:
-            _fail("--follow switches models in lmforge's own engine: restart `lmforge serve` for a vLLM Bento")
+            _fail(
+                "--follow switches models in lmforge's own engine: restart `lmforge serve` for a vLLM Bento"
+            )
         from lmforge.follow import serve_following
 
         raise typer.Exit(serve_following(ws, params, host, port, follow_interval, typer.echo))

@@ -120,13 +120,13 @@ def test_exposure_is_explicit_and_warned(tmp_path):
     refused = serve()
     assert refused.returncode == 1
     assert "refusing to serve on 0.0.0.0, which other machines can reach, without an API key" in refused.stderr
-    assert "not found in BentoML store" not in refused.stderr  # refused before bentoml was started
-    # the opt-out is explicit and warned; a key is enough. Then the unknown Bento is refused by `bentoml
-    # serve` itself, before it binds: nothing was exposed here
+    assert "no Bento no-such-bento:x" not in refused.stderr  # refused before the Bento was looked up
+    # the opt-out is explicit and warned; a key is enough. Then the unknown Bento is refused before
+    # anything binds: nothing was exposed here
     opted_out = serve(LMFORGE_ALLOW_UNAUTHENTICATED="1")
     assert "warning: serving on 0.0.0.0 without API keys" in opted_out.stderr
     keyed = serve(LMFORGE_API_KEYS="k-1")
     assert "serving on 0.0.0.0: reachable from other machines, with 1 API key(s)" in keyed.stderr
     for result in (opted_out, keyed):
         assert result.returncode == 1, result.stderr
-        assert "Bento 'no-such-bento:x' is not found in BentoML store" in result.stderr
+        assert "error: no Bento no-such-bento:x in the local store" in result.stderr
