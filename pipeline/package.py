@@ -212,13 +212,15 @@ def package(ws: Workspace, params: Params, data_md5: str | None) -> dict:
     import bentoml
 
     device, engine = target_device(params), resolve_engine(params)
-    labels = lineage(ws, params, decision, data_md5)
-    metadata = {"metrics": decision.challenger, "gate_reasons": decision.reasons}
     adapter = served_adapter(ws, params, engine)
+    # how it is served, beside the lineage: the model, its Bento and the champion record carry the same
+    labels = lineage(ws, params, decision, data_md5) | {
+        "engine": engine, "device": device, "adapter": str(adapter is not None).lower()
+    }  # fmt: skip
+    metadata = {"metrics": decision.challenger, "gate_reasons": decision.reasons}
     with bentoml.models.create(params.serve.model_name, labels=labels, metadata=metadata) as stored:
         store_model(ws, params, Path(stored.path), adapter)
     card = model_card(params, labels, decision)
-    labels = labels | {"engine": engine, "device": device, "adapter": str(adapter is not None).lower()}
     ctx = _build_context(ws, card, engine, device)
     serve = params.serve
     # BentoML records the service's config (workers, traffic) by importing the service with these args;

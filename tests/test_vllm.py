@@ -67,7 +67,13 @@ def lmforge_serve(tag: str, ws_root: Path, state: Path, logs: Path) -> Iterator[
     """`lmforge serve TAG` in the workspace, with an API key; yields its URL once /readyz answers."""
     port = free_port()
     process = Supervisor(logs, "lmforge-serve")
-    env = dict(os.environ, LMFORGE_STATE_DIR=str(state), LMFORGE_API_KEYS=KEY)
+    # the session's Bento store, but a BentoML home of its own: each `bentoml serve` empties its home's
+    # Prometheus directory as it starts, and the builtin server started beside this one would wipe its counts
+    home = logs / "bentoml-home"
+    home.mkdir()
+    for store in ("bentos", "models"):
+        (home / store).symlink_to(Path(os.environ["BENTOML_HOME"]) / store)
+    env = dict(os.environ, LMFORGE_STATE_DIR=str(state), LMFORGE_API_KEYS=KEY, BENTOML_HOME=str(home))
     proc = process.spawn([str(BIN / "lmforge"), "serve", tag, "--port", str(port)], env=env, cwd=ws_root)
     url = f"http://127.0.0.1:{port}"
     try:
