@@ -70,7 +70,7 @@ def lmforge_serve(tag: str, ws_root: Path, state: Path, logs: Path) -> Iterator[
     # the session's Bento store, but a BentoML home of its own: each `bentoml serve` empties its home's
     # Prometheus directory as it starts, and the builtin server started beside this one would wipe its counts
     home = logs / "bentoml-home"
-    home.mkdir()
+    home.mkdir(parents=True)
     for store in ("bentos", "models"):
         (home / store).symlink_to(Path(os.environ["BENTOML_HOME"]) / store)
     env = dict(os.environ, LMFORGE_STATE_DIR=str(state), LMFORGE_API_KEYS=KEY, BENTOML_HOME=str(home))
