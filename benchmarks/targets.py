@@ -1,7 +1,7 @@
 """Every target of `lmforge bench`, in one table keyed by figure name ("section.figure").
 
 A section only measures; run_bench judges each figure against this table. A figure with no row here is
-reported without a target. The numbers are for the machine the README describes (2 cores, no GPU).
+reported without a target. The numbers are for the machine docs/performance.md describes (2 cores, no GPU).
 `lmforge bench --target NAME=VALUE` replaces a row's value for one run (with_values), and
 `lmforge bench --check` exits non-zero naming every missed target (missed).
 """

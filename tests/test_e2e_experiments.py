@@ -64,7 +64,8 @@ def test_a_sweep_records_both_experiments_in_dvc(swept):
     assert set(found) == {200, 400}, found
     for exp in found.values():
         assert exp["metrics"]["val_bits_per_byte"] > 0 and exp["metrics"]["train_steps"] in (200, 400)
-        assert exp["gate"]["checks"] == 4 and isinstance(exp["gate"]["promote"], bool)
+        assert exp["gate"]["checks"] == 4  # promoted exactly when every check passed
+        assert exp["gate"]["promote"] == (exp["gate"]["checks_passed"] == exp["gate"]["checks"]), exp["gate"]
     assert found[400]["metrics"]["val_bits_per_byte"] < found[200]["metrics"]["val_bits_per_byte"]
     # each experiment's gate pulled the champion from the remote and scored it on the same val text
     recorded = swept["champion"].metrics["val_bits_per_byte"]  # its own evaluate, on this same text

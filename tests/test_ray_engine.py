@@ -218,7 +218,7 @@ print(json.dumps({**inside, "left": len(descendants(os.getpid()))}))
 
 
 def test_an_external_cluster_from_ray_address_is_used_and_left_running(corpus, tmp_path):
-    """The README's commands for a cluster: `ray start --head`, a second node joining it with
+    """docs/scaling.md's commands for a cluster: `ray start --head`, a second node joining it with
     `ray start --address`, then the stage with RAY_ADDRESS. The tasks run on that cluster of two nodes
     (lmforge's modules shipped to it), which is still up after the stage."""
     port = free_port()

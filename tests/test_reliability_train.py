@@ -139,7 +139,7 @@ def test_killed_rank_restarts_and_resumes(tiny_workspace, strategy):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. two nodes on this machine: the README's two-machine commands, one process per node
+# 2. two nodes on this machine: docs/scaling.md's two-machine commands, one process per node
 
 TWO_NODES = [
     "train.nnodes=2",

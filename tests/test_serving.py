@@ -347,7 +347,10 @@ def test_tokenize_detokenize_predict_and_usage(server):
     assert card["max_model_len"] == 64
 
     predicted = post(server, "/predict", {"text": PROMPT})
-    assert predicted.status_code == 200 and isinstance(predicted.json()["result"], str)
+    assert predicted.status_code == 200, predicted.text
+    # a continuation within /generate's default budget (serve.default_max_new_tokens: 32 here)
+    produced = post(server, "/tokenize", {"prompt": predicted.json()["result"]}).json()["count"]
+    assert 1 <= produced <= 32 + 2, predicted.json()  # re-tokenizing text can merge or split a token
     assert post(server, "/predict", {"text": ""}).status_code == 400
 
     body = {"prompt": PROMPT, "max_tokens": 6, "n": 3, "temperature": 1.0, "seed": 1}
@@ -357,7 +360,9 @@ def test_tokenize_detokenize_predict_and_usage(server):
     assert done["usage"]["completion_tokens"] > 6  # the three choices' tokens together
 
 
-def test_vllm_sampling_extras_work_and_unsupported_fields_are_named(server):
+def test_vllm_sampling_extras_work_and_unsupported_fields_are_named(server, trained):
+    from transformers import AutoTokenizer
+
     def complete(**extra) -> dict:
         body = {"prompt": PROMPT, "max_tokens": 12, "temperature": 0} | extra
         response = post(server, "/v1/completions", body)
@@ -378,7 +383,10 @@ def test_vllm_sampling_extras_work_and_unsupported_fields_are_named(server):
         complete(repetition_penalty=2.0, frequency_penalty=1.5, presence_penalty=1.0)["text"]
         != greedy["text"]
     )
-    assert complete(ignore_eos=True, max_tokens=20)["finish_reason"] == "length"
+    # EOS forced as the pick: it ends the text at once, unless ignore_eos says to keep going
+    eos = {str(AutoTokenizer.from_pretrained(trained[0].model_dir).eos_token_id): 100}
+    assert complete(logit_bias=eos)["finish_reason"] == "stop"
+    assert complete(logit_bias=eos, ignore_eos=True, max_tokens=20)["finish_reason"] == "length"
     for body, phrase in (
         ({"suffix": "x"}, "suffix is not supported"),
         ({"best_of": 3}, "best_of is not supported"),
@@ -536,7 +544,8 @@ def test_sixteen_concurrent_clients_decode_together(server):
     waited = [(i, j) for i in range(16) for j in range(16) if i != j and last[i] < first[j]]
     assert len(waited) < 60, f"{len(waited)} of 120 client pairs decoded one after the other"
     batches, requests = batch_metric(server)
-    assert requests - requests_before == 16 and 1 <= batches - batches_before <= 16
+    # fewer prefills than requests: some were admitted together
+    assert requests - requests_before == 16 and 1 <= batches - batches_before < 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -659,8 +668,10 @@ def test_lm_evaluation_harness_runs_against_the_server(server, trained, tmp_path
     assert results["lmforge_ppl"]["bits_per_byte,none"] == pytest.approx(ours.bits_per_byte, rel=1e-4)
 
     # multiple choice: each choice's log-likelihood and greedy flag, as the model gives them
+    right = []
     for sample in samples("lmforge_mc"):
         context = tokenizer(sample["doc"]["question"])["input_ids"]
+        expected_lls = []
         for choice, (ll, greedy) in zip(sample["doc"]["choices"], sample["filtered_resps"], strict=True):
             # the harness joins context and choice with its default target_delimiter, a space
             cont = tokenizer(sample["doc"]["question"] + " " + choice)["input_ids"][len(context) :]
@@ -672,7 +683,9 @@ def test_lm_evaluation_harness_runs_against_the_server(server, trained, tmp_path
             expected = float(picks.gather(1, torch.tensor(cont).unsqueeze(1)).sum())
             assert float(ll) == pytest.approx(expected, abs=1e-3), (choice, ll, expected)
             assert greedy == str(bool((picks.argmax(-1) == torch.tensor(cont)).all()))
-    assert 0 <= results["lmforge_mc"]["acc,none"] <= 1
+            expected_lls.append(expected)
+        right.append(int(np.argmax(expected_lls)) == sample["doc"]["label"])
+    assert results["lmforge_mc"]["acc,none"] == pytest.approx(np.mean(right))  # acc from the model's own lls
 
     # generate_until: the server cut the text at the first stop string (the harness does not)
     for sample in samples("lmforge_gen"):

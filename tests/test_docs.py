@@ -1,0 +1,57 @@
+"""The docs hold together: every relative link in README.md and docs/ names a file that exists and, for
+a page, an anchor one of its headings makes; and the front page stays a front page."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from markdown_it import MarkdownIt
+
+from tests.conftest import REPO
+
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+FRONT_PAGE_LINES = 250
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, each space a hyphen."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def parsed(page: Path) -> tuple[set[str], list[str]]:
+    """The anchors a page's headings make, and the targets of its links."""
+    tokens = MarkdownIt().parse(page.read_text())
+    anchors = {anchor(tokens[i + 1].content) for i, t in enumerate(tokens) if t.type == "heading_open"}
+    links = [
+        child.attrs["href"]
+        for t in tokens
+        if t.type == "inline"
+        for child in t.children or []
+        if child.type == "link_open"
+    ]
+    return anchors, links
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_leads_somewhere(page):
+    broken = []
+    for href in parsed(page)[1]:
+        if re.match(r"^[a-z]+:", href):  # http(s), mailto: not this repository's
+            continue
+        path, _, fragment = href.partition("#")
+        target = (page.parent / path).resolve() if path else page
+        if not target.exists():
+            broken.append(f"{href}: no {target.relative_to(REPO) if target.is_relative_to(REPO) else target}")
+        elif fragment and target.suffix == ".md" and fragment not in parsed(target)[0]:
+            broken.append(f"{href}: no heading makes #{fragment} in {target.relative_to(REPO)}")
+    assert not broken, broken
+
+
+def test_the_readme_is_a_front_page():
+    lines = (REPO / "README.md").read_text().splitlines()
+    assert len(lines) <= FRONT_PAGE_LINES, f"README.md has {len(lines)} lines: move detail to docs/"
+    linked = {href.partition("#")[0] for href in parsed(REPO / "README.md")[1]}
+    missing = [p.name for p in PAGES[1:] if f"docs/{p.name}" not in linked]
+    assert not missing, f"docs/ pages the README does not link: {missing}"
