@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from infra.atomic import write_text_atomic
 from infra.errors import LmforgeError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -224,9 +225,7 @@ class Supervisor:
         return bool(line) and self.recognise(line) and process_alive(pid)
 
     def _write_pidfile(self, pid: int) -> None:
-        tmp = self.pidfile.with_suffix(".pid.tmp")
-        tmp.write_text(f"{pid} {start_time(pid)}\n")
-        os.replace(tmp, self.pidfile)
+        write_text_atomic(self.pidfile, f"{pid} {start_time(pid)}\n")
 
     def spawn(
         self, cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None

@@ -17,11 +17,11 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from infra.atomic import write_text_atomic
 from infra.errors import LmforgeError
 from infra.processes import bin_path
 from lmforge.serving.settings import FOLLOW_VAR
 from pipeline.config import Params, Workspace
-from pipeline.contracts import write_text_atomic
 
 
 def champion_model(ws: Workspace, params: Params) -> dict | None:

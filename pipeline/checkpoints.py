@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from infra.atomic import replace_dir
 from pipeline.config import Params
 from pipeline.contracts import Manifest
 
@@ -88,8 +89,7 @@ def save_checkpoint(
     if not sharded:
         state["optimizer"] = optimizer.state_dict()
     torch.save(state, tmp / "state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    replace_dir(tmp, final)
     # Keep this run's newest `keep`. Another run's checkpoints (other data or params) cannot be resumed
     # here, and left among them they would be pruned by name (step_000100 of this run sorts before
     # step_000400 of the last): they are set aside whole, for the user to look into or go back to.

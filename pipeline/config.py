@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from infra.atomic import atomic_open
 from infra.errors import UsageError
 from lmforge.serving.settings import ServeConfig
 
@@ -439,10 +440,8 @@ def write_overrides(root: Path, overrides: list[str], profile: str | None = None
             node[keys[-1]] = value
             changes.append(f"{'.'.join(keys)}: {old!r} -> {value!r}")
     if changes:
-        tmp = path.with_suffix(".yaml.tmp")
-        with tmp.open("w") as fh:
+        with atomic_open(path) as fh:
             rt.dump(doc, fh)
-        os.replace(tmp, path)
     return changes
 
 

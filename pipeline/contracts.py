@@ -12,8 +12,6 @@ A file that is missing or does not parse is an ArtifactError that names it and t
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from infra.atomic import write_text_atomic
 from infra.errors import UsageError
 
 SPLITS = ("train", "val", "test")
@@ -29,19 +28,6 @@ HELD_OUT = ("val", "test")
 
 class ArtifactError(UsageError):
     """A stage's input file is missing or damaged: the stage that writes it has to run (again)."""
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """A reader (DVC, a dashboard, the next stage) sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, payload: Any) -> None:
@@ -207,7 +193,9 @@ class TrainSummary(Contract):
     mfu: float | None
     world_size: int
     parameters: int
-    rank_weight_checksums: list[float]  # DDP: one per rank, all equal, or DDP failed; FSDP: the gathered model's
+    rank_weight_checksums: list[
+        float
+    ]  # DDP: one per rank, all equal, or DDP failed; FSDP: the gathered model's
 
 
 # The loss curve, one JSON list per series: DVC cannot plot a list whose records lack a field, and val

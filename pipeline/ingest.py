@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import filecmp
 import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from infra.atomic import replace_dir
 from pipeline.config import IngestConfig
 from pipeline.corpus import CorpusError, open_corpus, walk_files
 
@@ -77,15 +77,6 @@ def stage_corpus(source: str, data_dir: Path, cfg: IngestConfig, storage=None) -
     return staging
 
 
-def swap_in(staging: Path, data_dir: Path) -> None:
-    """Replace data_dir by staging with renames only, so a crash leaves either the old or the new corpus."""
-    old = data_dir.with_name(f".data-old-{os.getpid()}")
-    if data_dir.exists():
-        os.replace(data_dir, old)
-    os.replace(staging, data_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def same_tree(a: Path, b: Path) -> bool:
     """True when the two directories hold the same files with the same bytes."""
     if not b.is_dir():
@@ -135,7 +126,7 @@ def ingest(source: str, ws, params, on_line=print) -> str:
             raise CorpusError(
                 f"source {source} failed validation; data/ is unchanged\n{format_failure(report)}"
             )
-        swap_in(staging, ws.data)
+        replace_dir(staging, ws.data)
     finally:
         discard(staging)
     dvc(["add", "--quiet", "data"], ws.root, on_line)

@@ -18,7 +18,6 @@ their dtype, token and document counts, the held-out text files, and the contami
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from infra.atomic import replace_dir
 from lmforge.serving.chat_template import PLAIN_CHAT_TEMPLATE, ChatError, end_of_turn_ids, resolve_template
 from pipeline.base_model import resolve_base
 from pipeline.chat import (
@@ -320,8 +320,7 @@ def preprocess(
     )
     manifest.write(tmp_shards)
     for tmp, final in ((tmp_tok, tokenizer_dir), (tmp_shards, shards_dir)):
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)
     return manifest
 
 

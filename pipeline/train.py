@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from infra.atomic import replace_dir
 from lmforge.serving.chat_template import render_text
 from lmforge.serving.settings import ADAPTER_DIR
 from pipeline.base_model import resolve_base
@@ -461,8 +462,7 @@ def export(model, ws: Workspace, rank_weight_checksums: list[float], adapted=Non
         rank_weight_checksums=rank_weight_checksums,
     )
     summary.save(tmp / summary.FILE)
-    shutil.rmtree(ws.model_dir, ignore_errors=True)
-    os.replace(tmp, ws.model_dir)
+    replace_dir(tmp, ws.model_dir)
     return summary.to_dict()
 
 

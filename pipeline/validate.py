@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -33,9 +32,10 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
+from infra.atomic import atomic_open, write_text_atomic
 from pipeline.chat import RECORD_PROBLEMS
 from pipeline.config import Params, Workspace, load_params
-from pipeline.contracts import ArtifactError, Check, ValidationReport, write_text_atomic
+from pipeline.contracts import ArtifactError, Check, ValidationReport
 from pipeline.corpus import Corpus, open_corpus
 from pipeline.documents import DocumentFacts, DocumentFilter, Verdict
 from pipeline.engines import DataEngine, data_engine
@@ -463,12 +463,10 @@ def write_report(report: ValidationReport, out_dir: Path) -> None:
         ),
     ]
     write_text_atomic(out_dir / "report.md", "\n".join(md) + "\n")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".dropped.jsonl.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+    with atomic_open(out_dir / "dropped.jsonl") as fh:
         if report.dropped_records is not None:
             report.dropped_records.seek(0)
             shutil.copyfileobj(report.dropped_records, fh)
-    os.replace(tmp, out_dir / "dropped.jsonl")
 
 
 def run() -> int:

@@ -212,7 +212,7 @@ def test_ingest_retries_an_os_error(operated, tmp_path):
     leftover: list[Path] = []
 
     def block_the_swap(proc: subprocess.Popen) -> None:
-        leftover.append(root / f".data-old-{proc.pid}")  # where swap_in moves the old data/ aside
+        leftover.append(root / f".data-old-{proc.pid}")  # where replace_dir moves the old data/ aside
         (leftover[0] / "junk").mkdir(parents=True)
 
     env = dict(operated["env"], PREFECT_API_URL=operated["api"])

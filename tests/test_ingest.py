@@ -4,10 +4,11 @@ import hashlib
 
 import pytest
 
+from infra.atomic import replace_dir
 from pipeline.config import IngestConfig
 from pipeline.corpus import CorpusError, read_documents
 from pipeline.documents import paragraphs
-from pipeline.ingest import stage_corpus, swap_in, write_builtin_corpus
+from pipeline.ingest import stage_corpus, write_builtin_corpus
 
 CFG = IngestConfig(doc_chars=100)
 
@@ -79,13 +80,13 @@ def test_a_directory_source_is_copied_as_it_is(tmp_path):
     ]
 
 
-def test_swap_in_replaces_the_whole_directory(tmp_path):
+def test_a_staged_corpus_replaces_the_whole_directory(tmp_path):
     src = tmp_path / "src.txt"
     src.write_text("new corpus")
     data = tmp_path / "data"
     data.mkdir()
     (data / "old.txt").write_text("old corpus")
     staging = stage_corpus(str(src), data, CFG)
-    swap_in(staging, data)
+    replace_dir(staging, data)
     assert [p.name for p in data.iterdir()] == ["src.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "src.txt"]
