@@ -159,25 +159,12 @@ def validate(
     """Filter and check any corpus: kept and dropped documents by reason, with examples.
 
     Exit 0 when the corpus passes after filtering, 1 when it does not (or cannot be read)."""
-    import tempfile
-
-    from pipeline.ingest import fetch_source
+    from pipeline.ingest import readable_source
     from pipeline.validate import format_failure, format_summary, validate_corpus, write_report
 
     ws, params = _workspace_and_params(overrides)
-    if source.startswith("s3://") and params.data.engine == "ray":  # each Ray task reads from S3 itself
-        from infra.s3 import arrow_filesystem, parse_s3_uri
-        from pipeline.corpus import open_corpus
-
-        bucket, prefix = parse_s3_uri(source)
-        fs = arrow_filesystem(params.storage, ws.state)
-        report = validate_corpus(open_corpus(f"{bucket}/{prefix}".rstrip("/"), fs), params, name=source)
-    elif source.startswith("s3://"):  # the same path as ingest: fetched into a scratch dir, then read
-        with tempfile.TemporaryDirectory(prefix="lmforge-validate-") as scratch:
-            fetch_source(source, Path(scratch), params.ingest, (params.storage, ws.state))
-            report = validate_corpus(Path(scratch), params, name=source)
-    else:
-        report = validate_corpus(Path(source).expanduser(), params)
+    with readable_source(source, params, ws.state) as corpus:
+        report = validate_corpus(corpus, params, name=source)
     if report_dir:
         write_report(report, report_dir)
     typer.echo(format_summary(report))

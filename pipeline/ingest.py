@@ -15,11 +15,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from infra.atomic import replace_dir
 from pipeline.config import IngestConfig
-from pipeline.corpus import CorpusError, open_corpus, walk_files
+from pipeline.corpus import Corpus, CorpusError, open_corpus, walk_files
 
 # ---------------------------------------------------------------------------------------------
 # the builtin corpora: Python's own documentation, always present, built the same way every time
@@ -63,6 +65,24 @@ def fetch_source(source: str, dest: Path, cfg: IngestConfig, storage=None) -> No
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, dest / rel)
     open_corpus(dest)  # an s3 prefix or directory with nothing readable in it fails here
+
+
+@contextmanager
+def readable_source(source: str, params, state: Path) -> Iterator[Path | Corpus]:
+    """A source as validation reads it, data/ untouched: a local path as it is; an s3:// prefix opened in
+    place when the Ray engine reads it (each task reads S3 itself), else fetched into a scratch
+    directory as ingest fetches it; a builtin corpus written there."""
+    if source.startswith("s3://") and params.data.engine == "ray":
+        from infra.s3 import arrow_filesystem, parse_s3_uri
+
+        bucket, prefix = parse_s3_uri(source)
+        yield open_corpus(f"{bucket}/{prefix}".rstrip("/"), arrow_filesystem(params.storage, state))
+    elif source.startswith("s3://") or source in BUILTIN_CORPORA:
+        with tempfile.TemporaryDirectory(prefix="lmforge-validate-") as scratch:
+            fetch_source(source, Path(scratch), params.ingest, (params.storage, state))
+            yield Path(scratch)
+    else:
+        yield Path(source).expanduser()
 
 
 def stage_corpus(source: str, data_dir: Path, cfg: IngestConfig, storage=None) -> Path:

@@ -287,18 +287,22 @@ class Engine:
 
     # -- the public side --------------------------------------------------------------------
 
-    def encode(self, prompt: str) -> list[int]:
+    def encode(self, prompt: str, add_special_tokens: bool = False) -> list[int]:
+        # checked before tokenizing: a 1 MB prompt is refused at once instead of stalling the worker
         if len(prompt) > self.max_prompt_chars:
             raise GenerationError(
                 f"prompt: {len(prompt):,} characters cannot fit the model's context of {self.context} tokens"
             )
-        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def check_ids(self, name: str, ids: list[int]) -> None:
+        if bad := [t for t in ids if not 0 <= t < self.vocab]:
+            raise GenerationError(f"{name}: token id {bad[0]} is not in the vocabulary (0..{self.vocab - 1})")
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise GenerationError("prompt: must not be empty")
-        if bad := [t for t in prompt_ids if not 0 <= t < self.vocab]:
-            raise GenerationError(f"prompt: token id {bad[0]} is not in the vocabulary (0..{self.vocab - 1})")
+        self.check_ids("prompt", prompt_ids)
         # scoring (prompt logprobs) may fill the context; generating needs room for one new token
         room = 0 if params.prompt_logprobs is not None else 1
         if len(prompt_ids) + room > self.context:
@@ -323,10 +327,7 @@ class Engine:
             if not math.isfinite(getattr(params, name)):
                 raise GenerationError(f"{name}: must be a finite number")
         for name, ids in (("logit_bias", list(params.logit_bias)), ("stop_token_ids", params.stop_token_ids)):
-            if bad := [t for t in ids if not 0 <= t < self.vocab]:
-                raise GenerationError(
-                    f"{name}: token id {bad[0]} is not in the vocabulary (0..{self.vocab - 1})"
-                )
+            self.check_ids(name, ids)
         if not all(math.isfinite(b) for b in params.logit_bias.values()):
             raise GenerationError("logit_bias: values must be finite numbers")
         for name in ("logprobs", "prompt_logprobs"):

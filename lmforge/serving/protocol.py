@@ -52,12 +52,15 @@ Stop = Annotated[str | list[str] | None, AfterValidator(_check_stop)]
 TokenIds = Annotated[list[int], Field(min_length=1, max_length=1 << 16)]
 
 
+DEFAULT_TEMPERATURE = 0.8  # /generate's and /predict's: sampled, a little conservative
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: Annotated[str, Field(min_length=1), AfterValidator(check_unicode)]
     max_new_tokens: MaxTokens = SERVE.default_max_new_tokens
-    temperature: Temperature = 0.8
+    temperature: Temperature = DEFAULT_TEMPERATURE
     top_p: TopP = 1.0
     top_k: int = Field(0, ge=0)
     seed: Seed = None

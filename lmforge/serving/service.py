@@ -44,6 +44,7 @@ from lmforge.serving.middleware import (
 )
 from lmforge.serving.models import Lease, Served, ServedModels
 from lmforge.serving.protocol import (
+    DEFAULT_TEMPERATURE,
     ChatMessage,
     ChatRequest,
     CompletionRequest,
@@ -255,7 +256,7 @@ class LMForge:
     @bentoml.api(route="/predict")
     async def predict(self, text: Annotated[str, Field(min_length=1), AfterValidator(check_unicode)]) -> dict:
         """The minimal form: {"text": ...} -> {"result": ...}, with /generate's defaults."""
-        params = SamplingParams(max_new_tokens=SERVE.default_max_new_tokens, temperature=0.8)
+        params = SamplingParams(max_new_tokens=SERVE.default_max_new_tokens, temperature=DEFAULT_TEMPERATURE)
         try:
             done, _ = await self._answer(text, params)
         except Overloaded:
@@ -285,11 +286,10 @@ class LMForge:
             if add_special_tokens is None:  # vLLM's defaults: a chat template writes its own special tokens
                 add_special_tokens = messages is None
             engine = served.engine
-            if len(prompt) > engine.max_prompt_chars:
-                raise bentoml.exceptions.InvalidArgument(
-                    f"prompt: {len(prompt):,} characters cannot fit the model's context of {engine.context} tokens"
-                )
-            tokens = engine.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+            try:
+                tokens = engine.encode(prompt, add_special_tokens)
+            except GenerationError as exc:
+                raise bentoml.exceptions.InvalidArgument(str(exc)) from None
             return {"count": len(tokens), "max_model_len": engine.context, "tokens": tokens}
 
     @bentoml.api(route="/detokenize")
@@ -298,13 +298,12 @@ class LMForge:
     ) -> dict:
         """vLLM's shape: {"prompt"}; an id outside the vocabulary is a 400 that names it."""
         with MODELS.lease() as lease:
-            tokenizer = lease.served.engine.tokenizer
-            vocab = len(tokenizer)
-            if bad := [t for t in tokens if not 0 <= t < vocab]:
-                raise bentoml.exceptions.InvalidArgument(
-                    f"tokens: {bad[0]} is not in the vocabulary (0..{vocab - 1})"
-                )
-            return {"prompt": tokenizer.decode(tokens)}
+            engine = lease.served.engine
+            try:
+                engine.check_ids("tokens", tokens)
+            except GenerationError as exc:
+                raise bentoml.exceptions.InvalidArgument(str(exc)) from None
+            return {"prompt": engine.tokenizer.decode(tokens)}
 
     @openai_app.get("/models")
     async def models(self) -> dict:

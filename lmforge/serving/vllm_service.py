@@ -21,7 +21,7 @@ from lmforge.serving.arguments import API_KEYS, MODEL_TAG, SERVE
 from lmforge.serving.auth import refuse_exposure
 from lmforge.serving.metrics import refusals
 from lmforge.serving.middleware import ApiKeys, Backpressure, BodyLimit, CountInFlight, InFlight, JsonOnly
-from lmforge.serving.protocol import GenerateRequest, check_unicode
+from lmforge.serving.protocol import DEFAULT_TEMPERATURE, GenerateRequest, check_unicode
 from lmforge.serving.vllm_server import api_server_command
 
 VLLM_PORT = int(os.environ.get("LMFORGE_VLLM_PORT", "8000"))  # where vLLM listens, on loopback only
@@ -88,7 +88,7 @@ class LMForgeVLLM:
     @bentoml.api(route="/predict")
     async def predict(self, text: Annotated[str, Field(min_length=1), AfterValidator(check_unicode)]) -> dict:
         """The minimal form: {"text": ...} -> {"result": ...}, with /generate's defaults."""
-        body = await self._complete(text, SERVE.default_max_new_tokens, temperature=0.8)
+        body = await self._complete(text, SERVE.default_max_new_tokens, temperature=DEFAULT_TEMPERATURE)
         return {"result": body["choices"][0]["text"]}
 
     async def __metrics__(self, content: str) -> str:
