@@ -15,8 +15,8 @@ import time
 
 from benchmarks.harness import REPEATS, Bench, Run, figure, interleaved, side, span
 from benchmarks.train import ensure_shards, run_train_stage, stage_throughput
-from pipeline.config import write_overrides
-from pipeline.contracts import read_train_log
+from lmforge.config import write_overrides
+from lmforge.runs.contracts import read_train_log
 
 SETUPS = {  # (train.method, train.strategy)
     "full_ddp": ("full", "ddp"),

@@ -9,7 +9,7 @@ the other in the same processes, each from the stage's initial weights:
            cross-entropy), so that the stage's overhead is measured against the same arithmetic;
   unfused  the model's own loss (`model(input_ids, labels=...)`), the loop a user writes first.
 
-First it measures this machine's matmul peak the way the stage does (pipeline.throughput.peak_flops).
+First it measures this machine's matmul peak the way the stage does (lmforge.training.throughput.peak_flops).
 Rank 0 writes the peak and each loop's step rates, with the wall-clock span of each, to the file named
 by OUT_ENV; the bench takes the steady state of those steps by the same rule as the stage's log.
 """
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import Workspace, load_params
-from pipeline.contracts import Manifest
-from pipeline.model import NextTokenLoss, autocast_for, build_model, compiled
-from pipeline.throughput import peak_flops
+from lmforge.config import Workspace, load_params
+from lmforge.runs.contracts import Manifest
+from lmforge.training.model import NextTokenLoss, autocast_for, build_model, compiled
+from lmforge.training.throughput import peak_flops
 from pipeline.train import agreed_loss, end_process_group, seed_everything, setup_distributed
 
 OUT_ENV = "LMFORGE_BENCH_OUT"  # where rank 0 writes its result

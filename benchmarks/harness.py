@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import Params, Workspace, load_params
+from lmforge.config import Params, Workspace, load_params
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the project whose code the bench measures
 

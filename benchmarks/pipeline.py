@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import QUICK, REPEATS, SOURCE_ROOT, Bench, Log, figure, interleaved, quiet, side, span
-from pipeline.config import write_overrides
+from lmforge.config import write_overrides
 
 CALLER_VARS = (
     "LMFORGE_ROOT",
@@ -30,7 +30,7 @@ def run(b: Bench) -> dict:
     from infra.dvc import copy_project
     from infra.embedded_s3 import start_on_free_ports
     from infra.processes import bin_path, venv_env
-    from pipeline.config import StorageConfig
+    from lmforge.config import StorageConfig
 
     root, state = b.tmp / "pipeline-ws", b.tmp / "pipeline-state"
     root.mkdir()

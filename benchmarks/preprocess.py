@@ -15,8 +15,8 @@ def run(b: Bench) -> dict:
     """The stage's encode pass (read, encode_batch, write shards) against bare encode_batch, interleaved."""
     from tokenizers import Tokenizer
 
-    from pipeline.corpus import open_corpus
-    from pipeline.engines import kept_documents
+    from lmforge.data.corpus import open_corpus
+    from lmforge.data.engines import kept_documents
     from pipeline.preprocess import preprocess
 
     ws, params = b.ws, b.params
@@ -62,9 +62,9 @@ def ray_engine(b: Bench) -> dict:
     """The whole stage (read, filter, tokenizer sample and training, encode, shards) with data.engine=ray
     on a local cluster of 2 CPUs, against data.engine=local, as a user runs them, interleaved. The
     cluster starts once, as a RAY_ADDRESS cluster would be up already; its start-up is reported apart."""
-    from pipeline.config import DataConfig
+    from lmforge.config import DataConfig
+    from lmforge.data.ray_engine import RayEngine
     from pipeline.preprocess import preprocess
-    from pipeline.ray_engine import RayEngine
 
     ws = b.ws
     engines = {name: DataConfig(engine=name, ray_cpus=2) for name in ("local", "ray")}
@@ -128,10 +128,10 @@ def driver_parts(b: Bench) -> dict[str, float]:
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.corpus import open_corpus, read_file_documents
-    from pipeline.engines import LocalEngine
+    from lmforge.data.corpus import open_corpus, read_file_documents
+    from lmforge.data.engines import LocalEngine
+    from lmforge.data.ray_engine import _DocumentBatch, _measure, facts_from_table
     from pipeline.preprocess import ShardWriter, keep_plan, split_by_hash, tokenizer_sample, train_tokenizer
-    from pipeline.ray_engine import _DocumentBatch, _measure, facts_from_table
 
     params, corpus, local = b.params, open_corpus(b.ws.data), LocalEngine()
     cfg = params.preprocess

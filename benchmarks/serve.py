@@ -36,11 +36,11 @@ def run(b: Bench) -> dict:
     from transformers.utils import logging as hf_logging
 
     from infra.bento_server import BentoServer
+    from lmforge.data.shards import load_shard
     from lmforge.serving.engine import context_length
-    from pipeline.data import fixed_windows
-    from pipeline.model import load_model
+    from lmforge.training.model import load_model
+    from lmforge.training.windows import fixed_windows
     from pipeline.package import use_bentoml_home
-    from pipeline.shards import load_shard
 
     ws, params = b.ws, b.params
     use_bentoml_home(ws.state)  # unless the caller chose a store, the bench's own

@@ -5,7 +5,7 @@ Two rows keep two things apart: the stage's overhead, against a bare loop with t
 and the fused loss's own gain, the bare loop with it against the bare loop with the model's own loss.
 Every side runs REPEATS times, interleaved round by round: the stage, then the bare loop (one launch
 that measures the peak, then runs the fused and the unfused loop), then in full mode the stage in one
-process. Both sides are the steady state by the one rule in pipeline.throughput: the first fifth of
+process. Both sides are the steady state by the one rule in lmforge.training.throughput: the first fifth of
 the steps is warm-up. The serve section trains through run_train_stage here too.
 """
 
@@ -19,14 +19,14 @@ import torch
 
 from benchmarks.bare_loop import LOSS_ENV, LOSSES, OUT_ENV
 from benchmarks.harness import REPEATS, Bench, Run, figure, interleaved, quiet, side, span
-from pipeline.config import Params, Workspace, write_overrides
-from pipeline.contracts import Manifest, read_train_log
-from pipeline.throughput import peak_try_flop, steady, steady_median
+from lmforge.config import Params, Workspace, write_overrides
+from lmforge.runs.contracts import Manifest, read_train_log
+from lmforge.training.throughput import peak_try_flop, steady, steady_median
 
 
 def run(b: Bench) -> dict:
-    from pipeline.model import build_model
-    from pipeline.throughput import flops_per_token
+    from lmforge.training.model import build_model
+    from lmforge.training.throughput import flops_per_token
 
     ws = b.ws
     ensure_shards(b)

@@ -15,8 +15,8 @@ import numpy as np
 
 from benchmarks.harness import REPEATS, Bench, Run, figure, interleaved, side, span
 from infra.processes import bin_path
-from pipeline.config import Workspace
-from pipeline.contracts import Manifest
+from lmforge.config import Workspace
+from lmforge.runs.contracts import Manifest
 
 CORPUS_BYTES = {True: 16 << 20, False: 1 << 30}  # quick, full
 BARE_DECODE = """import json, sys
@@ -129,8 +129,8 @@ def write_large_corpus(path: Path, target_bytes: int, vocabulary_from: Path, see
 
     from tqdm import tqdm
 
-    from pipeline.config import IngestConfig
-    from pipeline.corpus import read_documents
+    from lmforge.config import IngestConfig
+    from lmforge.data.corpus import read_documents
 
     words = sorted(
         {

@@ -11,8 +11,8 @@ import json
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from pipeline.config import Workspace
-from pipeline.contracts import ChampionRecord, Decision, read_curve, read_metrics
+from lmforge.config import Workspace
+from lmforge.runs.contracts import ChampionRecord, Decision, read_curve, read_metrics
 
 
 def validation(ws: Workspace) -> None:
@@ -93,7 +93,7 @@ def lineage(record: ChampionRecord) -> None:
 def comparison(ws: Workspace, decision: Decision) -> None:
     """Challenger against champion on this run's held-out bytes, each with its own tokenizer, and both loss
     curves in one picture (the curves are per token of each model's own tokenizer)."""
-    from pipeline.plots import plot_curves
+    from lmforge.evaluation.plots import plot_curves
 
     champion = decision.champion
     rows = ["| on this run's text | challenger | other | difference | interval |", "|---|---|---|---|---|"]

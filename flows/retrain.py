@@ -23,9 +23,9 @@ from flows import artifacts
 from infra.dvc import dvc, workspace_lock
 from infra.processes import CommandError
 from infra.s3 import TransientStorageError
-from pipeline import plan
-from pipeline.config import Params, Workspace, load_params, params_hash
-from pipeline.contracts import Decision, RunSummary
+from lmforge.config import Params, Workspace, load_params, params_hash
+from lmforge.runs import plan
+from lmforge.runs.contracts import Decision, RunSummary
 
 
 def retry_on(*errors: type[BaseException]):
@@ -110,8 +110,8 @@ def package_task(ws: Workspace, params: Params, data_md5: str) -> dict:
 )
 def publish_task(ws: Workspace, params: Params, data_md5: str, bento: dict, decision: Decision):
     """Export the Bento to S3, then make it the champion."""
+    from lmforge.runs.registry import promote
     from pipeline.package import publish
-    from pipeline.registry import promote
 
     bento = bento | {"bento_url": publish(ws, params, bento["bento_tag"])}
     record = plan.new_champion(
@@ -147,7 +147,7 @@ def final_state(summary: RunSummary) -> State:
 @flow(name="lmforge-retrain", log_prints=True)
 def retrain(source: str | None = None, root: str | None = None) -> State:
     """Returns the outcome state; calling the flow gives its data, the RunSummary."""
-    from pipeline.registry import read_champion
+    from lmforge.runs.registry import read_champion
 
     ws = Workspace(Path(root)) if root else Workspace.find()
     params = load_params(ws.root)

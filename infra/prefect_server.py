@@ -17,7 +17,7 @@ from infra.processes import Supervisor, answers_200, bin_path, is_loopback, port
 
 
 class PrefectSettings(Protocol):
-    """What the server needs of the prefect params (pipeline.config.PrefectConfig)."""
+    """What the server needs of the prefect params (lmforge.config.PrefectConfig)."""
 
     host: str
     port: int

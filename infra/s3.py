@@ -21,7 +21,7 @@ PROBE_KEY = ".lmforge-probe"  # the embedded server's write check; never part of
 
 
 class S3Settings(Protocol):
-    """What this module needs to know of the storage params (pipeline.config.StorageConfig)."""
+    """What this module needs to know of the storage params (lmforge.config.StorageConfig)."""
 
     bucket: str
     endpoint_url: str | None

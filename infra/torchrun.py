@@ -19,7 +19,7 @@ from infra.processes import is_loopback
 
 
 class TorchrunSettings(Protocol):
-    """What the launch needs of the train params (pipeline.config.TrainConfig)."""
+    """What the launch needs of the train params (lmforge.config.TrainConfig)."""
 
     nproc_per_node: int
     nnodes: int

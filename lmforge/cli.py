@@ -53,7 +53,7 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _workspace_and_params(overrides: list[str] | None = None, profile: str | None = None):
-    from pipeline.config import Workspace, load_params
+    from lmforge.config import Workspace, load_params
 
     ws = Workspace.find()
     return ws, load_params(ws.root, overrides or [], profile)
@@ -204,7 +204,7 @@ def sweep(
 ) -> None:
     """One DVC experiment per point of the grid (`dvc exp run --queue -S`, then `dvc queue start`), and a
     table of their results. Nothing is promoted: `dvc exp apply NAME`, then `lmforge run` gates it."""
-    from pipeline.experiments import experiments, ranked, sweep, table
+    from lmforge.runs.experiments import experiments, ranked, sweep, table
 
     ws, _ = _workspace_and_params()
     names = sweep(ws, grid, jobs, on_line=typer.echo)
@@ -235,7 +235,7 @@ def run(
     -p/--profile are written into params.yaml first, as `dvc exp run -S` does, so that DVC sees them
     and dvc.lock records what ran.
     """
-    from pipeline.config import write_overrides
+    from lmforge.config import write_overrides
 
     ws, params = _workspace_and_params(overrides, profile)
     for change in write_overrides(ws.root, overrides or [], profile):
@@ -358,8 +358,8 @@ def package() -> None:
 
 def _champion_bento(ws, params) -> str:
     """The current champion's Bento tag, imported from S3 into the local store if needed."""
+    from lmforge.runs.registry import read_champion
     from pipeline.package import ensure_local_bento
-    from pipeline.registry import read_champion
 
     champion = read_champion(params.storage, ws.state)
     if not champion or not champion.bento_tag:
@@ -484,8 +484,8 @@ def containerize(
 @app.command()
 def rollback() -> None:
     """Make the previous champion current again (the registry keeps every promotion)."""
-    from pipeline.contracts import record_name
-    from pipeline.registry import rollback as roll_back
+    from lmforge.runs.contracts import record_name
+    from lmforge.runs.registry import rollback as roll_back
 
     ws, params = _workspace_and_params()
     record = roll_back(params.storage, ws.state)

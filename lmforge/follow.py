@@ -20,16 +20,16 @@ from pathlib import Path
 from infra.atomic import write_text_atomic
 from infra.errors import LmforgeError
 from infra.processes import bin_path
+from lmforge.config import Params, Workspace
 from lmforge.serving.settings import FOLLOW_VAR
-from pipeline.config import Params, Workspace
 
 
 def champion_model(ws: Workspace, params: Params) -> dict | None:
     """The champion's Bento and model as the follow file names them; None when there is no champion."""
     import bentoml
 
+    from lmforge.runs.registry import read_champion
     from pipeline.package import ensure_local_bento
-    from pipeline.registry import read_champion
 
     champion = read_champion(params.storage, ws.state)
     if champion is None or not champion.bento_tag:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from infra.s3 import download_prefix
-from pipeline.config import ConfigError, Params, Workspace
+from lmforge.config import ConfigError, Params, Workspace
 
 CHAMPION = "champion"  # model.base: the current champion's model
 
@@ -93,7 +93,7 @@ def base_version(base: str | None, ws: Workspace, params: Params) -> str | None:
     if not base or base.startswith("s3://"):
         return base
     if base == CHAMPION:
-        from pipeline.registry import read_champion
+        from lmforge.runs.registry import read_champion
 
         record = read_champion(params.storage, ws.state)
         if record is None:
@@ -112,7 +112,7 @@ def base_version(base: str | None, ws: Workspace, params: Params) -> str | None:
 
 def pin_base(ws: Workspace, params: Params) -> dict:
     """Write artifacts/base.json, only when what it says changed (DVC compares the file's hash)."""
-    from pipeline.contracts import write_json
+    from lmforge.runs.contracts import write_json
 
     pin = {"base": params.model.base, "version": base_version(params.model.base, ws, params)}
     if not ws.base_pin.is_file() or json.loads(ws.base_pin.read_text()) != pin:
@@ -135,7 +135,7 @@ def pinned_champion(ws: Workspace) -> str:
 
 
 def run() -> None:
-    from pipeline.config import load_params
+    from lmforge.config import load_params
 
     ws = Workspace.find()
     pin = pin_base(ws, load_params(ws.root))

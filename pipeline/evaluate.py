@@ -1,7 +1,7 @@
 """Evaluate: the model on the held-out text, in bits per byte and per token, against n-gram baselines.
 
 Every val and test document (up to evaluate.max_bytes of them) is scored the way lm-evaluation-harness
-scores rolling log-likelihood (pipeline/scoring.py): bits per byte is the unit that compares models
+scores rolling log-likelihood (lmforge/evaluation/scoring.py): bits per byte is the unit that compares models
 whatever their tokenizers, and the gate compares the champion (and a fine-tune's base) in it, on these
 same documents. Perplexity per token stays as a figure of this tokenizer. The unigram and bigram
 baselines are fitted on the train shards and score exactly the tokens the model predicts. Also writes
@@ -18,20 +18,10 @@ import time
 import numpy as np
 import torch
 
-from lmforge.serving.chat_template import end_of_turn_ids, render_text
-from lmforge.serving.engine import context_length
-from pipeline.config import ConfigError, EvaluateConfig, Params, Workspace, load_params
-from pipeline.contracts import (
-    HELD_OUT,
-    METRICS_FILE,
-    SCORES_FILE,
-    Manifest,
-    TrainSummary,
-    write_json,
-)
-from pipeline.model import load_model
-from pipeline.plots import plot_loss_curve
-from pipeline.scoring import (
+from lmforge.config import ConfigError, EvaluateConfig, Params, Workspace, load_params
+from lmforge.data.shards import load_shard, sorted_unique
+from lmforge.evaluation.plots import plot_loss_curve
+from lmforge.evaluation.scoring import (
     LN2,
     DocScores,
     Encoded,
@@ -41,7 +31,17 @@ from pipeline.scoring import (
     score_documents,
     score_model_dir,
 )
-from pipeline.shards import load_shard, sorted_unique
+from lmforge.runs.contracts import (
+    HELD_OUT,
+    METRICS_FILE,
+    SCORES_FILE,
+    Manifest,
+    TrainSummary,
+    write_json,
+)
+from lmforge.serving.chat_template import end_of_turn_ids, render_text
+from lmforge.serving.engine import context_length
+from lmforge.training.model import load_model
 from pipeline.stage import run_stage
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ same held-out bytes.
 The champion's recorded figures came from another tokenizer and another corpus version, so they are
 never compared. Instead the champion's model is pulled from the DVC remote (by the md5 in its record)
 and scored on this run's val and test text with its own tokenizer and context, in bits per byte
-(pipeline/scoring.py); a fine-tune's base was scored the same way by evaluate. Each difference comes
+(lmforge/evaluation/scoring.py); a fine-tune's base was scored the same way by evaluate. Each difference comes
 with a bootstrap interval over documents, and the tolerance is judged at the top of that interval: a
 challenger is promoted only when the measurement shows it is not worse beyond the tolerance. The user's
 own lm-evaluation-harness tasks (gate.tasks) run on both models and hold their rules.
@@ -15,8 +15,8 @@ The decision and every reason go to artifacts/gate.json. The gate only decides; 
 
 from __future__ import annotations
 
-from pipeline.config import GateConfig, Params, Workspace, load_params
-from pipeline.contracts import (
+from lmforge.config import GateConfig, Params, Workspace, load_params
+from lmforge.runs.contracts import (
     HELD_OUT,
     SCORES_FILE,
     ArtifactError,
@@ -131,8 +131,8 @@ def score_champion(champion: ChampionRecord, params: Params, ws: Workspace, scor
     model directory and {split: DocScores}."""
     import torch
 
-    from pipeline.registry import champion_model_dir
-    from pipeline.scoring import held_out_documents, score_model_dir
+    from lmforge.evaluation.scoring import held_out_documents, score_model_dir
+    from lmforge.runs.registry import champion_model_dir
 
     model_dir = champion_model_dir(champion, params, ws)
     manifest = Manifest.read(ws.shards_dir)
@@ -172,9 +172,9 @@ def gate_figures(decision: Decision, tasks: dict) -> dict:
 def run() -> None:
     """The DVC stage: metrics.json, scores.json and the champion in S3 -> artifacts/gate.json."""
     from infra.s3 import StorageError
-    from pipeline.registry import read_champion
-    from pipeline.scoring import DocScores, paired_difference
-    from pipeline.tasks import judge, run_tasks
+    from lmforge.evaluation.scoring import DocScores, paired_difference
+    from lmforge.evaluation.tasks import judge, run_tasks
+    from lmforge.runs.registry import read_champion
 
     ws = Workspace.find()
     params = load_params(ws.root)

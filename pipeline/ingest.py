@@ -1,7 +1,7 @@
 """Ingest: a source (builtin, a local file or dir, or s3://bucket/prefix) -> the corpus in data/.
 
 The source is copied as it is: data/ is the versioned raw corpus, and validate records what it drops.
-Reading it (formats, layouts) is pipeline/corpus.py, shared with validate and preprocess.
+Reading it (formats, layouts) is lmforge/data/corpus.py, shared with validate and preprocess.
 
 A new corpus is staged next to data/, validated there, and only then swapped in: bad input never
 replaces a good corpus.
@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from infra.atomic import replace_dir
-from pipeline.config import IngestConfig
-from pipeline.corpus import Corpus, CorpusError, open_corpus, walk_files
+from lmforge.config import IngestConfig
+from lmforge.data.corpus import Corpus, CorpusError, open_corpus, walk_files
 
 # ---------------------------------------------------------------------------------------------
 # the builtin corpora: Python's own documentation, always present, built the same way every time
@@ -35,7 +35,9 @@ BUILTIN_CORPORA = {
 def write_builtin_corpus(dest: Path, name: str = "builtin") -> None:
     """Build it in a fresh, isolated interpreter: docstrings of C modules depend on what else a process
     has imported or patched (Prefect does), and the dataset md5 must not."""
-    script = Path(__file__).with_name(BUILTIN_CORPORA[name])
+    import lmforge.data
+
+    script = Path(lmforge.data.__file__).with_name(BUILTIN_CORPORA[name])
     result = subprocess.run(
         [sys.executable, "-I", "-S", str(script), str(dest)], capture_output=True, text=True
     )
@@ -115,7 +117,7 @@ def champion_chars(ws, params) -> int | None:
     when there is no champion, the record predates the stats, or the shrink guard is off."""
     if params.validation.min_fraction_of_champion <= 0:
         return None
-    from pipeline.registry import read_champion
+    from lmforge.runs.registry import read_champion
 
     champion = read_champion(params.storage, ws.state)
     return (champion.data_stats or {}).get("total_chars") if champion else None
@@ -159,7 +161,7 @@ def record_source(source: str, ws, params, on_line=print) -> None:
     schedule and `dvc repro` then ingest the data the user chose, never the default in its place. A
     local path is recorded absolute. Nothing is written when the params (their profile's, say) already
     name it. (No stage depends on ingest.source: recording it reruns nothing.)"""
-    from pipeline.config import write_overrides
+    from lmforge.config import write_overrides
 
     remote = source in BUILTIN_CORPORA or source.startswith("s3://")
     value = source if remote else str(Path(source).expanduser().resolve())
@@ -175,7 +177,7 @@ def restore_data(ws, on_line=print) -> str | None:
     time). Returns how data/ was restored, or None when there was nothing to do."""
     from infra.dvc import dvc
     from infra.processes import CommandError
-    from pipeline.config import load_params
+    from lmforge.config import load_params
 
     pointer = ws.root / "data.dvc"
     if ws.data.exists() or not pointer.is_file():

@@ -18,9 +18,9 @@ from contextlib import chdir
 from pathlib import Path
 
 from infra.errors import LmforgeError
-from pipeline.chat import template_setting
-from pipeline.config import Params, Workspace, params_hash
-from pipeline.contracts import Decision, write_json
+from lmforge.config import Params, Workspace, params_hash
+from lmforge.data.chat import template_setting
+from lmforge.runs.contracts import Decision, write_json
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CARD = "MODEL_CARD.md"
@@ -38,7 +38,7 @@ def use_bentoml_home(state: Path) -> None:
 
 def lineage(ws: Workspace, params: Params, decision: Decision, data_md5: str | None) -> dict[str, str]:
     """The labels a model and its Bento carry (BentoML labels are strings)."""
-    from pipeline.registry import git_sha
+    from lmforge.runs.registry import git_sha
 
     metrics = decision.challenger
     base = {}

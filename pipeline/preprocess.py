@@ -10,7 +10,7 @@ The reading, measuring and encoding are data.engine's (this process, or a Ray cl
 the splits and the writing are here, so both engines write the same bytes.
 Then it writes the val and test text (val.jsonl, test.jsonl: every model, whatever its tokenizer, is
 scored on these same bytes) and measures contamination: the share of val and test word n-grams that
-also occur in train (pipeline/contamination.py), a figure of the text, not of the tokenizer.
+also occur in train (lmforge/data/contamination.py), a figure of the text, not of the tokenizer.
 The shards are raw little-endian arrays that `np.memmap` opens without a copy; manifest.json says
 their dtype, token and document counts, the held-out text files, and the contamination.
 """
@@ -30,21 +30,21 @@ import numpy as np
 from tqdm import tqdm
 
 from infra.atomic import replace_dir
-from lmforge.serving.chat_template import PLAIN_CHAT_TEMPLATE, ChatError, end_of_turn_ids, resolve_template
-from pipeline.base_model import resolve_base
-from pipeline.chat import (
+from lmforge.config import ConfigError, IngestConfig, Params, Workspace, load_params
+from lmforge.data.chat import (
     conversation_text,
     labelled_text,
     parse_conversation,
     render_conversation,
     template_setting,
 )
-from pipeline.config import ConfigError, IngestConfig, Params, Workspace, load_params
-from pipeline.contamination import contamination
-from pipeline.contracts import HELD_OUT, SPLITS, Manifest, ValidationReport, read_held_out
-from pipeline.corpus import Corpus, CorpusError, open_corpus
-from pipeline.documents import DocumentFilter, KeepPlan
-from pipeline.engines import DataEngine, data_engine
+from lmforge.data.contamination import contamination
+from lmforge.data.corpus import Corpus, CorpusError, open_corpus
+from lmforge.data.documents import DocumentFilter, KeepPlan
+from lmforge.data.engines import DataEngine, data_engine
+from lmforge.runs.contracts import HELD_OUT, SPLITS, Manifest, ValidationReport, read_held_out
+from lmforge.serving.chat_template import PLAIN_CHAT_TEMPLATE, ChatError, end_of_turn_ids, resolve_template
+from pipeline.base_model import resolve_base
 from pipeline.stage import run_stage
 
 EOS_TOKEN = "<|endoftext|>"

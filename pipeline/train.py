@@ -4,7 +4,7 @@
 with the settings in params (that is the DVC stage's command); inside torchrun it is one rank. gloo on
 CPU, nccl on CUDA, bf16 autocast on GPUs that have it. Only rank 0 logs, evaluates and writes.
 
-A run is resumable (pipeline.checkpoints). The batch of step s on rank r is a pure function of
+A run is resumable (lmforge.training.checkpoints). The batch of step s on rank r is a pure function of
 (seed, s, r), so the data position is the step itself and a resumed run sees exactly the batches it
 would have seen.
 """
@@ -28,14 +28,13 @@ import numpy as np
 import torch
 
 from infra.atomic import replace_dir
+from lmforge.config import ConfigError, Params, TrainConfig, Workspace, load_params
+from lmforge.data.shards import load_shard
+from lmforge.runs.contracts import Manifest, TrainSummary, read_train_log
 from lmforge.serving.chat_template import render_text
 from lmforge.serving.settings import ADAPTER_DIR
-from pipeline.base_model import resolve_base
-from pipeline.checkpoints import capture_rng, resume_latest, run_fingerprint, save_checkpoint
-from pipeline.config import ConfigError, Params, TrainConfig, Workspace, load_params
-from pipeline.contracts import Manifest, TrainSummary, read_train_log
-from pipeline.data import ConversationRows, TokenWindows, fixed_windows, mean_loss, packing_isolates, rows_of
-from pipeline.model import (
+from lmforge.training.checkpoints import capture_rng, resume_latest, run_fingerprint, save_checkpoint
+from lmforge.training.model import (
     FusedNextTokenLoss,
     NextTokenLoss,
     autocast_for,
@@ -46,9 +45,17 @@ from pipeline.model import (
     transformer_blocks,
     with_lora,
 )
-from pipeline.shards import load_shard
+from lmforge.training.throughput import flops_per_token, mfu, peak_flops, steady_median
+from lmforge.training.windows import (
+    ConversationRows,
+    TokenWindows,
+    fixed_windows,
+    mean_loss,
+    packing_isolates,
+    rows_of,
+)
+from pipeline.base_model import resolve_base
 from pipeline.stage import run_stage
-from pipeline.throughput import flops_per_token, mfu, peak_flops, steady_median
 
 # ---------------------------------------------------------------------------------------------
 # the training loop (one rank)
@@ -99,7 +106,7 @@ def train(params: Params, ws: Workspace, base_dir: Path | None = None) -> dict |
     validator = loss_module if not sharded else wrapper
 
     tokens_per_step = cfg.batch_size * mcfg.block_size * cfg.grad_accum * dist.world_size
-    peak = peak_flops(dist.device, dist.world_size)  # every rank at once: see pipeline.throughput
+    peak = peak_flops(dist.device, dist.world_size)  # every rank at once: see lmforge.training.throughput
     if dist.is_main:
         truncate_log(ws.train_log, step)
         log(f"train: {trained:,} of {total:,} params trained ({cfg.method}, {cfg.strategy}), "

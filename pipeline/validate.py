@@ -33,12 +33,12 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from infra.atomic import atomic_open, write_text_atomic
-from pipeline.chat import RECORD_PROBLEMS
-from pipeline.config import Params, Workspace, load_params
-from pipeline.contracts import ArtifactError, Check, ValidationReport
-from pipeline.corpus import Corpus, open_corpus
-from pipeline.documents import DocumentFacts, DocumentFilter, Verdict
-from pipeline.engines import DataEngine, data_engine
+from lmforge.config import Params, Workspace, load_params
+from lmforge.data.chat import RECORD_PROBLEMS
+from lmforge.data.corpus import Corpus, open_corpus
+from lmforge.data.documents import DocumentFacts, DocumentFilter, Verdict
+from lmforge.data.engines import DataEngine, data_engine
+from lmforge.runs.contracts import ArtifactError, Check, ValidationReport
 from pipeline.stage import run_stage
 
 EXAMPLES_PER_REASON = 3

@@ -19,7 +19,7 @@ import pytest
 from infra.embedded_s3 import EmbeddedS3, start_on_free_ports
 from infra.processes import free_port  # outside the ephemeral range: no client socket takes it first
 from infra.s3 import Credentials, ensure_embedded_credentials
-from pipeline.config import StorageConfig
+from lmforge.config import StorageConfig
 
 # Set before anything imports prefect, transformers or bentoml.
 os.environ.update(
@@ -78,7 +78,7 @@ def operated(tmp_path_factory) -> Iterator[dict]:
     own state dir, so no other workspace's CLI finds its Prefect server."""
     from infra.prefect_server import PrefectServer
     from infra.processes import port_is_free
-    from pipeline.config import PrefectConfig, load_params, write_overrides
+    from lmforge.config import PrefectConfig, load_params, write_overrides
 
     from .test_e2e_data import BIN, PASSING_TRAINING, make_workspace, run
 
@@ -133,7 +133,7 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
     ephemeral server per `lmforge run` costs about 25 s to start. Its own state dir, so no workspace's
     CLI mistakes it for the one `lmforge up --prefect` would have started there."""
     from infra.prefect_server import PrefectServer
-    from pipeline.config import PrefectConfig
+    from lmforge.config import PrefectConfig
 
     server = PrefectServer(PrefectConfig(port=free_port()), tmp_path_factory.mktemp("prefect-state"))
     server.start()
@@ -217,7 +217,7 @@ def lag2_corpus(path: Path, docs: int = 600, seed: int = 0) -> Path:
 def tiny_template(tmp_path_factory) -> Path:
     """A workspace with tiny params and preprocessed shards, built once per session (the BPE tokenizer
     training is the slow part); tiny_workspace hands each test its own copy."""
-    from pipeline.config import Workspace, load_params, write_overrides
+    from lmforge.config import Workspace, load_params, write_overrides
     from pipeline.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("tiny-template") / "ws"
@@ -234,7 +234,7 @@ def tiny_template(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_workspace(tiny_template, tmp_path, monkeypatch):
     """A workspace of its own with tiny params and preprocessed shards: what train/evaluate/gate start from."""
-    from pipeline.config import Workspace, load_params
+    from lmforge.config import Workspace, load_params
 
     root = tmp_path / "ws"
     shutil.copytree(tiny_template, root)
@@ -385,7 +385,7 @@ SERVING = [
 def trained(tmp_path_factory):
     """A workspace whose model went through the real train, evaluate and gate stages: built once per
     session, shared by the serving, reliability and client tests (copy it before changing it)."""
-    from pipeline.config import Workspace, load_params, write_overrides
+    from lmforge.config import Workspace, load_params, write_overrides
     from pipeline.evaluate import evaluate
     from pipeline.gate import decide
     from pipeline.preprocess import preprocess

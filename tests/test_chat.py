@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from lmforge.config import Workspace, load_params, write_overrides
+from lmforge.data.chat import canonical, parse_conversation, render_conversation
 from lmforge.serving.chat_template import PLAIN_CHAT_TEMPLATE, end_of_turn_ids, render_text
-from pipeline.chat import canonical, parse_conversation, render_conversation
-from pipeline.config import Workspace, load_params, write_overrides
 
 from .conftest import CHATML, REPO, TINY, TINY_BASES, chat_records, chatml_tokenizer, tiny_base, write_jsonl
 
@@ -244,8 +244,8 @@ def test_a_packed_row_scores_as_its_conversations_alone(chinese, tmp_path):
     alone (summed over the assistant's tokens, within 1e-5): no token attends across into another one."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline.data import ConversationRows, packing_isolates
-    from pipeline.model import FusedNextTokenLoss, NextTokenLoss
+    from lmforge.training.model import FusedNextTokenLoss, NextTokenLoss
+    from lmforge.training.windows import ConversationRows, packing_isolates
 
     ws, _, manifest, _ = chinese
     rows = ConversationRows(ws.shards_dir, manifest, "train", 64)
@@ -305,7 +305,7 @@ def test_a_short_chat_fine_tune_beats_its_base_on_the_assistant_tokens(tmp_path,
 
 @pytest.mark.parametrize("long, passes", [(3, True), (30, False)], ids=["1.5%-too-long", "15%-too-long"])
 def test_conversations_longer_than_the_context_are_dropped_by_the_same_policy(tmp_path, long, passes):
-    from pipeline.corpus import CorpusError
+    from lmforge.data.corpus import CorpusError
     from pipeline.preprocess import preprocess
 
     records = chat_records(200, seed=5)
@@ -330,7 +330,7 @@ def test_conversations_longer_than_the_context_are_dropped_by_the_same_policy(tm
 
 
 def test_a_template_that_never_ends_the_assistant_turn_is_refused(tmp_path):
-    from pipeline.config import ConfigError
+    from lmforge.config import ConfigError
     from pipeline.preprocess import preprocess
 
     root = tmp_path / "ws"
@@ -343,7 +343,7 @@ def test_a_template_that_never_ends_the_assistant_turn_is_refused(tmp_path):
 
 
 def test_text_files_are_not_conversations(tmp_path):
-    from pipeline.corpus import CorpusError
+    from lmforge.data.corpus import CorpusError
     from pipeline.validate import validate_corpus
 
     (tmp_path / "notes.txt").write_text("User: hi\n\nAssistant: hello\n")

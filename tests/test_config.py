@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import (
+from lmforge.config import (
     ConfigError,
     Params,
     load_params,
@@ -99,7 +99,7 @@ def test_write_overrides_keeps_comments_and_validates_first(tmp_path):
 
 
 def test_params_yaml_holds_exactly_the_config_defaults():
-    """The defaults live in pipeline/config.py; params.yaml spells every one of them out (DVC reads it), and
+    """The defaults live in lmforge/config.py; params.yaml spells every one of them out (DVC reads it), and
     the two never disagree: the demo profile of params.yaml is the config with nothing overridden."""
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     written = {key: value for key, value in raw.items() if key != "profiles"}

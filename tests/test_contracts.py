@@ -1,4 +1,4 @@
-"""The files stages hand each other (pipeline/contracts.py) and the one stage wrapper (pipeline/stage.py)."""
+"""The files stages hand each other (lmforge/runs/contracts.py) and the one stage wrapper (pipeline/stage.py)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pipeline.config import ConfigError
-from pipeline.contracts import ArtifactError, ChampionRecord, Decision, Manifest
-from pipeline.corpus import CorpusError
+from lmforge.config import ConfigError
+from lmforge.data.corpus import CorpusError
+from lmforge.runs.contracts import ArtifactError, ChampionRecord, Decision, Manifest
 from pipeline.stage import run_stage
 
 

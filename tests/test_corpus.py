@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipeline.config import IngestConfig
-from pipeline.corpus import (
+from lmforge.config import IngestConfig
+from lmforge.data.corpus import (
     CorpusError,
     bounded_lines,
     cut_point,

@@ -10,8 +10,8 @@ import json
 import httpx
 import pytest
 
-from pipeline.chat import render_conversation
-from pipeline.contracts import Decision
+from lmforge.data.chat import render_conversation
+from lmforge.runs.contracts import Decision
 
 from .conftest import CHATML, chat_records, chatml_tokenizer, tiny_base, write_jsonl
 from .test_e2e_data import BIN, PASSING_TRAINING, lmforge_serve, make_workspace, run

@@ -27,8 +27,8 @@ import yaml
 
 from infra.dvc import copy_project
 from infra.s3 import s3_client
-from pipeline.config import write_overrides
-from pipeline.contracts import Decision
+from lmforge.config import write_overrides
+from lmforge.runs.contracts import Decision
 
 from .conftest import TINY, free_port, lag2_corpus
 from .test_evaluate_gate import reference_bits_per_byte

@@ -11,8 +11,8 @@ import subprocess
 import pytest
 import yaml
 
-from pipeline.config import write_overrides
-from pipeline.registry import read_champion
+from lmforge.config import write_overrides
+from lmforge.runs.registry import read_champion
 
 from .conftest import TINY, lag2_corpus
 from .test_e2e_data import BIN, PASSING_TRAINING, REPO, git, make_workspace, run

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from infra.dvc import stage_out_md5
-from pipeline.config import load_params, write_overrides
-from pipeline.contracts import Decision
-from pipeline.registry import read_champion
+from lmforge.config import load_params, write_overrides
+from lmforge.runs.contracts import Decision
+from lmforge.runs.registry import read_champion
 
 from .conftest import POOL, listening_in_tree, stop_group
 from .test_e2e_data import (
@@ -119,8 +119,8 @@ from pathlib import Path
 from prefect import flow
 from flows.retrain import publish_task
 from infra.dvc import data_md5
-from pipeline.config import Workspace, load_params
-from pipeline.contracts import Decision
+from lmforge.config import Workspace, load_params
+from lmforge.runs.contracts import Decision
 
 ws = Workspace(Path(sys.argv[1]))
 params = load_params(ws.root)
@@ -141,7 +141,7 @@ import sys
 from pathlib import Path
 from prefect import flow
 from flows.retrain import ingest_task
-from pipeline.config import Workspace, load_params
+from lmforge.config import Workspace, load_params
 
 ws = Workspace(Path(sys.argv[1]))
 
@@ -196,7 +196,7 @@ def test_ingest_retries_an_os_error(operated, tmp_path):
     (a leftover directory in the way, as a crashed ingest of the same pid leaves one), the task retries,
     and with the leftover gone the retry swaps the corpus in and records it with `dvc add`."""
     from infra.dvc import data_md5
-    from pipeline.config import Workspace
+    from lmforge.config import Workspace
     from pipeline.ingest import ingest
 
     from .test_e2e_data import REPO, words_corpus
@@ -231,7 +231,7 @@ def test_a_champion_bento_only_in_s3_is_imported_before_serving(operated, monkey
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from pipeline.config import Workspace
+    from lmforge.config import Workspace
     from pipeline.package import PackageError, ensure_local_bento
 
     monkeypatch.setenv("LMFORGE_STATE_DIR", str(operated["state"]))  # the S3 keys, as in the CLI's env
@@ -378,7 +378,7 @@ def test_a_fine_tune_of_the_champion_starts_from_the_model_in_service(operated):
     same bytes it was promoted on. (Its gate threshold is set out of reach, so the champion stays.)"""
     import math
 
-    from pipeline.contracts import read_train_log
+    from lmforge.runs.contracts import read_train_log
 
     champion = read_champion(operated["cfg"], operated["state"])
     ws, env = operated["ws"], operated["env"]
@@ -572,8 +572,8 @@ def test_rollback_then_serve_serves_the_model_rolled_back_to(operated):
     has that Bento (pruned, or a fresh clone), so serve first imports it from S3."""
     import bentoml
 
-    from pipeline.contracts import record_name
-    from pipeline.registry import read_history
+    from lmforge.runs.contracts import record_name
+    from lmforge.runs.registry import read_history
 
     from .test_e2e_data import lmforge_serve
 
@@ -618,7 +618,7 @@ def test_serve_follow_switches_through_a_promotion_and_a_rollback_and_no_stream_
     same prompt differently, each always the same way, so a stream that named the wrong model would show."""
     import openai
 
-    from pipeline.registry import promote, read_history
+    from lmforge.runs.registry import promote, read_history
 
     ws, env, cfg, state = operated["ws"], operated["env"], operated["cfg"], operated["state"]
     first = read_champion(cfg, state)  # the one the rollback test above went back to

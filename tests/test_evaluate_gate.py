@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import GateConfig
-from pipeline.contracts import ChampionRecord, Decision, read_curve, record_name
+from lmforge.config import GateConfig
+from lmforge.evaluation.scoring import DocScores, Encoded, paired_difference
+from lmforge.runs.contracts import ChampionRecord, Decision, read_curve, record_name
+from lmforge.runs.registry import champion_record, promote, read_champion
 from pipeline.evaluate import NGramBaseline, evaluate
 from pipeline.gate import decide
-from pipeline.registry import champion_record, promote, read_champion
-from pipeline.scoring import DocScores, Encoded, paired_difference
 from pipeline.train import train
 
 
@@ -204,7 +204,7 @@ def test_champion_record_in_s3(s3_server, tiny_workspace):
 
 def test_rollback_goes_back_one_promotion_at_a_time(s3_server, tiny_workspace):
     from infra.s3 import StorageError
-    from pipeline.registry import read_history, rollback
+    from lmforge.runs.registry import read_history, rollback
 
     ws, params = tiny_workspace
     cfg = s3_server.cfg.model_copy(update={"registry_prefix": "registry-rollback"})
@@ -235,7 +235,7 @@ def test_racing_promotions_cannot_both_win(s3_server, tiny_workspace):
     from concurrent.futures import ThreadPoolExecutor
 
     from infra.s3 import ConflictError
-    from pipeline.registry import read_history
+    from lmforge.runs.registry import read_history
 
     ws, params = tiny_workspace
     cfg = s3_server.cfg.model_copy(update={"registry_prefix": "registry-race"})
@@ -290,7 +290,7 @@ def test_a_task_the_challenger_fails_blocks_promotion(tiny_workspace, s3_server,
     """gate.tasks: a multiple-choice task file run through lm-eval's own `hf` model on the challenger's
     directory. The right answers are long runs of letters the model never saw, which no model trained on
     this corpus prefers over a short common word: acc 0 of 4, under the 0.5 threshold, names the task."""
-    from pipeline.config import load_params, write_overrides
+    from lmforge.config import load_params, write_overrides
     from pipeline.gate import run as gate_stage
 
     ws, _ = tiny_workspace
@@ -337,7 +337,7 @@ def test_a_fine_tune_is_scored_against_its_base_and_must_beat_it(tiny_workspace,
     (checked against the plain computation), and the gate wants the fine-tune better than it, the whole
     interval below zero: 300 steps on a 10-step base are; 30 steps at a learning rate of 1 on a 300-step
     base, which wreck it, are not."""
-    from pipeline.config import load_params, write_overrides
+    from lmforge.config import load_params, write_overrides
     from pipeline.gate import run as gate_stage
     from pipeline.preprocess import preprocess
 

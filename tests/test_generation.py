@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
+from lmforge.config import ModelConfig
 from lmforge.serving.engine import Completion, Delta, Engine, SamplingParams, _Request, _Row
-from pipeline.config import ModelConfig
-from pipeline.model import build_model
+from lmforge.training.model import build_model
 from pipeline.preprocess import train_tokenizer
 
 WORDS = "the a model data shard token train loss step value river stone light quick brown fox".split()

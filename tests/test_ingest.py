@@ -5,9 +5,9 @@ import hashlib
 import pytest
 
 from infra.atomic import replace_dir
-from pipeline.config import IngestConfig
-from pipeline.corpus import CorpusError, read_documents
-from pipeline.documents import paragraphs
+from lmforge.config import IngestConfig
+from lmforge.data.corpus import CorpusError, read_documents
+from lmforge.data.documents import paragraphs
 from pipeline.ingest import stage_corpus, write_builtin_corpus
 
 CFG = IngestConfig(doc_chars=100)
@@ -37,7 +37,7 @@ def test_builtin_chat_corpus_is_deterministic_and_passes_its_own_validation(tmp_
     dropped by validation, none the start of another, and no answer given twice (no leak across splits)."""
     import json
 
-    from pipeline.config import resolve_params
+    from lmforge.config import resolve_params
     from pipeline.validate import validate_corpus
 
     write_builtin_corpus(tmp_path / "one", "builtin-chat")

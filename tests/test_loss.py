@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ModelConfig
-from pipeline.model import (
+from lmforge.config import ModelConfig
+from lmforge.training.model import (
     FusedNextTokenLoss,
     LinearCrossEntropy,
     NextTokenLoss,

@@ -1,12 +1,12 @@
-"""The run's plan and decisions (pipeline/plan.py), called directly: no Prefect, no DVC process."""
+"""The run's plan and decisions (lmforge/runs/plan.py), called directly: no Prefect, no DVC process."""
 
 from __future__ import annotations
 
 import yaml
 
-from pipeline import plan
-from pipeline.config import Params, Workspace
-from pipeline.contracts import ChampionRecord, Decision, Manifest, ValidationReport
+from lmforge.config import Params, Workspace
+from lmforge.runs import plan
+from lmforge.runs.contracts import ChampionRecord, Decision, Manifest, ValidationReport
 
 MODEL_MD5 = "ab" * 16 + ".dir"
 DATA_MD5 = "cd" * 16 + ".dir"

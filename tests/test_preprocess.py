@@ -6,12 +6,12 @@ import random
 import numpy as np
 import pytest
 
-from pipeline.config import GateConfig, resolve_params
-from pipeline.contamination import contamination, ngram_hashes
-from pipeline.corpus import CorpusError, read_documents
+from lmforge.config import GateConfig, resolve_params
+from lmforge.data.contamination import contamination, ngram_hashes
+from lmforge.data.corpus import CorpusError, read_documents
+from lmforge.data.shards import load_shard, sorted_unique
 from pipeline.gate import decide
 from pipeline.preprocess import EOS_TOKEN, SPLITS, preprocess, split_by_hash
-from pipeline.shards import load_shard, sorted_unique
 
 WORDS = "the a model data shard token train loss step value river stone light quick brown fox jumps over lazy dog".split()
 
@@ -173,7 +173,7 @@ def test_near_identical_paragraphs_leak_and_the_gate_refuses_with_the_figure(tmp
 
 def test_a_sampled_estimate_agrees_with_the_exact_figure(tmp_path, monkeypatch):
     """On splits too large to keep every held-out n-gram, a hash-based sample of them estimates the share."""
-    import pipeline.contamination as leak_module
+    import lmforge.data.contamination as leak_module
 
     corpus = leaky_corpus(tmp_path / "c", near=True)
     exact = preprocess(corpus, tmp_path / "t", tmp_path / "s", LEAK_PARAMS).contamination
@@ -204,7 +204,7 @@ def test_the_near_duplicate_filter_removes_that_leak(tmp_path):
 
 def test_contamination_counts_a_leak_in_the_last_train_chunk(monkeypatch):
     """Train streams past the held-out n-grams chunk by chunk: a leak at the very end counts too."""
-    import pipeline.contamination as leak_module
+    import lmforge.data.contamination as leak_module
 
     monkeypatch.setattr(leak_module, "CHUNK_UNITS", 200)
     rng = random.Random(3)

@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra.s3 import s3_client
-from pipeline.config import resolve_params
-from pipeline.corpus import CorpusError, open_corpus
+from lmforge.config import resolve_params
+from lmforge.data.corpus import CorpusError, open_corpus
+from lmforge.data.ray_engine import SINGLE_MACHINE, RayEngine
 from pipeline.preprocess import preprocess
-from pipeline.ray_engine import SINGLE_MACHINE, RayEngine
 from pipeline.validate import validate_corpus, write_report
 
 from .conftest import POEM_LINES, chat_records, free_port, stop_group, write_jsonl
@@ -193,8 +193,8 @@ def test_a_cluster_of_its_own_listens_on_loopback_only_and_stops_after(tmp_path)
     script = """
 import json, os, re, subprocess, sys
 from infra.processes import descendants
-from pipeline.config import resolve_params
-from pipeline.ray_engine import RayEngine
+from lmforge.config import resolve_params
+from lmforge.data.ray_engine import RayEngine
 engine = RayEngine(resolve_params({}, ["data.engine=ray", "data.ray_cpus=1"]).data)
 with engine:
     import ray

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_params, write_overrides
-from pipeline.registry import read_champion
+from lmforge.config import load_params, write_overrides
+from lmforge.runs.registry import read_champion
 
 from .conftest import S3Server
 from .test_e2e_data import BIN, free_port, object_count, run

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from infra.s3 import ensure_embedded_credentials, s3_client
-from pipeline.config import load_params, write_overrides
-from pipeline.registry import read_champion
+from lmforge.config import load_params, write_overrides
+from lmforge.runs.registry import read_champion
 
 from .conftest import S3Server, lag2_corpus, start_embedded_s3
 from .test_e2e_data import BIN, PASSING_TRAINING, git, make_workspace, run

@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from infra.processes import descendants
-from pipeline.config import ConfigError, Workspace, resolve_params, write_overrides
-from pipeline.throughput import measure_matmul_flops
+from lmforge.config import ConfigError, Workspace, resolve_params, write_overrides
+from lmforge.training.throughput import measure_matmul_flops
 from pipeline.train import truncate_log
 from tests.test_train import _launch
 
@@ -390,7 +390,7 @@ def _base_model(ws: Workspace, params, dest: Path) -> Path:
     """A local base model with the workspace's tokenizer and a 32-token context."""
     from transformers import AutoTokenizer
 
-    from pipeline.model import build_model
+    from lmforge.training.model import build_model
 
     build_model(params.model, 300, 0).save_pretrained(dest)
     AutoTokenizer.from_pretrained(ws.tokenizer_dir).save_pretrained(dest)

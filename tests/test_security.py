@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import write_overrides
+from lmforge.config import write_overrides
 
 from .conftest import listening_in_tree
 from .test_train import _launch
@@ -104,7 +104,7 @@ def test_exposure_is_explicit_and_warned(tmp_path):
     embedded S3 refuses outright."""
     from infra.embedded_s3 import EmbeddedS3
     from infra.s3 import StorageError
-    from pipeline.config import StorageConfig
+    from lmforge.config import StorageConfig
 
     with pytest.raises(StorageError, match="only runs on http://127.0.0.1"):
         EmbeddedS3(StorageConfig(endpoint_url="http://0.0.0.0:18333"), tmp_path)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from infra.bento_server import BentoServer
-from pipeline.config import Workspace
+from lmforge.config import Workspace
 from tests.conftest import PROMPT, REPO
 
 # every test here talks to a trained model in a real Bento (a session fixture of about a minute)
@@ -52,7 +52,7 @@ def post(url: str, path: str, body, **kwargs) -> httpx.Response:
 def test_bento_carries_the_lineage_and_a_dockerfile(trained, bento):
     import bentoml
 
-    from pipeline.config import params_hash
+    from lmforge.config import params_hash
 
     ws, params = trained
     stored = bentoml.get(bento["bento_tag"])
@@ -619,8 +619,8 @@ def test_lm_evaluation_harness_runs_against_the_server(server, trained, tmp_path
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.data import mean_loss
-    from pipeline.model import NextTokenLoss
+    from lmforge.training.model import NextTokenLoss
+    from lmforge.training.windows import mean_loss
 
     ws, _ = trained
     tokenizer = AutoTokenizer.from_pretrained(ws.model_dir)
@@ -661,8 +661,8 @@ def test_lm_evaluation_harness_runs_against_the_server(server, trained, tmp_path
     assert results["lmforge_ppl"]["word_perplexity,none"] == pytest.approx(
         math.exp(-total_ll / words), rel=0.01
     )
-    # the gate's unit, pipeline.scoring in process, is the harness's own bits_per_byte over the server
-    from pipeline.scoring import score_documents
+    # the gate's unit, lmforge.evaluation.scoring in process, is the harness's own bits_per_byte over the server
+    from lmforge.evaluation.scoring import score_documents
 
     ours = score_documents(model, tokenizer, ppl_docs, 4, torch.device("cpu"))
     assert results["lmforge_ppl"]["bits_per_byte,none"] == pytest.approx(ours.bits_per_byte, rel=1e-4)
@@ -700,9 +700,9 @@ def test_chat_template_sources_in_order(trained, tmp_path):
     lmforge's plain one; a template that raises is a ChatError with its message."""
     from transformers import AutoTokenizer
 
+    from lmforge.config import ConfigError
+    from lmforge.data.chat import template_setting
     from lmforge.serving.chat_template import PLAIN_CHAT_TEMPLATE, ChatError, render_text, resolve_template
-    from pipeline.chat import template_setting
-    from pipeline.config import ConfigError
 
     ws, _ = trained
     (tmp_path / "chat.jinja").write_text(

@@ -25,7 +25,7 @@ from infra.s3 import (
     s3_client,
     upload_file,
 )
-from pipeline.config import StorageConfig
+from lmforge.config import StorageConfig
 
 from .conftest import start_embedded_s3
 

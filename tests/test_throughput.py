@@ -1,4 +1,4 @@
-"""pipeline.throughput: the one peak measurement that the train stage and `lmforge bench` divide by.
+"""lmforge.training.throughput: the one peak measurement that the train stage and `lmforge bench` divide by.
 
 In a training run the progress bar once showed mfu=1.10: each rank measured the peak on its own at
 start-up, while the other was still importing, and multiplied it by the world size. peak_flops has
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.throughput import PEAK_TRIES, peak_flops
+from lmforge.training.throughput import PEAK_TRIES, peak_flops
 
 # each rank's measured rate, try by try: the best sum over ranks (15, 70, 21) is the second try's
 RATES = [[10.0, 30.0, 20.0], [5.0, 40.0, 1.0]]
@@ -28,7 +28,7 @@ LATE_RANK, LATE_SECONDS, TRY_SECONDS = 1, 1.5, 0.3
 def _rank(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    from pipeline import throughput
+    from lmforge.training import throughput
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(RATES))
     spans, rates = [], iter(RATES[rank])
@@ -75,7 +75,7 @@ def test_every_rank_measures_at_the_same_time(two_ranks):
 
 
 def test_a_single_process_keeps_its_best_try(monkeypatch):
-    from pipeline import throughput
+    from lmforge.training import throughput
 
     tries = iter(RATES[0])  # one rank's rates, try by try; no collective without a process group
     monkeypatch.setattr(throughput, "measure_matmul_flops", lambda device, repeats: next(tries))

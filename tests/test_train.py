@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from infra.torchrun import torchrun_command
-from pipeline.checkpoints import resume_latest, run_fingerprint, save_checkpoint
-from pipeline.config import ConfigError, load_params, resolve_params, write_overrides
-from pipeline.contracts import read_train_log
-from pipeline.data import TokenWindows
-from pipeline.model import build_model, load_model
-from pipeline.shards import load_shard
+from lmforge.config import ConfigError, load_params, resolve_params, write_overrides
+from lmforge.data.shards import load_shard
+from lmforge.runs.contracts import read_train_log
+from lmforge.training.checkpoints import resume_latest, run_fingerprint, save_checkpoint
+from lmforge.training.model import build_model, load_model
+from lmforge.training.windows import TokenWindows
 from pipeline.train import build_optimizer, lr_at, train
 from tests.conftest import tiny_base
 
@@ -331,10 +331,10 @@ def test_the_base_stage_pins_what_model_base_is_now(tiny_workspace, s3_server, m
     exactly then; champion is read from the pin, never from a champion that moved on since."""
     import uuid
 
+    from lmforge.runs.contracts import ChampionRecord, Decision
+    from lmforge.runs.registry import promote
     from pipeline.base_model import pin_base, resolve_base
-    from pipeline.contracts import ChampionRecord, Decision
     from pipeline.package import lineage
-    from pipeline.registry import promote
 
     ws, params = tiny_workspace
     monkeypatch.setenv("LMFORGE_STATE_DIR", str(s3_server.state))
@@ -424,9 +424,9 @@ def test_grad_accum_on_two_ranks_trains_as_one_batch_of_their_micro_batches(tiny
     """train.grad_accum=2 on 2 ranks (no gradient sync on the first micro-step, one on the last): every
     step's logged loss, and the final weights, are those of one process stepping on the four micro-batches
     of that step (2 ranks x 2 micro-steps, each loss a quarter)."""
-    from pipeline.contracts import Manifest
-    from pipeline.data import fixed_windows
-    from pipeline.model import training_loss
+    from lmforge.runs.contracts import Manifest
+    from lmforge.training.model import training_loss
+    from lmforge.training.windows import fixed_windows
     from pipeline.train import seed_everything
 
     ws, _ = tiny_workspace
@@ -593,7 +593,7 @@ def test_lora_on_a_tiny_llama_on_two_ranks(tiny_workspace, tmp_path, strategy):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_activation_checkpointing_gives_the_same_gradients(tiny_workspace, method):
     """Recomputing the blocks in backward changes memory, not math: one step's loss and gradients agree."""
-    from pipeline.model import FusedNextTokenLoss, with_lora
+    from lmforge.training.model import FusedNextTokenLoss, with_lora
 
     ws, params = tiny_workspace
     batch = TokenWindows(load_shard(ws.shards_dir, "train"), 32).batch(4, 0, 0, 0, 0)
@@ -648,7 +648,7 @@ def test_a_hub_base_comes_from_the_hub_cache_and_offline_says_so(tiny_workspace)
         torch.set_num_threads(threads)
     assert json.loads((ws.model_dir / "train_summary.json").read_text())["steps"] == 3
     # the lineage names the base and the commit it resolved to
-    from pipeline.contracts import Decision
+    from lmforge.runs.contracts import Decision
     from pipeline.package import lineage
 
     figures = {f"{k}_perplexity": 1.0 for k in ("val", "test")} | {

@@ -1,6 +1,6 @@
 """Chat templates as the server applies them: which template a model speaks, a conversation rendered as
 the prompt text, and the tokens that end an assistant turn. Preprocess renders training data through the
-same functions (pipeline/chat.py), so training and serving cannot drift."""
+same functions (lmforge/data/chat.py), so training and serving cannot drift."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The Ray engine (`data.engine: ray`): validate's and preprocess's per-document work on a Ray cluster.
 
 With Ray Data, in three operators that stream into each other:
-  files -> documents   one read task per file, with pipeline/corpus.py's readers, so a document is
+  files -> documents   one read task per file, with lmforge/data/corpus.py's readers, so a document is
                        exactly the local engine's (formats, layouts, sources, U+FFFD)
   documents -> facts   FactFinder, or the tokenizer's encode_batch, on each batch of data.ray_batch_docs
                        documents, in the same task (Ray fuses the two), on every CPU
@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ConfigError, DataConfig, IngestConfig, Params, ValidationConfig
-from pipeline.corpus import Corpus, CorpusError, CorpusFile, read_file_documents
-from pipeline.documents import DocumentFacts, FactFinder, KeepPlan, kept_text
+from lmforge.config import ConfigError, DataConfig, IngestConfig, Params, ValidationConfig
+from lmforge.data.corpus import Corpus, CorpusError, CorpusFile, read_file_documents
+from lmforge.data.documents import DocumentFacts, FactFinder, KeepPlan, kept_text
 
 # Ray's single-machine mode (what it uses on macOS): node address 127.0.0.1, so GCS, raylet, workers
 # and the object manager listen on loopback only. Read by Ray at import, so it is set before.
@@ -311,7 +311,7 @@ class _DocumentBatch:
 
 
 def _measure(batch: pa.Table, cfg: ValidationConfig, ingest: IngestConfig) -> pa.Table:
-    from pipeline.corpus import Document
+    from lmforge.data.corpus import Document
 
     find, rows = _fact_finder(cfg.model_dump_json(), ingest.model_dump_json()), []
     for row in batch.to_pylist():

@@ -21,7 +21,7 @@ from functools import cache, lru_cache
 import numpy as np
 import regex
 
-from pipeline.shards import sorted_unique
+from lmforge.data.shards import sorted_unique
 
 UNIT_NAME = "words"  # what the figure counts, for the report: n-grams of words (characters where no spaces)
 NO_SPACE_SCRIPTS = ("Han", "Hiragana", "Katakana", "Thai", "Lao", "Khmer", "Myanmar", "Tibetan")

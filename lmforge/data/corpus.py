@@ -17,7 +17,7 @@ Text layouts (`ingest.txt_layout`):
 A line longer than doc_chars is cut at whitespace, or between characters for scripts written without
 spaces (Chinese, Japanese). Nothing is ever read whole: memory stays flat however large a file is.
 
-With `ingest.format: chat`, each .jsonl line or .parquet row is one conversation (pipeline/chat.py): the
+With `ingest.format: chat`, each .jsonl line or .parquet row is one conversation (lmforge/data/chat.py): the
 document's text is the record as JSON, parsed by validation, which drops the records it cannot use.
 
 Invalid UTF-8 becomes U+FFFD, and the document is flagged (`utf8_ok`), so validation can name the file.
@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from infra.errors import LmforgeError
-from pipeline.config import IngestConfig
+from lmforge.config import IngestConfig
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem

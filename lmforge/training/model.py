@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge.config import ConfigError, LoraConfig, ModelConfig
 from lmforge.serving.engine import context_length
-from pipeline.config import ConfigError, LoraConfig, ModelConfig
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, eos_token_id: int, base_dir: Path | None = None):

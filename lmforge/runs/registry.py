@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from infra.s3 import ConflictError, StorageError, get_json, get_json_versioned, list_keys, put_json
-from pipeline.config import Params, StorageConfig, Workspace, model_shaping_params
-from pipeline.contracts import ChampionRecord, ValidationReport, read_curve, record_name
+from lmforge.config import Params, StorageConfig, Workspace, model_shaping_params
+from lmforge.runs.contracts import ChampionRecord, ValidationReport, read_curve, record_name
 
 
 def champion_key(cfg: StorageConfig) -> str:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.dvc import remote_object_url, stage_out_md5, stale_stages
-from pipeline.config import Params, Workspace
-from pipeline.contracts import ChampionRecord, Decision, Manifest, RunSummary, ValidationReport
+from lmforge.config import Params, Workspace
+from lmforge.runs.contracts import ChampionRecord, Decision, Manifest, RunSummary, ValidationReport
 
 # Runs first, every time, before the plan is made: it pins model.base (the champion's md5, a Hub commit:
 # outside DVC's view, always_changed in dvc.yaml), so `dvc status` after it sees whether the base changed.
@@ -59,7 +59,7 @@ def new_champion(
     ws: Workspace, params: Params, decision: Decision, data_md5: str, bento: dict, flow_run_id: str | None
 ) -> ChampionRecord:
     """The record publish makes current: the gated model, its Bento in S3, its lineage."""
-    from pipeline.registry import champion_record
+    from lmforge.runs.registry import champion_record
 
     record = champion_record(ws, params, decision.challenger, trained_model_md5(ws), data_md5, bento)
     record.flow_run_id = flow_run_id

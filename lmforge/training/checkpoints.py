@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from infra.atomic import replace_dir
-from pipeline.config import Params
-from pipeline.contracts import Manifest
+from lmforge.config import Params
+from lmforge.runs.contracts import Manifest
 
 
 def capture_rng() -> dict:

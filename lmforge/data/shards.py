@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.contracts import Manifest
+from lmforge.runs.contracts import Manifest
 
 
 def load_shard(shards_dir: Path, split: str, manifest: Manifest | None = None) -> list[np.memmap]:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmforge.config import ConfigError
 from lmforge.serving.chat_template import ChatError, encode_prompt, render_text
-from pipeline.config import ConfigError
 
 ROLES = ("system", "user", "assistant")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")

@@ -189,7 +189,7 @@ class TrainSummary(Contract):
 
     steps: int
     final_train_loss: float | None
-    tokens_per_s: int | None  # the steady-state median (pipeline.throughput)
+    tokens_per_s: int | None  # the steady-state median (lmforge.training.throughput)
     mfu: float | None
     world_size: int
     parameters: int

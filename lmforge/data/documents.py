@@ -16,9 +16,9 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from pipeline.chat import LONE_SURROGATE, canonical, conversation_text, parse_conversation
-from pipeline.config import IngestConfig, ValidationConfig
-from pipeline.corpus import Document
+from lmforge.config import IngestConfig, ValidationConfig
+from lmforge.data.chat import LONE_SURROGATE, canonical, conversation_text, parse_conversation
+from lmforge.data.corpus import Document
 
 # What a reader cannot see or a tokenizer should not learn: U+FFFD (what undecodable bytes became), the
 # C0 controls other than \t \n \r, DEL and the C1 controls, lone surrogates (JSON "\ud800" escapes) and
@@ -76,7 +76,7 @@ class DocumentFacts:
     bad_char: str = ""  # ", first at char N): <snippet there>", when there are any (or bytes were not UTF-8)
     digest: bytes = b""
     text: str | None = None  # carried only when near-duplicate detection needs the kept text
-    problem: str | None = None  # a conversation record that cannot be trained on: pipeline.chat's reason
+    problem: str | None = None  # a conversation record that cannot be trained on: lmforge.data.chat's reason
     problem_detail: str | None = None
 
 

@@ -1,7 +1,7 @@
 """Data engines: where validate and preprocess read, measure and tokenize the documents.
 
   local  this process, one document after another (the default);
-  ray    a Ray cluster (pipeline/ray_engine.py): files read in parallel, documents measured and tokenized
+  ray    a Ray cluster (lmforge/data/ray_engine.py): files read in parallel, documents measured and tokenized
          in parallel, the results streamed back in corpus order.
 
 Either engine only does the per-document work. The decisions that depend on order (DocumentFilter), the
@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from pipeline.config import Params
-from pipeline.corpus import Corpus, Document, read_file_documents
-from pipeline.documents import DocumentFacts, DocumentFilter, FactFinder, KeepPlan, kept_text
+from lmforge.config import Params
+from lmforge.data.corpus import Corpus, Document, read_file_documents
+from lmforge.data.documents import DocumentFacts, DocumentFilter, FactFinder, KeepPlan, kept_text
 
 
 class DataEngine(AbstractContextManager, Protocol):
@@ -74,7 +74,7 @@ class LocalEngine(AbstractContextManager):
 def data_engine(params: Params) -> DataEngine:
     """The engine data.engine names; Ray is imported only when it is asked for."""
     if params.data.engine == "ray":
-        from pipeline.ray_engine import RayEngine
+        from lmforge.data.ray_engine import RayEngine
 
         return RayEngine(params.data)
     return LocalEngine()

@@ -13,7 +13,7 @@ Scores are kept per document, so the difference between two models on the same d
 bootstrap interval (paired_difference).
 
 A chat corpus's held-out documents are conversations: each is rendered with the run's chat template
-(pipeline/chat.py), every model with its own tokenizer, and only the assistant's tokens are scored, over
+(lmforge/data/chat.py), every model with its own tokenizer, and only the assistant's tokens are scored, over
 the UTF-8 bytes of the assistant turns as rendered (the same bytes for every model).
 """
 
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lmforge.data.chat import conversation_text, render_conversation
+from lmforge.runs.contracts import Manifest
 from lmforge.serving.engine import context_length
-from pipeline.chat import conversation_text, render_conversation
-from pipeline.contracts import Manifest
-from pipeline.model import autocast_for
+from lmforge.training.model import autocast_for
 
 LN2 = math.log(2)
 LOGIT_BUDGET = 1 << 28  # logits held at once (fp32: 1 GiB): the batch shrinks for a large vocabulary
@@ -208,7 +208,7 @@ def score_model_dir(
     tokenizer and context (conversations: rendered with this run's template, the same bytes for all)."""
     from transformers import AutoTokenizer
 
-    from pipeline.model import load_model
+    from lmforge.training.model import load_model
 
     model, tokenizer = load_model(model_dir).to(device), AutoTokenizer.from_pretrained(model_dir)
     return {

@@ -11,7 +11,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from pipeline.config import ConfigError, TaskRule
+from lmforge.config import ConfigError, TaskRule
 
 
 def task_names(rules: list[TaskRule], root: Path) -> dict[str, str]:

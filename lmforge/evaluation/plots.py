@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.contracts import read_curve, read_train_log, write_curves
+from lmforge.runs.contracts import read_curve, read_train_log, write_curves
 
 
 def plot_loss_curve(log_path: Path, eval_dir: Path) -> None:

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import torch
 
-from pipeline.config import ModelConfig
-from pipeline.model import count_parameters
+from lmforge.config import ModelConfig
+from lmforge.training.model import count_parameters
 
 # The first fifth of a run's steps is warm-up (allocator, caches, thread pools); rates exclude it.
 WARMUP_PERCENT = 20

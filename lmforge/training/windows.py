@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import ConfigError
-from pipeline.contracts import Manifest
-from pipeline.model import NextTokenLoss, autocast_for, body_inputs
+from lmforge.config import ConfigError
+from lmforge.runs.contracts import Manifest
+from lmforge.training.model import NextTokenLoss, autocast_for, body_inputs
 
 IGNORE = -100  # the label of a token nothing is learnt from (transformers' and torch's ignore_index)
 
