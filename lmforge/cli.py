@@ -439,7 +439,8 @@ def generate(
     seed: Annotated[int | None, typer.Option()] = None,
 ) -> None:
     """A quick local check: continue PROMPT with the trained model, in this process."""
-    from lmforge.serving.engine import Delta, SamplingParams, load_engine
+    from lmforge.serving.engine import load_engine
+    from lmforge.serving.sampling import Delta, SamplingParams
 
     ws, params = _workspace_and_params()
     model_dir = model or ws.model_dir

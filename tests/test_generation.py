@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.serving.engine import Completion, Delta, Engine, SamplingParams, _Request, _Row
+from lmforge.serving.engine import Engine
+from lmforge.serving.rows import Request, Row
+from lmforge.serving.sampling import Completion, Delta, SamplingParams
 from lmforge.training.model import build_model
 from pipeline.preprocess import train_tokenizer
 
@@ -132,7 +134,7 @@ def test_prompt_logprobs_are_the_teacher_forced_ones_even_in_a_padded_batch(engi
     engine.queue.mutex.acquire()  # hold the queue so that all five are admitted in one prefill
     for ids, out in zip(prompts, results, strict=True):
         engine.queue.queue.append(
-            _Request(ids, SamplingParams(max_new_tokens=0, prompt_logprobs=2), out.put, False)
+            Request(ids, SamplingParams(max_new_tokens=0, prompt_logprobs=2), out.put, False)
         )
     engine.queue.not_empty.notify()
     engine.queue.mutex.release()
@@ -235,7 +237,7 @@ def test_greedy_tokens_are_hugging_face_generates(engine_parts):
     engine.queue.mutex.acquire()  # hold the queue so that all four are admitted in one prefill
     for prompt, n, out in zip(PROMPTS, budgets, results, strict=True):
         params = SamplingParams(max_new_tokens=n, temperature=0)
-        engine.queue.queue.append(_Request(engine.encode(prompt), params, out.put, False))
+        engine.queue.queue.append(Request(engine.encode(prompt), params, out.put, False))
     engine.queue.not_empty.notify()
     engine.queue.mutex.release()
     together = []
@@ -270,7 +272,7 @@ def test_a_cancelled_request_leaves_its_row_and_the_next_one_is_served(engine_pa
     assert len(events) < 5  # it stopped within a step or two of the cancel
     # and a cancelled request still in the queue is never admitted
     engine.queue.mutex.acquire()
-    gone = _Request(engine.encode(PROMPTS[2]), SamplingParams(max_new_tokens=5, temperature=0), abandoned.put)
+    gone = Request(engine.encode(PROMPTS[2]), SamplingParams(max_new_tokens=5, temperature=0), abandoned.put)
     gone.cancelled.set()
     engine.queue.queue.append(gone)
     engine.queue.mutex.release()
@@ -396,7 +398,7 @@ def test_only_the_prompts_that_are_scored_get_every_positions_logits(engine_part
     events: queue.Queue = queue.Queue()
     asks = (("the quick brown fox", 1), ("river stone", None), ("a model data", 0), ("light", None))
     requests = [
-        _Request(
+        Request(
             engine.encode(p),
             SamplingParams(max_new_tokens=3, temperature=0, prompt_logprobs=scored),
             events.put,
@@ -426,7 +428,7 @@ def test_every_tensor_the_engine_makes_is_made_on_the_models_device(engine_parts
     meets the logits from the CPU), and a seeded row's generator lives there too."""
     from torch.overrides import TorchFunctionMode
 
-    from lmforge.serving.engine import _Batch
+    from lmforge.serving.batch import Batch
 
     factories = {torch.tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.rand,
                  torch.randn, torch.randint, torch.as_tensor}  # fmt: skip
@@ -448,15 +450,15 @@ def test_every_tensor_the_engine_makes_is_made_on_the_models_device(engine_parts
               "frequency_penalty": 0.5, "repetition_penalty": 1.2, "logprobs": 2}  # fmt: skip
     asks = [SamplingParams(max_new_tokens=4, **shaped), SamplingParams(max_new_tokens=4, prompt_logprobs=1),
             SamplingParams(max_new_tokens=4, temperature=0, logprobs=0)]  # fmt: skip
-    requests = [_Request(engine.encode("the quick brown"), p, lambda event: None) for p in asks]
-    active = _Batch()
+    requests = [Request(engine.encode("the quick brown"), p, lambda event: None) for p in asks]
+    active = Batch()
     with Factories() as recorded:
         engine._admit(active, requests[1:2])
         engine._admit(active, [requests[0], requests[2]])
         while active.rows:
             engine._step(active)
     assert recorded.calls and all(device == engine.device for _, device in recorded.calls), recorded.calls
-    row = _Row(requests[0], tokenizer, 4, len(tokenizer), engine.device)
+    row = Row(requests[0], tokenizer, 4, len(tokenizer), engine.device)
     assert row.generator.device == row.bias.device == row.counts.device == row.seen.device == engine.device
 
 

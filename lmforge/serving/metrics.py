@@ -10,8 +10,8 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the vLLM service counts refusals too, without this engine's torch
-    from lmforge.serving.engine import Completion
     from lmforge.serving.models import Served
+    from lmforge.serving.sampling import Completion
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                    10.0, 20.0, 40.0, 80.0)  # fmt: skip

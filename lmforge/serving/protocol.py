@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from lmforge.serving.arguments import SERVE
-from lmforge.serving.engine import SamplingParams
+from lmforge.serving.sampling import SamplingParams
 
 # vLLM sets no number; harnesses send a task's stops plus EOS. Each is searched in the new text only.
 MAX_STOP_STRINGS = 256

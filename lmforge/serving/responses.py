@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from lmforge.serving.engine import Completion, Delta, Engine, SamplingParams
+from lmforge.serving.engine import Engine
+from lmforge.serving.sampling import Completion, Delta, SamplingParams
 
 
 @dataclass

@@ -31,7 +31,7 @@ from pydantic import AfterValidator, Field
 from lmforge.serving.arguments import API_KEYS, CHAT_TEMPLATE, FOLLOW_FILE, MODEL_TAG, SERVE
 from lmforge.serving.auth import refuse_exposure
 from lmforge.serving.chat_template import ChatError, end_of_turn_ids, render_text, resolve_template
-from lmforge.serving.engine import Completion, EngineStopped, GenerationError, SamplingParams, load_engine
+from lmforge.serving.engine import EngineStopped, GenerationError, load_engine
 from lmforge.serving.metrics import ServingMetrics
 from lmforge.serving.middleware import (
     RETRY_HEADERS,
@@ -54,6 +54,7 @@ from lmforge.serving.protocol import (
     error_body,
 )
 from lmforge.serving.responses import ChatShape, CompletionShape, Job, sse, usage
+from lmforge.serving.sampling import Completion, SamplingParams
 
 logger = logging.getLogger("bentoml.lmforge")  # BentoML shows its own loggers at INFO
 DISCONNECT_POLL_SECONDS = 0.05  # how soon a request whose client hung up leaves the batch
