@@ -38,7 +38,8 @@ from benchmarks import adapt, preprocess, serve, train, validate, vllm
 from benchmarks import pipeline as pipeline_section  # the section, not the stages' `pipeline` package
 from benchmarks.harness import FULL, QUICK, SOURCE_ROOT, Bench, Log, Run, figure, machine, side, write_results
 from benchmarks.targets import TARGETS, Target, judge
-from lmforge.config import Workspace, load_params, write_overrides
+from lmforge.params_file import load_params, write_overrides
+from lmforge.workspace import Workspace
 
 SECTION_RUNS: dict[str, Callable[[Bench], dict]] = {
     "validate": validate.run,

@@ -15,7 +15,7 @@ import time
 
 from benchmarks.harness import REPEATS, Bench, Run, figure, interleaved, side, span
 from benchmarks.train import ensure_shards, run_train_stage, stage_throughput
-from lmforge.config import write_overrides
+from lmforge.params_file import write_overrides
 from lmforge.runs.contracts import read_train_log
 
 SETUPS = {  # (train.method, train.strategy)

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import Workspace, load_params
+from lmforge.params_file import load_params
 from lmforge.runs.contracts import Manifest
 from lmforge.training.model import NextTokenLoss, autocast_for, build_model, compiled
 from lmforge.training.throughput import peak_flops
+from lmforge.workspace import Workspace
 from pipeline.train import agreed_loss, end_process_group, seed_everything, setup_distributed
 
 OUT_ENV = "LMFORGE_BENCH_OUT"  # where rank 0 writes its result

@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.config import Params, Workspace, load_params
+from lmforge.config import Params
+from lmforge.params_file import load_params
+from lmforge.workspace import Workspace
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the project whose code the bench measures
 

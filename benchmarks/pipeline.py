@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import QUICK, REPEATS, SOURCE_ROOT, Bench, Log, figure, interleaved, quiet, side, span
-from lmforge.config import write_overrides
+from lmforge.params_file import write_overrides
 
 CALLER_VARS = (
     "LMFORGE_ROOT",

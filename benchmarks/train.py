@@ -19,9 +19,11 @@ import torch
 
 from benchmarks.bare_loop import LOSS_ENV, LOSSES, OUT_ENV
 from benchmarks.harness import REPEATS, Bench, Run, figure, interleaved, quiet, side, span
-from lmforge.config import Params, Workspace, write_overrides
+from lmforge.config import Params
+from lmforge.params_file import write_overrides
 from lmforge.runs.contracts import Manifest, read_train_log
 from lmforge.training.throughput import peak_try_flop, steady, steady_median
+from lmforge.workspace import Workspace
 
 
 def run(b: Bench) -> dict:

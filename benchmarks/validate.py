@@ -15,8 +15,8 @@ import numpy as np
 
 from benchmarks.harness import REPEATS, Bench, Run, figure, interleaved, side, span
 from infra.processes import bin_path
-from lmforge.config import Workspace
 from lmforge.runs.contracts import Manifest
+from lmforge.workspace import Workspace
 
 CORPUS_BYTES = {True: 16 << 20, False: 1 << 30}  # quick, full
 BARE_DECODE = """import json, sys

@@ -11,8 +11,8 @@ import json
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
-from lmforge.config import Workspace
 from lmforge.runs.contracts import ChampionRecord, Decision, read_curve, read_metrics
+from lmforge.workspace import Workspace
 
 
 def validation(ws: Workspace) -> None:

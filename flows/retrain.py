@@ -23,9 +23,11 @@ from flows import artifacts
 from infra.dvc import dvc, workspace_lock
 from infra.processes import CommandError
 from infra.s3 import TransientStorageError
-from lmforge.config import Params, Workspace, load_params, params_hash
+from lmforge.config import Params, params_hash
+from lmforge.params_file import load_params
 from lmforge.runs import plan
 from lmforge.runs.contracts import Decision, RunSummary
+from lmforge.workspace import Workspace
 
 
 def retry_on(*errors: type[BaseException]):

@@ -53,7 +53,8 @@ def _fail(message: str, code: int = 1) -> None:
 
 
 def _workspace_and_params(overrides: list[str] | None = None, profile: str | None = None):
-    from lmforge.config import Workspace, load_params
+    from lmforge.params_file import load_params
+    from lmforge.workspace import Workspace
 
     ws = Workspace.find()
     return ws, load_params(ws.root, overrides or [], profile)
@@ -235,7 +236,7 @@ def run(
     -p/--profile are written into params.yaml first, as `dvc exp run -S` does, so that DVC sees them
     and dvc.lock records what ran.
     """
-    from lmforge.config import write_overrides
+    from lmforge.params_file import write_overrides
 
     ws, params = _workspace_and_params(overrides, profile)
     for change in write_overrides(ws.root, overrides or [], profile):

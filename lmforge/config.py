@@ -1,4 +1,5 @@
-"""Typed config: params.yaml -> profile overlay -> CLI overrides -> validated pydantic models.
+"""The config's schema: params.yaml's sections as validated pydantic models, with their defaults
+(params_file.py reads the file, applies the profile and the overrides, and validates through these).
 
 Every error names the key path (for example `preprocess.vocab_size`), so a typo in params.yaml or in
 `-p key=value` fails at load, before any stage starts.
@@ -6,27 +7,20 @@ Every error names the key path (for example `preprocess.vocab_size`), so a typo 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import os
 import re
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from infra.atomic import atomic_open
 from infra.errors import UsageError
 from lmforge.serving.settings import ServeConfig
 
@@ -320,205 +314,3 @@ def params_hash(params: Params) -> str:
     """12 hex digits that tell two runs' model-shaping params apart."""
     payload = json.dumps(model_shaping_params(params), sort_keys=True).encode()
     return hashlib.sha256(payload).hexdigest()[:12]
-
-
-# ---------------------------------------------------------------------------------------------
-# loading
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.max_steps=50` -> (["train", "max_steps"], 50); the value is parsed as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override {text!r} must look like section.key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML ({exc})") from None
-    return key.strip().split("."), value
-
-
-def _set_path(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for i, part in enumerate(path[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section")
-        node = child
-    node[path[-1]] = value
-
-
-def _deep_merge(base: dict, overlay: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in overlay.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def _format_errors(exc: ValidationError, origin: str) -> str:
-    lines = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        got = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
-        if err["type"] == "extra_forbidden":
-            got = " (unknown key)"
-        lines.append(f"  {path}: {err['msg']}{got}")
-    return f"{origin}: invalid config\n" + "\n".join(lines)
-
-
-def resolve_params(
-    raw: dict, overrides: list[str] = (), profile: str | None = None, origin: str = PARAMS_FILE
-) -> Params:
-    """Apply the profile overlay, then the overrides, then validate."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{origin}: must be a YAML mapping of sections")
-    tree = {k: v for k, v in raw.items() if k != "profiles"}
-    profiles = raw.get("profiles") or {}
-    if not isinstance(profiles, dict):
-        raise ConfigError(f"{origin}: profiles: must be a mapping of name -> overlay")
-    parsed = [parse_override(o) for o in overrides]
-    for path, value in parsed:  # a `-p profile=gpu` override picks the profile too
-        if path == ["profile"]:
-            profile = value
-    name = profile or tree.get("profile") or "demo"
-    if name not in profiles and name != "demo":
-        raise ConfigError(f"profile: unknown profile {name!r}; params.yaml defines {sorted(profiles)}")
-    overlay = profiles.get(name) or {}
-    if not isinstance(overlay, dict):
-        raise ConfigError(f"profiles.{name}: must be a mapping")
-    tree = _deep_merge(tree, overlay)
-    tree["profile"] = name
-    for path, value in parsed:
-        _set_path(tree, path, value)
-    try:
-        return Params.model_validate(tree)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc, origin)) from None
-
-
-def read_params_file(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"{path}: not found (run lmforge inside its workspace, or set LMFORGE_ROOT)")
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-
-
-def load_params(root: Path | None = None, overrides: list[str] = (), profile: str | None = None) -> Params:
-    path = (root or find_root()) / PARAMS_FILE
-    return resolve_params(read_params_file(path), overrides, profile, origin=str(path))
-
-
-def write_overrides(root: Path, overrides: list[str], profile: str | None = None) -> list[str]:
-    """Persist overrides into params.yaml (comments kept), as `dvc exp run -S` does.
-
-    The result is validated before anything is written, so a bad override leaves the file untouched.
-    Returns one line per change, for the log.
-    """
-    from ruamel.yaml import YAML
-
-    path = root / PARAMS_FILE
-    all_overrides = list(overrides) + ([f"profile={profile}"] if profile else [])
-    resolve_params(read_params_file(path), all_overrides, origin=str(path))
-    rt = YAML()
-    rt.preserve_quotes = True
-    doc = rt.load(path.read_text())
-    changes = []
-    for text in all_overrides:
-        keys, value = parse_override(text)
-        node = doc
-        for part in keys[:-1]:
-            if part not in node or node[part] is None:
-                node[part] = {}
-            node = node[part]
-        old = node.get(keys[-1], "<unset>")
-        if old != value:
-            node[keys[-1]] = value
-            changes.append(f"{'.'.join(keys)}: {old!r} -> {value!r}")
-    if changes:
-        with atomic_open(path) as fh:
-            rt.dump(doc, fh)
-    return changes
-
-
-# ---------------------------------------------------------------------------------------------
-# the workspace: where params.yaml, data/ and the generated artifacts live
-
-
-def find_root(start: Path | None = None) -> Path:
-    """LMFORGE_ROOT, else the nearest directory upwards holding params.yaml and dvc.yaml."""
-    if env := os.environ.get("LMFORGE_ROOT"):
-        return Path(env).resolve()
-    here = (start or Path.cwd()).resolve()
-    for candidate in (here, *here.parents):
-        if (candidate / PARAMS_FILE).is_file() and (candidate / "dvc.yaml").is_file():
-            return candidate
-    raise ConfigError(
-        f"no lmforge workspace (params.yaml + dvc.yaml) in {here} or above; cd into one or set LMFORGE_ROOT"
-    )
-
-
-@dataclass(frozen=True)
-class Workspace:
-    root: Path
-
-    @classmethod
-    def find(cls, start: Path | None = None) -> Workspace:
-        return cls(find_root(start))
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def artifacts(self) -> Path:
-        return self.root / "artifacts"
-
-    @property
-    def validation_dir(self) -> Path:
-        return self.artifacts / "validation"
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.artifacts / "tokenizer"
-
-    @property
-    def shards_dir(self) -> Path:
-        return self.artifacts / "shards"
-
-    @property
-    def base_pin(self) -> Path:
-        return self.artifacts / "base.json"
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.artifacts / "checkpoints"
-
-    @property
-    def model_dir(self) -> Path:
-        return self.artifacts / "model"
-
-    @property
-    def train_log(self) -> Path:
-        return self.artifacts / "train_log.jsonl"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.artifacts / "eval"
-
-    @property
-    def gate_file(self) -> Path:
-        return self.artifacts / "gate.json"
-
-    @property
-    def package_dir(self) -> Path:
-        return self.artifacts / "package"
-
-    @property
-    def state(self) -> Path:
-        """Servers' data, pids, logs and generated credentials; git-ignored."""
-        return Path(os.environ.get("LMFORGE_STATE_DIR") or self.root / ".lmforge").resolve()

@@ -20,8 +20,9 @@ from pathlib import Path
 from infra.atomic import write_text_atomic
 from infra.errors import LmforgeError
 from infra.processes import bin_path
-from lmforge.config import Params, Workspace
+from lmforge.config import Params
 from lmforge.serving.settings import FOLLOW_VAR
+from lmforge.workspace import Workspace
 
 
 def champion_model(ws: Workspace, params: Params) -> dict | None:

@@ -21,7 +21,8 @@ import tempfile
 from pathlib import Path
 
 from infra.s3 import download_prefix
-from lmforge.config import ConfigError, Params, Workspace
+from lmforge.config import ConfigError, Params
+from lmforge.workspace import Workspace
 
 CHAMPION = "champion"  # model.base: the current champion's model
 
@@ -135,7 +136,7 @@ def pinned_champion(ws: Workspace) -> str:
 
 
 def run() -> None:
-    from lmforge.config import load_params
+    from lmforge.params_file import load_params
 
     ws = Workspace.find()
     pin = pin_base(ws, load_params(ws.root))

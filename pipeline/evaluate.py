@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from lmforge.config import ConfigError, EvaluateConfig, Params, Workspace, load_params
+from lmforge.config import ConfigError, EvaluateConfig, Params
 from lmforge.data.shards import load_shard, sorted_unique
 from lmforge.evaluation.plots import plot_loss_curve
 from lmforge.evaluation.scoring import (
@@ -31,6 +31,7 @@ from lmforge.evaluation.scoring import (
     score_documents,
     score_model_dir,
 )
+from lmforge.params_file import load_params
 from lmforge.runs.contracts import (
     HELD_OUT,
     METRICS_FILE,
@@ -42,6 +43,7 @@ from lmforge.runs.contracts import (
 from lmforge.serving.chat_template import end_of_turn_ids, render_text
 from lmforge.serving.engine import context_length
 from lmforge.training.model import load_model
+from lmforge.workspace import Workspace
 from pipeline.stage import run_stage
 
 # ---------------------------------------------------------------------------------------------

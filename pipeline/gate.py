@@ -15,7 +15,8 @@ The decision and every reason go to artifacts/gate.json. The gate only decides; 
 
 from __future__ import annotations
 
-from lmforge.config import GateConfig, Params, Workspace, load_params
+from lmforge.config import GateConfig, Params
+from lmforge.params_file import load_params
 from lmforge.runs.contracts import (
     HELD_OUT,
     SCORES_FILE,
@@ -27,6 +28,7 @@ from lmforge.runs.contracts import (
     read_metrics,
     write_json,
 )
+from lmforge.workspace import Workspace
 from pipeline.stage import run_stage
 
 GATE_METRICS = "gate_metrics.json"

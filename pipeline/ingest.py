@@ -161,7 +161,7 @@ def record_source(source: str, ws, params, on_line=print) -> None:
     schedule and `dvc repro` then ingest the data the user chose, never the default in its place. A
     local path is recorded absolute. Nothing is written when the params (their profile's, say) already
     name it. (No stage depends on ingest.source: recording it reruns nothing.)"""
-    from lmforge.config import write_overrides
+    from lmforge.params_file import write_overrides
 
     remote = source in BUILTIN_CORPORA or source.startswith("s3://")
     value = source if remote else str(Path(source).expanduser().resolve())
@@ -177,7 +177,7 @@ def restore_data(ws, on_line=print) -> str | None:
     time). Returns how data/ was restored, or None when there was nothing to do."""
     from infra.dvc import dvc
     from infra.processes import CommandError
-    from lmforge.config import load_params
+    from lmforge.params_file import load_params
 
     pointer = ws.root / "data.dvc"
     if ws.data.exists() or not pointer.is_file():

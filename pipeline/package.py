@@ -18,9 +18,10 @@ from contextlib import chdir
 from pathlib import Path
 
 from infra.errors import LmforgeError
-from lmforge.config import Params, Workspace, params_hash
+from lmforge.config import Params, params_hash
 from lmforge.data.chat import template_setting
 from lmforge.runs.contracts import Decision, write_json
+from lmforge.workspace import Workspace
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]
 MODEL_CARD = "MODEL_CARD.md"

@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from infra.atomic import replace_dir
-from lmforge.config import ConfigError, IngestConfig, Params, Workspace, load_params
+from lmforge.config import ConfigError, IngestConfig, Params
 from lmforge.data.chat import (
     conversation_text,
     labelled_text,
@@ -42,8 +42,10 @@ from lmforge.data.contamination import contamination
 from lmforge.data.corpus import Corpus, CorpusError, open_corpus
 from lmforge.data.documents import DocumentFilter, KeepPlan
 from lmforge.data.engines import DataEngine, data_engine
+from lmforge.params_file import load_params
 from lmforge.runs.contracts import HELD_OUT, SPLITS, Manifest, ValidationReport, read_held_out
 from lmforge.serving.chat_template import PLAIN_CHAT_TEMPLATE, ChatError, end_of_turn_ids, resolve_template
+from lmforge.workspace import Workspace
 from pipeline.base_model import resolve_base
 from pipeline.stage import run_stage
 

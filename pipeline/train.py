@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from infra.atomic import replace_dir
-from lmforge.config import ConfigError, Params, TrainConfig, Workspace, load_params
+from lmforge.config import ConfigError, Params, TrainConfig
 from lmforge.data.shards import load_shard
+from lmforge.params_file import load_params
 from lmforge.runs.contracts import Manifest, TrainSummary, read_train_log
 from lmforge.serving.chat_template import render_text
 from lmforge.serving.settings import ADAPTER_DIR
@@ -54,6 +55,7 @@ from lmforge.training.windows import (
     packing_isolates,
     rows_of,
 )
+from lmforge.workspace import Workspace
 from pipeline.base_model import resolve_base
 from pipeline.stage import run_stage
 

@@ -33,12 +33,14 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from infra.atomic import atomic_open, write_text_atomic
-from lmforge.config import Params, Workspace, load_params
+from lmforge.config import Params
 from lmforge.data.chat import RECORD_PROBLEMS
 from lmforge.data.corpus import Corpus, open_corpus
 from lmforge.data.documents import DocumentFacts, DocumentFilter, Verdict
 from lmforge.data.engines import DataEngine, data_engine
+from lmforge.params_file import load_params
 from lmforge.runs.contracts import ArtifactError, Check, ValidationReport
+from lmforge.workspace import Workspace
 from pipeline.stage import run_stage
 
 EXAMPLES_PER_REASON = 3

@@ -78,7 +78,8 @@ def operated(tmp_path_factory) -> Iterator[dict]:
     own state dir, so no other workspace's CLI finds its Prefect server."""
     from infra.prefect_server import PrefectServer
     from infra.processes import port_is_free
-    from lmforge.config import PrefectConfig, load_params, write_overrides
+    from lmforge.config import PrefectConfig
+    from lmforge.params_file import load_params, write_overrides
 
     from .test_e2e_data import BIN, PASSING_TRAINING, make_workspace, run
 
@@ -217,7 +218,8 @@ def lag2_corpus(path: Path, docs: int = 600, seed: int = 0) -> Path:
 def tiny_template(tmp_path_factory) -> Path:
     """A workspace with tiny params and preprocessed shards, built once per session (the BPE tokenizer
     training is the slow part); tiny_workspace hands each test its own copy."""
-    from lmforge.config import Workspace, load_params, write_overrides
+    from lmforge.params_file import load_params, write_overrides
+    from lmforge.workspace import Workspace
     from pipeline.preprocess import preprocess
 
     root = tmp_path_factory.mktemp("tiny-template") / "ws"
@@ -234,7 +236,8 @@ def tiny_template(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_workspace(tiny_template, tmp_path, monkeypatch):
     """A workspace of its own with tiny params and preprocessed shards: what train/evaluate/gate start from."""
-    from lmforge.config import Workspace, load_params
+    from lmforge.params_file import load_params
+    from lmforge.workspace import Workspace
 
     root = tmp_path / "ws"
     shutil.copytree(tiny_template, root)
@@ -385,7 +388,8 @@ SERVING = [
 def trained(tmp_path_factory):
     """A workspace whose model went through the real train, evaluate and gate stages: built once per
     session, shared by the serving, reliability and client tests (copy it before changing it)."""
-    from lmforge.config import Workspace, load_params, write_overrides
+    from lmforge.params_file import load_params, write_overrides
+    from lmforge.workspace import Workspace
     from pipeline.evaluate import evaluate
     from pipeline.gate import decide
     from pipeline.preprocess import preprocess

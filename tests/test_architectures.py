@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from infra.bento_server import BentoServer
-from lmforge.config import load_params, write_overrides
+from lmforge.params_file import load_params, write_overrides
 from tests.conftest import TINY_BASES, tiny_base
 
 pytestmark = pytest.mark.slow

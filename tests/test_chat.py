@@ -14,9 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lmforge.config import Workspace, load_params, write_overrides
 from lmforge.data.chat import canonical, parse_conversation, render_conversation
+from lmforge.params_file import load_params, write_overrides
 from lmforge.serving.chat_template import PLAIN_CHAT_TEMPLATE, end_of_turn_ids, render_text
+from lmforge.workspace import Workspace
 
 from .conftest import CHATML, REPO, TINY, TINY_BASES, chat_records, chatml_tokenizer, tiny_base, write_jsonl
 

@@ -5,14 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmforge.config import (
-    ConfigError,
-    Params,
-    load_params,
-    read_params_file,
-    resolve_params,
-    write_overrides,
-)
+from lmforge.config import ConfigError, Params
+from lmforge.params_file import load_params, read_params_file, resolve_params, write_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra.s3 import s3_client
-from lmforge.config import write_overrides
+from lmforge.params_file import write_overrides
 
 from .conftest import POEM_LINES
 from .test_e2e_data import BIN, make_workspace, run, summary_value

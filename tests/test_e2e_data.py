@@ -27,7 +27,7 @@ import yaml
 
 from infra.dvc import copy_project
 from infra.s3 import s3_client
-from lmforge.config import write_overrides
+from lmforge.params_file import write_overrides
 from lmforge.runs.contracts import Decision
 
 from .conftest import TINY, free_port, lag2_corpus

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import yaml
 
-from lmforge.config import write_overrides
+from lmforge.params_file import write_overrides
 from lmforge.runs.registry import read_champion
 
 from .conftest import TINY, lag2_corpus

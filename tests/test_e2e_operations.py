@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from infra.dvc import stage_out_md5
-from lmforge.config import load_params, write_overrides
+from lmforge.params_file import load_params, write_overrides
 from lmforge.runs.contracts import Decision
 from lmforge.runs.registry import read_champion
 
@@ -196,7 +196,7 @@ def test_ingest_retries_an_os_error(operated, tmp_path):
     (a leftover directory in the way, as a crashed ingest of the same pid leaves one), the task retries,
     and with the leftover gone the retry swaps the corpus in and records it with `dvc add`."""
     from infra.dvc import data_md5
-    from lmforge.config import Workspace
+    from lmforge.workspace import Workspace
     from pipeline.ingest import ingest
 
     from .test_e2e_data import REPO, words_corpus
@@ -231,7 +231,7 @@ def test_a_champion_bento_only_in_s3_is_imported_before_serving(operated, monkey
     import bentoml
     from bentoml.exceptions import NotFound
 
-    from lmforge.config import Workspace
+    from lmforge.workspace import Workspace
     from pipeline.package import PackageError, ensure_local_bento
 
     monkeypatch.setenv("LMFORGE_STATE_DIR", str(operated["state"]))  # the S3 keys, as in the CLI's env

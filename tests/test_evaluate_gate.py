@@ -290,7 +290,7 @@ def test_a_task_the_challenger_fails_blocks_promotion(tiny_workspace, s3_server,
     """gate.tasks: a multiple-choice task file run through lm-eval's own `hf` model on the challenger's
     directory. The right answers are long runs of letters the model never saw, which no model trained on
     this corpus prefers over a short common word: acc 0 of 4, under the 0.5 threshold, names the task."""
-    from lmforge.config import load_params, write_overrides
+    from lmforge.params_file import load_params, write_overrides
     from pipeline.gate import run as gate_stage
 
     ws, _ = tiny_workspace
@@ -337,7 +337,7 @@ def test_a_fine_tune_is_scored_against_its_base_and_must_beat_it(tiny_workspace,
     (checked against the plain computation), and the gate wants the fine-tune better than it, the whole
     interval below zero: 300 steps on a 10-step base are; 30 steps at a learning rate of 1 on a 300-step
     base, which wreck it, are not."""
-    from lmforge.config import load_params, write_overrides
+    from lmforge.params_file import load_params, write_overrides
     from pipeline.gate import run as gate_stage
     from pipeline.preprocess import preprocess
 

@@ -37,7 +37,7 @@ def test_builtin_chat_corpus_is_deterministic_and_passes_its_own_validation(tmp_
     dropped by validation, none the start of another, and no answer given twice (no leak across splits)."""
     import json
 
-    from lmforge.config import resolve_params
+    from lmforge.params_file import resolve_params
     from pipeline.validate import validate_corpus
 
     write_builtin_corpus(tmp_path / "one", "builtin-chat")

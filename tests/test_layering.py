@@ -1,7 +1,8 @@
 """The layering, read from the imports themselves (every import, including those inside functions):
 
   lmforge (the CLI)  ->  flows, benchmarks  ->  pipeline (the stages, one module each)
-      ->  the libraries: lmforge.config, lmforge.data, lmforge.training, lmforge.evaluation, lmforge.runs
+      ->  the libraries: lmforge.config (+ params_file, workspace), lmforge.data, lmforge.training,
+          lmforge.evaluation, lmforge.runs
       ->  infra (the machinery), lmforge.serving (the Bento)
 
 No library imports a stage. lmforge.serving imports nothing first-party but itself, so the Bento carries
@@ -20,7 +21,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("infra", "pipeline", "flows", "benchmarks", "lmforge")
 SERVING = "lmforge.serving"
-LIBRARIES = {"lmforge.config", "lmforge.data", "lmforge.training", "lmforge.evaluation", "lmforge.runs"}
+LIBRARIES = {"lmforge.config", "lmforge.params_file", "lmforge.workspace", "lmforge.data", "lmforge.training",
+             "lmforge.evaluation", "lmforge.runs"}  # fmt: skip
 # What each layer may import, besides itself and third-party libraries.
 ALLOWED = {
     SERVING: set(),

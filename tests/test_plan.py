@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import yaml
 
-from lmforge.config import Params, Workspace
+from lmforge.config import Params
 from lmforge.runs import plan
 from lmforge.runs.contracts import ChampionRecord, Decision, Manifest, ValidationReport
+from lmforge.workspace import Workspace
 
 MODEL_MD5 = "ab" * 16 + ".dir"
 DATA_MD5 = "cd" * 16 + ".dir"

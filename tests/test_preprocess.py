@@ -6,10 +6,11 @@ import random
 import numpy as np
 import pytest
 
-from lmforge.config import GateConfig, resolve_params
+from lmforge.config import GateConfig
 from lmforge.data.contamination import contamination, ngram_hashes
 from lmforge.data.corpus import CorpusError, read_documents
 from lmforge.data.shards import load_shard, sorted_unique
+from lmforge.params_file import resolve_params
 from pipeline.gate import decide
 from pipeline.preprocess import EOS_TOKEN, SPLITS, preprocess, split_by_hash
 

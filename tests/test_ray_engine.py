@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra.s3 import s3_client
-from lmforge.config import resolve_params
 from lmforge.data.corpus import CorpusError, open_corpus
 from lmforge.data.ray_engine import SINGLE_MACHINE, RayEngine
+from lmforge.params_file import resolve_params
 from pipeline.preprocess import preprocess
 from pipeline.validate import validate_corpus, write_report
 

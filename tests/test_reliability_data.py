@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.config import load_params, write_overrides
+from lmforge.params_file import load_params, write_overrides
 from lmforge.runs.registry import read_champion
 
 from .conftest import S3Server

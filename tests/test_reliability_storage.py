@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from infra.s3 import ensure_embedded_credentials, s3_client
-from lmforge.config import load_params, write_overrides
+from lmforge.params_file import load_params, write_overrides
 from lmforge.runs.registry import read_champion
 
 from .conftest import S3Server, lag2_corpus, start_embedded_s3

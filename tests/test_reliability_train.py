@@ -16,8 +16,10 @@ import torch
 import yaml
 
 from infra.processes import descendants
-from lmforge.config import ConfigError, Workspace, resolve_params, write_overrides
+from lmforge.config import ConfigError
+from lmforge.params_file import resolve_params, write_overrides
 from lmforge.training.throughput import measure_matmul_flops
+from lmforge.workspace import Workspace
 from pipeline.train import truncate_log
 from tests.test_train import _launch
 

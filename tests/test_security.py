@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.config import write_overrides
+from lmforge.params_file import write_overrides
 
 from .conftest import listening_in_tree
 from .test_train import _launch

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from infra.bento_server import BentoServer
-from lmforge.config import Workspace
+from lmforge.workspace import Workspace
 from tests.conftest import PROMPT, REPO
 
 # every test here talks to a trained model in a real Bento (a session fixture of about a minute)

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from infra.torchrun import torchrun_command
-from lmforge.config import ConfigError, load_params, resolve_params, write_overrides
+from lmforge.config import ConfigError
 from lmforge.data.shards import load_shard
+from lmforge.params_file import load_params, resolve_params, write_overrides
 from lmforge.runs.contracts import read_train_log
 from lmforge.training.checkpoints import resume_latest, run_fingerprint, save_checkpoint
 from lmforge.training.model import build_model, load_model

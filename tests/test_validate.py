@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmforge.config import ConfigError, load_params, resolve_params
+from lmforge.config import ConfigError
 from lmforge.data.corpus import CorpusError, Document, open_corpus
 from lmforge.data.documents import SNIPPET_CHARS, DocumentFilter, FactFinder, kept_text
 from lmforge.data.engines import kept_documents
+from lmforge.params_file import load_params, resolve_params
 from pipeline.validate import format_failure, format_summary, main, validate_corpus, write_report
 
 from .conftest import POEM_LINES

@@ -53,7 +53,8 @@ def engine_state(tmp_path_factory) -> Path:
 
 def package_copy(ws_root: Path, dest: Path, overrides: list[str]) -> tuple:
     """The workspace copied, the overrides written to its params, and the model packaged again."""
-    from lmforge.config import Workspace, load_params, write_overrides
+    from lmforge.params_file import load_params, write_overrides
+    from lmforge.workspace import Workspace
     from pipeline.package import package
 
     shutil.copytree(ws_root, dest, ignore=shutil.ignore_patterns(".lmforge"))
@@ -282,7 +283,8 @@ def test_a_lora_fine_tune_is_served_as_an_adapter_equal_to_the_merged_model(tmp_
     import torch
     import transformers
 
-    from lmforge.config import Workspace, load_params, write_overrides
+    from lmforge.params_file import load_params, write_overrides
+    from lmforge.workspace import Workspace
     from pipeline.evaluate import evaluate
     from pipeline.gate import decide
     from pipeline.preprocess import preprocess, train_tokenizer

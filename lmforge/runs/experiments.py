@@ -16,7 +16,9 @@ from pathlib import Path
 
 from infra.dvc import dvc
 from infra.processes import CommandError, venv_env
-from lmforge.config import PARAMS_FILE, ConfigError, Workspace, read_params_file, resolve_params
+from lmforge.config import PARAMS_FILE, ConfigError
+from lmforge.params_file import read_params_file, resolve_params
+from lmforge.workspace import Workspace
 
 # what `lmforge sweep` tabulates of each experiment, from the metrics files in dvc.yaml
 # (bits per byte rank models whatever their tokenizers; perplexity per token only within one tokenizer)

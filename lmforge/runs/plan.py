@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.dvc import remote_object_url, stage_out_md5, stale_stages
-from lmforge.config import Params, Workspace
+from lmforge.config import Params
 from lmforge.runs.contracts import ChampionRecord, Decision, Manifest, RunSummary, ValidationReport
+from lmforge.workspace import Workspace
 
 # Runs first, every time, before the plan is made: it pins model.base (the champion's md5, a Hub commit:
 # outside DVC's view, always_changed in dvc.yaml), so `dvc status` after it sees whether the base changed.

@@ -12,8 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from infra.s3 import ConflictError, StorageError, get_json, get_json_versioned, list_keys, put_json
-from lmforge.config import Params, StorageConfig, Workspace, model_shaping_params
+from lmforge.config import Params, StorageConfig, model_shaping_params
 from lmforge.runs.contracts import ChampionRecord, ValidationReport, read_curve, record_name
+from lmforge.workspace import Workspace
 
 
 def champion_key(cfg: StorageConfig) -> str:
