@@ -379,8 +379,8 @@ def attempt_store(rank: int, world_size: int):
     """torchrun's agent store, with keys of its own for this restart attempt.
 
     torchrun keeps one agent store across restarts, and gloo publishes each rank's address under a fixed
-    key: a restarted rank could read its peer's address from the dead attempt and wait on it forever
-    (seen here: both ranks stuck in gloo's connectFullMesh). A prefix per attempt keeps them apart.
+    key: a restarted rank could read its peer's address from the dead attempt and wait on it forever in
+    gloo's connectFullMesh. A prefix per attempt keeps them apart.
     Across nodes each agent counts its own restarts, so the count is no common key there; multi-node
     runs get a fresh store from rank 0 every round instead (see infra.torchrun), and need no prefix.
     """
@@ -401,7 +401,7 @@ def end_process_group() -> None:
 
     DDP's reducer must not drop the last reference to the gloo group: its destructor would then join
     gloo's threads while holding the GIL, and a thread that needs the GIL to free a tensor deadlocks
-    the rank (seen here once in a few dozen runs). destroy_process_group releases the GIL, after a
+    the rank. destroy_process_group releases the GIL, after a
     barrier whose wait lets those threads finish."""
     gc.collect()
     torch.distributed.barrier()

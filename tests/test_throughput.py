@@ -1,8 +1,8 @@
 """lmforge.training.throughput: the one peak measurement that the train stage and `lmforge bench` divide by.
 
-In a training run the progress bar once showed mfu=1.10: each rank measured the peak on its own at
-start-up, while the other was still importing, and multiplied it by the world size. peak_flops has
-every rank measure at the same time (a barrier before each try), sums the ranks and keeps the best try.
+A rank that measured the peak alone at start-up (its peer still importing) and multiplied it by the
+world size would overstate it, and MFU could exceed 1. peak_flops has every rank measure at the same
+time (a barrier before each try), sums the ranks and keeps the best try.
 These tests drive it with two real gloo ranks and a stand-in for the matmul timing, so what is checked
 is the protocol, not this machine's speed. (That a real run's MFU stays at or below 1 is checked on the
 train stage's own log in test_bench.)
