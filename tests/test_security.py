@@ -122,7 +122,8 @@ def test_exposure_is_explicit_and_warned(tmp_path):
     assert "refusing to serve on 0.0.0.0, which other machines can reach, without an API key" in refused.stderr
     assert "no Bento no-such-bento:x" not in refused.stderr  # refused before the Bento was looked up
     # the opt-out is explicit and warned; a key is enough. Then the unknown Bento is refused before
-    # anything binds: nothing was exposed here
+    # anything binds: nothing was exposed here (a real Bento on 0.0.0.0, with a key and without, is
+    # test_serving's test_a_server_on_0_0_0_0_serves_with_a_key_and_refuses_to_start_without)
     opted_out = serve(LMFORGE_ALLOW_UNAUTHENTICATED="1")
     assert "warning: serving on 0.0.0.0 without API keys" in opted_out.stderr
     keyed = serve(LMFORGE_API_KEYS="k-1")

@@ -23,7 +23,7 @@ import pytest
 
 from infra.bento_server import BentoServer
 from lmforge.workspace import Workspace
-from tests.conftest import PROMPT, REPO
+from tests.conftest import PROMPT, REPO, listening_in_tree
 
 # every test here talks to a trained model in a real Bento (a session fixture of about a minute)
 pytestmark = pytest.mark.slow
@@ -912,9 +912,9 @@ def test_api_keys_guard_every_route_but_the_health_probes(bento, tmp_path):
     assert not any(key in log for key in ("k-env-1", "k-env-2", "k-from-the-file", "k-wrong"))
 
 
-def test_a_server_on_0_0_0_0_without_keys_refuses_to_start(bento, tmp_path):
+def test_a_server_on_0_0_0_0_serves_with_a_key_and_refuses_to_start_without(bento, tmp_path):
     """`bentoml serve --host 0.0.0.0` (what the container runs) with no key: the worker names the fix and
-    stops the server; LMFORGE_ALLOW_UNAUTHENTICATED=1 serves, warned."""
+    stops the server; LMFORGE_ALLOW_UNAUTHENTICATED=1 serves, warned; with a key it serves, to the key."""
     from infra.bento_server import BentoServerError
 
     clean = {k: v for k, v in os.environ.items() if not k.startswith("LMFORGE_A")}
@@ -927,6 +927,13 @@ def test_a_server_on_0_0_0_0_without_keys_refuses_to_start(bento, tmp_path):
         assert httpx.get(f"{served.url}/v1/models", timeout=30).status_code == 200
         log = served.log.read_text()
     assert "serving on 0.0.0.0 without API keys" in log
+    # with a key it serves on every interface, and only to the key
+    keyed = dict(clean, LMFORGE_API_KEYS="k-1")
+    with BentoServer(bento["bento_tag"], tmp_path / "keyed", env=keyed, host="0.0.0.0") as served:
+        assert any(a.startswith("0.0.0.0:") for a in listening_in_tree(served.proc.pid))
+        assert httpx.get(f"{served.url}/v1/models", timeout=30).status_code == 401
+        with_key = httpx.get(f"{served.url}/v1/models", headers={"Authorization": "Bearer k-1"}, timeout=30)
+        assert with_key.status_code == 200
 
 
 # ---------------------------------------------------------------------------------------------
