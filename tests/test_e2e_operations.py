@@ -119,7 +119,8 @@ from pathlib import Path
 from prefect import flow
 from flows.retrain import publish_task
 from infra.dvc import data_md5
-from lmforge.config import Workspace, load_params
+from lmforge.params_file import load_params
+from lmforge.workspace import Workspace
 from lmforge.runs.contracts import Decision
 
 ws = Workspace(Path(sys.argv[1]))
@@ -141,7 +142,8 @@ import sys
 from pathlib import Path
 from prefect import flow
 from flows.retrain import ingest_task
-from lmforge.config import Workspace, load_params
+from lmforge.params_file import load_params
+from lmforge.workspace import Workspace
 
 ws = Workspace(Path(sys.argv[1]))
 

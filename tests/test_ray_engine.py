@@ -193,7 +193,7 @@ def test_a_cluster_of_its_own_listens_on_loopback_only_and_stops_after(tmp_path)
     script = """
 import json, os, re, subprocess, sys
 from infra.processes import descendants
-from lmforge.config import resolve_params
+from lmforge.params_file import resolve_params
 from lmforge.data.ray_engine import RayEngine
 engine = RayEngine(resolve_params({}, ["data.engine=ray", "data.ray_cpus=1"]).data)
 with engine:

@@ -96,7 +96,7 @@ class RayEngine(AbstractContextManager):
             try:
                 if address:
                     # the workers import lmforge's own modules: ship them, so any cluster can run them
-                    here = Path(__file__).resolve().parents[1]
+                    here = Path(__file__).resolve().parents[2]  # the repository root
                     env["py_modules"] = [str(here / name) for name in ("pipeline", "infra", "lmforge")]
                     self.context = ray.init(address=address, runtime_env=env, **common)
                 else:
