@@ -34,6 +34,15 @@ def settled(measure):
     return run
 
 
+def at_clients(n: int, on_vllm: list, on_builtin: list, note: str) -> dict:
+    return figure(
+        f"vllm: aggregate tokens/s at {n} clients, vLLM vs the builtin engine",
+        side(f"vLLM Bento, {n} clients", "tokens", on_vllm),
+        side(f"builtin-engine Bento, {n} clients", "tokens", on_builtin),
+        note=note,
+    )
+
+
 def run(b: Bench) -> dict:
     import bentoml
     import httpx
@@ -42,7 +51,7 @@ def run(b: Bench) -> dict:
     from infra.engine_env import vllm_env
     from infra.processes import Supervisor, answers_200, free_port
     from lmforge.serving.settings import VllmSettings
-    from lmforge.serving.vllm_server import api_server_command
+    from lmforge.serving.vllm_server import api_server_command, api_server_env
     from pipeline.package import package
 
     ws = b.ws
@@ -84,8 +93,7 @@ def run(b: Bench) -> dict:
     command = api_server_command(
         Path(model.path), str(model.tag), bare_port, serve, str(env_root / "bin" / "python")
     )
-    vllm_env_vars = {"LMFORGE_VLLM_PORT": str(vllm_port), "VLLM_CPU_KVCACHE_SPACE": str(VLLM["cpu_kvcache_space_gb"]),
-                     "VLLM_NO_USAGE_STATS": "1"}  # fmt: skip
+    vllm_env_vars = api_server_env(serve) | {"LMFORGE_VLLM_PORT": str(vllm_port)}
     b.log("vllm: starting the builtin Bento, the vLLM Bento and a bare vLLM server (about a minute each)")
     started = time.perf_counter()
     try:
@@ -140,18 +148,13 @@ def run(b: Bench) -> dict:
             side("builtin-engine Bento, streamed /v1/completions", "", first_builtin),
             note="seconds; lower is better",
         ),
-        "clients_16": figure(
-            "vllm: aggregate tokens/s at 16 clients, vLLM vs the builtin engine",
-            side("vLLM Bento, 16 clients", "tokens", c16_vllm),
-            side("builtin-engine Bento, 16 clients", "tokens", c16_builtin),
-            note=f"{requests_each} requests per client; {note}",
-        ),
-        "clients_64": figure(
-            "vllm: aggregate tokens/s at 64 clients, vLLM vs the builtin engine",
-            side("vLLM Bento, 64 clients", "tokens", c64_vllm),
-            side("builtin-engine Bento, 64 clients", "tokens", c64_builtin),
-            note=f"{requests_each} requests per client; {note}; the clients share the server's cores",
-        ),
+        "clients_16": at_clients(16, c16_vllm, c16_builtin, f"{requests_each} requests per client; {note}"),
+        "clients_64": at_clients(
+            64,
+            c64_vllm,
+            c64_builtin,
+            f"{requests_each} requests per client; {note}; the clients share the server's cores",
+        ),  # fmt: skip
         "proxy": figure(
             "vllm: single-stream tokens/s, lmforge's vLLM Bento vs a bare vLLM server",
             vllm_single,

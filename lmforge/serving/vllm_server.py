@@ -16,6 +16,11 @@ def base_name(tag: str) -> str:
     return f"{tag}-base"
 
 
+def api_server_env(serve: ServeConfig) -> dict[str, str]:
+    """The environment vLLM's server runs with: its CPU KV cache (where there is no GPU), no usage stats."""
+    return {"VLLM_CPU_KVCACHE_SPACE": str(serve.vllm.cpu_kvcache_space_gb), "VLLM_NO_USAGE_STATS": "1"}
+
+
 def api_server_command(
     path: Path, tag: str, port: int, serve: ServeConfig, python: str = sys.executable
 ) -> list[str]:

@@ -22,7 +22,7 @@ from lmforge.serving.auth import refuse_exposure
 from lmforge.serving.metrics import refusals
 from lmforge.serving.middleware import ApiKeys, Backpressure, BodyLimit, CountInFlight, InFlight, JsonOnly
 from lmforge.serving.protocol import DEFAULT_TEMPERATURE, GenerateRequest, check_unicode
-from lmforge.serving.vllm_server import api_server_command
+from lmforge.serving.vllm_server import api_server_command, api_server_env
 
 VLLM_PORT = int(os.environ.get("LMFORGE_VLLM_PORT", "8000"))  # where vLLM listens, on loopback only
 TRAFFIC = {"timeout": 300} | ({"concurrency": SERVE.concurrency} if SERVE.concurrency else {})
@@ -41,10 +41,7 @@ def refused(reason: str) -> None:
     traffic=TRAFFIC,
     endpoints={"livez": "/health", "readyz": "/health"},
     http={"proxy_port": VLLM_PORT},
-    envs=[
-        {"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(SERVE.vllm.cpu_kvcache_space_gb)},
-        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
-    ],
+    envs=[{"name": name, "value": value} for name, value in api_server_env(SERVE).items()],
 )
 class LMForgeVLLM:
     model_ref = bentoml.models.BentoModel(MODEL_TAG)
