@@ -2,11 +2,12 @@
 
 `python -m benchmarks.bare_loop` under torchrun, launched by benchmarks.train with the train stage's own
 launcher. It is the loop a user writes (forward, backward, AdamW, on random tokens) with the stage's
-model, batch, steps, device, dtype and process group (pipeline.train's own setup), and nothing else: no
-data windows, clipping, schedule, logging or checkpoints. It runs once per loss in LOSS_ENV, one after
-the other in the same processes, each from the stage's initial weights:
-  fused    the stage's own loss module (pipeline.train.agreed_loss: the fused, chunked output layer and
-           cross-entropy), so that the stage's overhead is measured against the same arithmetic;
+model, batch, steps, device, dtype and process group (lmforge.training.distributed, as the stage sets
+them up), and nothing else: no data windows, clipping, schedule, logging or checkpoints. It runs once
+per loss in LOSS_ENV, one after the other in the same processes, each from the stage's initial weights:
+  fused    the stage's own loss module (lmforge.training.distributed.agreed_loss: the fused, chunked
+           output layer and cross-entropy), so that the stage's overhead is measured against the same
+           arithmetic;
   unfused  the model's own loss (`model(input_ids, labels=...)`), the loop a user writes first.
 
 First it measures this machine's matmul peak the way the stage does (lmforge.training.throughput.peak_flops).
@@ -28,10 +29,12 @@ import torch
 
 from lmforge.params_file import load_params
 from lmforge.runs.contracts import Manifest
-from lmforge.training.model import NextTokenLoss, autocast_for, build_model, compiled
+from lmforge.training.checkpoints import seed_everything
+from lmforge.training.distributed import agreed_loss, end_process_group, setup_distributed
+from lmforge.training.loss import NextTokenLoss, compiled
+from lmforge.training.model import autocast_for, build_model
 from lmforge.training.throughput import peak_flops
 from lmforge.workspace import Workspace
-from pipeline.train import agreed_loss, end_process_group, seed_everything, setup_distributed
 
 OUT_ENV = "LMFORGE_BENCH_OUT"  # where rank 0 writes its result
 LOSS_ENV = "LMFORGE_BENCH_LOSSES"  # the losses to run, one after the other: fused,unfused

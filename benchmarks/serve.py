@@ -36,8 +36,8 @@ def run(b: Bench) -> dict:
     from transformers.utils import logging as hf_logging
 
     from infra.bento_server import BentoServer
+    from lmforge.architecture import context_length
     from lmforge.data.shards import load_shard
-    from lmforge.serving.engine import context_length
     from lmforge.training.model import load_model
     from lmforge.training.windows import fixed_windows
     from pipeline.package import use_bentoml_home
@@ -54,7 +54,7 @@ def run(b: Bench) -> dict:
     new = min(
         params.serve.default_max_new_tokens,
         params.serve.max_new_tokens_cap,
-        context_length(model) - longest - 1,
+        context_length(model.config) - longest - 1,
     )
     if b.quick:
         new = min(new, 24)
@@ -101,7 +101,7 @@ def run(b: Bench) -> dict:
 
     # prompt scoring, as evaluation harnesses do it: full-context windows of val tokens, one batch
     windows = fixed_windows(
-        load_shard(ws.shards_dir, "val"), context_length(model), params.serve.max_batch_size
+        load_shard(ws.shards_dir, "val"), context_length(model.config), params.serve.max_batch_size
     )
     scored = windows.shape[0] * (windows.shape[1] - 1)
 

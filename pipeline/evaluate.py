@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from lmforge.architecture import context_length
 from lmforge.config import ConfigError, EvaluateConfig, Params
 from lmforge.data.shards import load_shard, sorted_unique
 from lmforge.evaluation.plots import plot_loss_curve
@@ -41,7 +42,6 @@ from lmforge.runs.contracts import (
     write_json,
 )
 from lmforge.serving.chat_template import end_of_turn_ids, render_text
-from lmforge.serving.engine import context_length
 from lmforge.training.model import load_model
 from lmforge.workspace import Workspace
 from pipeline.stage import run_stage
@@ -121,7 +121,7 @@ def generate_samples(
             )
             inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
         # never past the model's context: positions beyond it do not exist (an IndexError in GPT-2)
-        room = context_length(model) - inputs["input_ids"].shape[1]
+        room = context_length(model.config) - inputs["input_ids"].shape[1]
         if room < 1:
             raise ConfigError(f"evaluate.prompts: {prompt!r} fills the model's whole context")
         out = {"prompt": prompt}

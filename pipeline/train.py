@@ -11,20 +11,13 @@ would have seen.
 
 from __future__ import annotations
 
-import gc
 import json
-import math
 import os
-import random
 import shutil
 import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 from infra.atomic import replace_dir
@@ -34,18 +27,24 @@ from lmforge.params_file import load_params
 from lmforge.runs.contracts import Manifest, TrainSummary, read_train_log
 from lmforge.serving.chat_template import render_text
 from lmforge.serving.settings import ADAPTER_DIR
-from lmforge.training.checkpoints import capture_rng, resume_latest, run_fingerprint, save_checkpoint
-from lmforge.training.model import (
-    FusedNextTokenLoss,
-    NextTokenLoss,
-    autocast_for,
-    build_model,
-    compiled,
-    count_parameters,
-    training_loss,
-    transformer_blocks,
-    with_lora,
+from lmforge.training.checkpoints import resume_latest, run_fingerprint, save_checkpoint, seed_everything
+from lmforge.training.distributed import (
+    Dist,
+    agree_on_step,
+    agreed_loss,
+    end_process_group,
+    every_rank,
+    every_rank_rng,
+    gathered_copy,
+    gradient_sync,
+    parallelize,
+    rank_checksums,
+    setup_distributed,
+    weight_sum,
 )
+from lmforge.training.loss import compiled
+from lmforge.training.model import autocast_for, build_model, count_parameters, with_lora
+from lmforge.training.optimizer import build_optimizer
 from lmforge.training.throughput import flops_per_token, mfu, peak_flops, steady_median
 from lmforge.training.windows import (
     ConversationRows,
@@ -191,25 +190,6 @@ def train_step(forward, wrapper, model, optimizer, scheduler, windows: TokenWind
     return loss_sum.item()
 
 
-@contextmanager
-def gradient_sync(wrapper, sync: bool):
-    """Within it, backward syncs gradients across the ranks only if `sync`: DDP's no_sync, FSDP2's
-    set_requires_gradient_sync (read in backward, so backward runs inside)."""
-    if sync:
-        yield
-    elif isinstance(wrapper, torch.nn.parallel.DistributedDataParallel):
-        with wrapper.no_sync():
-            yield
-    elif hasattr(wrapper, "set_requires_gradient_sync"):  # an FSDPModule
-        wrapper.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            wrapper.set_requires_gradient_sync(True)
-    else:  # one process: nothing to sync
-        yield
-
-
 def training_data(ws: Workspace, manifest: Manifest, params: Params, dist: Dist, packed: bool = True):
     """This rank's train batches and the fixed val batch of the loss curve: windows of text, or rows of
     whole conversations."""
@@ -223,26 +203,6 @@ def training_data(ws: Workspace, manifest: Manifest, params: Params, dist: Dist,
     return train, val
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def every_rank(mine, dist: Dist) -> list:
-    """Each rank's value, in rank order (every rank must call this)."""
-    if dist.world_size == 1:
-        return [mine]
-    values = [None] * dist.world_size
-    torch.distributed.all_gather_object(values, mine)
-    return values
-
-
-def every_rank_rng(dist: Dist) -> list[dict]:
-    """Each rank's RNG states, in rank order, for rank 0 to checkpoint (every rank must call this)."""
-    return every_rank(capture_rng(), dist)
-
-
 def peak_memory_mib(device: torch.device) -> float:
     """This process's peak memory so far, in MiB: what the GPU allocated, or the resident set on a CPU
     (Python and the libraries included)."""
@@ -251,188 +211,6 @@ def peak_memory_mib(device: torch.device) -> float:
     import resource
 
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
-
-
-def agree_on_step(step: int, dist: Dist) -> None:
-    """Every rank resumed from the same step, or none goes on: a rank that found another checkpoint (no
-    shared checkpoint directory across nodes) would otherwise wait forever at a collective."""
-    if dist.world_size == 1:
-        return
-    steps = every_rank(step, dist)
-    if len(set(steps)) > 1:
-        by_rank = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
-        raise ConfigError(
-            f"the ranks resumed from different checkpoints ({by_rank}): every node needs the same "
-            "artifacts/checkpoints (a shared filesystem), or remove them to start again"
-        )
-
-
-def agreed_loss(model, sample: torch.Tensor, dist: Dist) -> tuple[NextTokenLoss, str]:
-    """The training loss (fused where the model allows it), the same on every rank: DDP's gradient sync
-    hangs unless every rank runs the same graph."""
-    loss_module, loss_kind = training_loss(model, sample)
-    if dist.world_size > 1:
-        fused = torch.tensor(
-            [isinstance(loss_module, FusedNextTokenLoss)], dtype=torch.int32, device=dist.device
-        )
-        torch.distributed.all_reduce(fused, op=torch.distributed.ReduceOp.MIN)
-        if not fused.item() and isinstance(loss_module, FusedNextTokenLoss):
-            loss_module, loss_kind = NextTokenLoss(model), "the model's own (another rank's check said so)"
-    return loss_module, loss_kind
-
-
-def weight_sum(model) -> float:
-    with torch.no_grad():
-        return torch.stack([p.double().sum() for p in model.parameters()]).sum().item()
-
-
-def rank_checksums(model, dist: Dist) -> list[float]:
-    """Every rank's sum of its weights: equal when DDP did its job (checked, not trusted)."""
-    if dist.world_size == 1:
-        return [weight_sum(model)]
-    checksum = torch.tensor([weight_sum(model)], dtype=torch.float64, device=dist.device)
-    checksums = [torch.zeros_like(checksum) for _ in range(dist.world_size)]
-    torch.distributed.all_gather(checksums, checksum)
-    return [c.item() for c in checksums]
-
-
-# ---------------------------------------------------------------------------------------------
-# replicas (DDP) or shards (FSDP2)
-
-
-def parallelize(loss_module: NextTokenLoss, model, cfg: TrainConfig, dist: Dist) -> torch.nn.Module:
-    """The loss module as the ranks train it: alone, wrapped in DDP, or sharded in place with FSDP2.
-
-    FSDP2 shards each transformer block, then the loss module as the root, which holds what is left (the
-    embeddings, the final norm, the head). The root, not the model, because the fused loss calls the
-    model's body and head apart: the root's hooks gather them for the whole loss either way."""
-    if cfg.strategy == "ddp":
-        return torch.nn.parallel.DistributedDataParallel(loss_module) if dist.world_size > 1 else loss_module
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(dist.device.type, (dist.world_size,))  # explicit: the default is CUDA's
-    bf16 = dist.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    options = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
-    for block in transformer_blocks(model):
-        fully_shard(block, **options)
-    return fully_shard(loss_module, **options)
-
-
-def gathered_copy(model, params: Params, manifest: Manifest, base_dir: Path | None, dist: Dist):
-    """Rank 0's whole, unsharded copy of an FSDP model (and its peft wrapper for a LoRA run), to export;
-    (None, None) on the other ranks. Every rank takes part in the gather."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not dist.is_main:
-        return None, None
-    copy = build_model(params.model, manifest.vocab_size, manifest.eos_token_id, base_dir)
-    adapted = with_lora(copy, params.train.lora) if params.train.method == "lora" else None
-    if adapted is not None:
-        copy = adapted.get_base_model()
-    copy.load_state_dict(weights)
-    return copy, adapted
-
-
-# ---------------------------------------------------------------------------------------------
-# the process group and device
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    local_rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(threads_per_rank: int) -> Dist:
-    """Join torchrun's process group (or run alone); the backend follows the device."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        torch.set_num_threads(threads_per_rank)
-        backend = "gloo"
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(
-            backend=backend,
-            store=attempt_store(rank, world),
-            rank=rank,
-            world_size=world,
-            device_id=device if backend == "nccl" else None,
-        )
-    return Dist(rank, local_rank, world, device)
-
-
-def attempt_store(rank: int, world_size: int):
-    """torchrun's agent store, with keys of its own for this restart attempt.
-
-    torchrun keeps one agent store across restarts, and gloo publishes each rank's address under a fixed
-    key: a restarted rank could read its peer's address from the dead attempt and wait on it forever in
-    gloo's connectFullMesh. A prefix per attempt keeps them apart.
-    Across nodes each agent counts its own restarts, so the count is no common key there; multi-node
-    runs get a fresh store from rank 0 every round instead (see infra.torchrun), and need no prefix.
-    """
-    from torch.distributed import PrefixStore, TCPStore
-
-    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    base = TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-        is_master=rank == 0 and not agent_hosts_it, multi_tenant=not agent_hosts_it,
-    )  # fmt: skip
-    if not agent_hosts_it:
-        return base
-    return PrefixStore(f"lmforge/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
-
-
-def end_process_group() -> None:
-    """Destroy the process group, once every DDP wrapper of the caller is deleted.
-
-    DDP's reducer must not drop the last reference to the gloo group: its destructor would then join
-    gloo's threads while holding the GIL, and a thread that needs the GIL to free a tensor deadlocks
-    the rank. destroy_process_group releases the GIL, after a
-    barrier whose wait lets those threads finish."""
-    gc.collect()
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
-# ---------------------------------------------------------------------------------------------
-# schedule and optimizer
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to lr, then cosine decay to min_lr at max_steps."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    """AdamW; matrices decay, biases and norms do not (the usual GPT-2 recipe)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(
-        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda"
-    )
-    # LambdaLR multiplies the base lr; lr_at gives absolute values, hence the division.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
-    return optimizer, scheduler
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +265,7 @@ def preflight(params: Params, ws: Workspace) -> None:
     """
     from transformers import AutoConfig, AutoTokenizer
 
-    from lmforge.serving.engine import context_length
+    from lmforge.architecture import context_length
 
     manifest = Manifest.read(ws.shards_dir)
     mcfg, world = params.model, params.train.nproc_per_node * params.train.nnodes
@@ -497,7 +275,7 @@ def preflight(params: Params, ws: Workspace) -> None:
     context = mcfg.block_size
     if mcfg.base:
         base = AutoConfig.from_pretrained(resolve_base(mcfg.base, ws, params))
-        context = context_length(SimpleNamespace(config=base))  # it reads model.config only
+        context = context_length(base)
         if mcfg.block_size > context:
             raise ConfigError(
                 f"model.block_size {mcfg.block_size} exceeds the base model's context {context}"

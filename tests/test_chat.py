@@ -245,7 +245,7 @@ def test_a_packed_row_scores_as_its_conversations_alone(chinese, tmp_path):
     alone (summed over the assistant's tokens, within 1e-5): no token attends across into another one."""
     from transformers import AutoModelForCausalLM
 
-    from lmforge.training.model import FusedNextTokenLoss, NextTokenLoss
+    from lmforge.training.loss import FusedNextTokenLoss, NextTokenLoss
     from lmforge.training.windows import ConversationRows, packing_isolates
 
     ws, _, manifest, _ = chinese

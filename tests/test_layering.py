@@ -4,9 +4,10 @@
       ->  the libraries: lmforge.config (+ params_file, workspace), lmforge.data, lmforge.training,
           lmforge.evaluation, lmforge.runs
       ->  infra (the machinery), lmforge.serving (the Bento)
+      ->  lmforge.architecture (what every layer reads from a model's config)
 
-No library imports a stage. lmforge.serving imports nothing first-party but itself, so the Bento carries
-exactly that package (and serving imports nothing from training). And DVC's view of it: each stage's
+No library imports a stage. lmforge.serving imports nothing first-party but itself and
+lmforge.architecture, so the Bento carries exactly those (and serving imports nothing from training). And DVC's view of it: each stage's
 code deps in dvc.yaml are exactly the modules the stage imports.
 """
 
@@ -21,23 +22,25 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("infra", "pipeline", "flows", "benchmarks", "lmforge")
 SERVING = "lmforge.serving"
+ARCHITECTURE = "lmforge.architecture"
 LIBRARIES = {"lmforge.config", "lmforge.params_file", "lmforge.workspace", "lmforge.data", "lmforge.training",
              "lmforge.evaluation", "lmforge.runs"}  # fmt: skip
 # What each layer may import, besides itself and third-party libraries.
 ALLOWED = {
-    SERVING: set(),
+    ARCHITECTURE: set(),
+    SERVING: {ARCHITECTURE},
     "infra": set(),
-    **{library: {"infra", SERVING} | LIBRARIES for library in LIBRARIES},
-    "pipeline": {"infra", SERVING} | LIBRARIES,
-    "flows": {"pipeline", "infra", SERVING} | LIBRARIES,
-    "benchmarks": {"pipeline", "infra", SERVING} | LIBRARIES,
-    "lmforge": {"pipeline", "infra", "flows", "benchmarks", SERVING} | LIBRARIES,
+    **{library: {"infra", SERVING, ARCHITECTURE} | LIBRARIES for library in LIBRARIES},
+    "pipeline": {"infra", SERVING, ARCHITECTURE} | LIBRARIES,
+    "flows": {"pipeline", "infra", SERVING, ARCHITECTURE} | LIBRARIES,
+    "benchmarks": {"pipeline", "infra", SERVING, ARCHITECTURE} | LIBRARIES,
+    "lmforge": {"pipeline", "infra", "flows", "benchmarks", SERVING, ARCHITECTURE} | LIBRARIES,
 }
 
 
 def layer(module: str) -> str:
     """The layer of a dotted module name: lmforge.serving, one of the libraries, else its package."""
-    for name in (SERVING, *LIBRARIES):
+    for name in (SERVING, ARCHITECTURE, *LIBRARIES):
         if module == name or module.startswith(name + "."):
             return name
     return module.split(".")[0]
@@ -145,13 +148,15 @@ def test_dvc_stage_code_deps_are_the_modules_it_imports():
         )
 
 
-def test_the_bento_includes_exactly_the_serving_package():
+@pytest.mark.parametrize("bentofile, service", [("bentofile.yaml", "lmforge.serving.service"),
+                                                 ("bentofile.vllm.yaml", "lmforge.serving.vllm_service")])  # fmt: skip
+def test_the_bento_includes_exactly_the_serving_package(bentofile, service):
     from pipeline.package import service_files
 
-    included = set(service_files(REPO / "bentofile.yaml"))
+    included = set(service_files(REPO / bentofile))
     package = {str(p.relative_to(REPO)) for p in (REPO / "lmforge" / "serving").glob("*.py")}
-    assert included == package | {"lmforge/__init__.py"}
-    assert {str(p.relative_to(REPO)) for p in closure("lmforge.serving.service")} <= included
+    assert included == package | {"lmforge/__init__.py", "lmforge/architecture.py"}
+    assert {str(p.relative_to(REPO)) for p in closure(service)} <= included
 
 
 @pytest.mark.parametrize("module", ["pipeline.validate", "pipeline.preprocess", "flows.retrain"])

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.config import ModelConfig
-from lmforge.training.model import (
+from lmforge.training.loss import (
     FusedNextTokenLoss,
     LinearCrossEntropy,
     NextTokenLoss,
-    build_model,
     chunk_rows_for,
     compiled,
     training_loss,
 )
+from lmforge.training.model import build_model
 
 
 @pytest.mark.parametrize("chunk_rows", [7, 64, 1000])

@@ -619,7 +619,7 @@ def test_lm_evaluation_harness_runs_against_the_server(server, trained, tmp_path
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lmforge.training.model import NextTokenLoss
+    from lmforge.training.loss import NextTokenLoss
     from lmforge.training.windows import mean_loss
 
     ws, _ = trained

@@ -19,8 +19,9 @@ from lmforge.params_file import load_params, resolve_params, write_overrides
 from lmforge.runs.contracts import read_train_log
 from lmforge.training.checkpoints import resume_latest, run_fingerprint, save_checkpoint
 from lmforge.training.model import build_model, load_model
+from lmforge.training.optimizer import build_optimizer, lr_at
 from lmforge.training.windows import TokenWindows
-from pipeline.train import build_optimizer, lr_at, train
+from pipeline.train import train
 from tests.conftest import tiny_base
 
 TRAIN = resolve_params(
@@ -426,9 +427,9 @@ def test_grad_accum_on_two_ranks_trains_as_one_batch_of_their_micro_batches(tiny
     step's logged loss, and the final weights, are those of one process stepping on the four micro-batches
     of that step (2 ranks x 2 micro-steps, each loss a quarter)."""
     from lmforge.runs.contracts import Manifest
-    from lmforge.training.model import training_loss
+    from lmforge.training.checkpoints import seed_everything
+    from lmforge.training.loss import training_loss
     from lmforge.training.windows import fixed_windows
-    from pipeline.train import seed_everything
 
     ws, _ = tiny_workspace
     write_overrides(ws.root, ["train.nproc_per_node=2", "train.grad_accum=2", "train.max_steps=4",
@@ -498,7 +499,7 @@ def test_raising_max_steps_continues_the_run(tiny_workspace, capsys):
 
 
 def _agree(rank: int, store_path: str, steps: list[int], errors) -> None:
-    from pipeline.train import Dist, agree_on_step
+    from lmforge.training.distributed import Dist, agree_on_step
 
     torch.distributed.init_process_group("gloo", store=torch.distributed.FileStore(store_path, 2), rank=rank,
                                          world_size=2)  # fmt: skip
@@ -594,7 +595,8 @@ def test_lora_on_a_tiny_llama_on_two_ranks(tiny_workspace, tmp_path, strategy):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_activation_checkpointing_gives_the_same_gradients(tiny_workspace, method):
     """Recomputing the blocks in backward changes memory, not math: one step's loss and gradients agree."""
-    from lmforge.training.model import FusedNextTokenLoss, with_lora
+    from lmforge.training.loss import FusedNextTokenLoss
+    from lmforge.training.model import with_lora
 
     ws, params = tiny_workspace
     batch = TokenWindows(load_shard(ws.shards_dir, "train"), 32).batch(4, 0, 0, 0, 0)

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lmforge.architecture import context_length
 from lmforge.data.chat import conversation_text, render_conversation
 from lmforge.runs.contracts import Manifest
-from lmforge.serving.engine import context_length
 from lmforge.training.model import autocast_for
 
 LN2 = math.log(2)
@@ -161,7 +161,7 @@ def score_documents(
     the documents as encode_held_out gave them, when the caller has them already."""
     was_training = model.training
     model.eval()
-    context, prefix = context_length(model), prefix_token_id(tokenizer)
+    context, prefix = context_length(model.config), prefix_token_id(tokenizer)
     encoded = encode_held_out(tokenizer, docs, template) if encoded is None else encoded
     windows = []  # (document, model input, targets, the targets' offset in the document)
     for doc, ids in enumerate(encoded.ids):

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from lmforge.architecture import context_length
 from lmforge.serving.batch import Batch
 from lmforge.serving.errors import ServingError
 from lmforge.serving.rows import Request, Row
@@ -61,7 +62,7 @@ class Engine:
         self.on_batch = on_batch  # called with each batch's size: the service exports it as a metric
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.context = context_length(model)
+        self.context = context_length(model.config)
         # No token is longer than the longest vocabulary entry, so a prompt over context × that many
         # characters cannot fit: it is refused without spending seconds tokenizing a megabyte.
         self.max_prompt_chars = self.context * max(len(t) for t in tokenizer.get_vocab())
@@ -323,12 +324,6 @@ class Engine:
         )
         active.cache, active.logits = out.past_key_values, out.logits[:, -1, :]
         active.positions = (active.positions + 1).clamp(max=self.context - 1)
-
-
-def context_length(model) -> int:
-    """Tokens the model can attend over (GPT-2: n_positions; most others: max_position_embeddings)."""
-    config = model.config
-    return int(getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0) or 0)
 
 
 def load_engine(

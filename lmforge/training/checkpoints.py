@@ -216,3 +216,10 @@ def run_fingerprint(params: Params, shards_dir: Path) -> str:
     train["world_size"] = params.train.nproc_per_node * params.train.nnodes
     payload = json.dumps({"model": params.model.model_dump(), "train": train}, sort_keys=True).encode()
     return hashlib.sha256(payload + (shards_dir / Manifest.FILE).read_bytes()).hexdigest()[:16]
+
+
+def seed_everything(seed: int) -> None:
+    """Every RNG a run draws from: torch's, Python's and numpy's (capture_rng saves the same three)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)

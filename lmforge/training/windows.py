@@ -14,7 +14,8 @@ import torch
 
 from lmforge.config import ConfigError
 from lmforge.runs.contracts import Manifest
-from lmforge.training.model import NextTokenLoss, autocast_for, body_inputs
+from lmforge.training.loss import NextTokenLoss, body_inputs
+from lmforge.training.model import autocast_for
 
 IGNORE = -100  # the label of a token nothing is learnt from (transformers' and torch's ignore_index)
 
