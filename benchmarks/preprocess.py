@@ -128,8 +128,9 @@ def driver_parts(b: Bench) -> dict[str, float]:
     import numpy as np
     import pyarrow as pa
 
-    from lmforge.data.corpus import open_corpus, read_file_documents
+    from lmforge.data.corpus import open_corpus
     from lmforge.data.engines import LocalEngine
+    from lmforge.data.formats import read_file_documents
     from lmforge.data.ray_engine import _DocumentBatch, _measure, facts_from_table
     from pipeline.preprocess import ShardWriter, keep_plan, split_by_hash, tokenizer_sample, train_tokenizer
 

@@ -160,8 +160,9 @@ def validate(
     """Filter and check any corpus: kept and dropped documents by reason, with examples.
 
     Exit 0 when the corpus passes after filtering, 1 when it does not (or cannot be read)."""
+    from lmforge.data.validation_report import format_failure, format_summary, write_report
     from pipeline.ingest import readable_source
-    from pipeline.validate import format_failure, format_summary, validate_corpus, write_report
+    from pipeline.validate import validate_corpus
 
     ws, params = _workspace_and_params(overrides)
     with readable_source(source, params, ws.state) as corpus:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from infra.atomic import replace_dir
 from lmforge.config import IngestConfig
-from lmforge.data.corpus import Corpus, CorpusError, open_corpus, walk_files
+from lmforge.data.corpus import Corpus, open_corpus, walk_files
+from lmforge.data.formats import CorpusError
 
 # ---------------------------------------------------------------------------------------------
 # the builtin corpora: Python's own documentation, always present, built the same way every time
@@ -130,7 +131,8 @@ def ingest(source: str, ws, params, on_line=print) -> str:
     discarded before data/ is touched.
     """
     from infra.dvc import data_md5, dvc
-    from pipeline.validate import format_failure, format_summary, validate_corpus
+    from lmforge.data.validation_report import format_failure, format_summary
+    from pipeline.validate import validate_corpus
 
     reference = champion_chars(ws, params)
     staging = stage_corpus(source, ws.data, params.ingest, (params.storage, ws.state))

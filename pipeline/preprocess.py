@@ -39,9 +39,10 @@ from lmforge.data.chat import (
     template_setting,
 )
 from lmforge.data.contamination import contamination
-from lmforge.data.corpus import Corpus, CorpusError, open_corpus
+from lmforge.data.corpus import Corpus, open_corpus
 from lmforge.data.documents import DocumentFilter, KeepPlan
 from lmforge.data.engines import DataEngine, data_engine
+from lmforge.data.formats import CorpusError
 from lmforge.params_file import load_params
 from lmforge.runs.contracts import HELD_OUT, SPLITS, Manifest, ValidationReport, read_held_out
 from lmforge.serving.chat_template import PLAIN_CHAT_TEMPLATE, ChatError, end_of_turn_ids, resolve_template

@@ -161,7 +161,8 @@ def chat_params(root, extra=()):
 
 @pytest.mark.parametrize("bad_every, passes", [(50, True), (5, False)], ids=["2%-bad", "20%-bad"])
 def test_a_few_bad_records_are_dropped_and_many_refuse_the_corpus(tmp_path, bad_every, passes):
-    from pipeline.validate import format_failure, validate_corpus
+    from lmforge.data.validation_report import format_failure
+    from pipeline.validate import validate_corpus
 
     records = chat_records(400, bad_every=bad_every)
     corpus = write_jsonl(tmp_path / "chats.jsonl", records)
@@ -306,7 +307,7 @@ def test_a_short_chat_fine_tune_beats_its_base_on_the_assistant_tokens(tmp_path,
 
 @pytest.mark.parametrize("long, passes", [(3, True), (30, False)], ids=["1.5%-too-long", "15%-too-long"])
 def test_conversations_longer_than_the_context_are_dropped_by_the_same_policy(tmp_path, long, passes):
-    from lmforge.data.corpus import CorpusError
+    from lmforge.data.formats import CorpusError
     from pipeline.preprocess import preprocess
 
     records = chat_records(200, seed=5)
@@ -344,7 +345,7 @@ def test_a_template_that_never_ends_the_assistant_turn_is_refused(tmp_path):
 
 
 def test_text_files_are_not_conversations(tmp_path):
-    from lmforge.data.corpus import CorpusError
+    from lmforge.data.formats import CorpusError
     from pipeline.validate import validate_corpus
 
     (tmp_path / "notes.txt").write_text("User: hi\n\nAssistant: hello\n")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lmforge.config import ConfigError
-from lmforge.data.corpus import CorpusError
+from lmforge.data.formats import CorpusError
 from lmforge.runs.contracts import ArtifactError, ChampionRecord, Decision, Manifest
 from pipeline.stage import run_stage
 

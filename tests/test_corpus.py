@@ -16,15 +16,8 @@ import pytest
 import zstandard
 
 from lmforge.config import IngestConfig
-from lmforge.data.corpus import (
-    CorpusError,
-    bounded_lines,
-    cut_point,
-    detect_layout,
-    open_corpus,
-    pack_paragraphs,
-    read_documents,
-)
+from lmforge.data.corpus import open_corpus, read_documents
+from lmforge.data.formats import CorpusError, bounded_lines, cut_point, detect_layout, pack_paragraphs
 
 from .conftest import POEM_LINES
 

@@ -6,8 +6,9 @@ import pytest
 
 from infra.atomic import replace_dir
 from lmforge.config import IngestConfig
-from lmforge.data.corpus import CorpusError, read_documents
+from lmforge.data.corpus import read_documents
 from lmforge.data.documents import paragraphs
+from lmforge.data.formats import CorpusError
 from pipeline.ingest import stage_corpus, write_builtin_corpus
 
 CFG = IngestConfig(doc_chars=100)

@@ -8,7 +8,8 @@ import pytest
 
 from lmforge.config import GateConfig
 from lmforge.data.contamination import contamination, ngram_hashes
-from lmforge.data.corpus import CorpusError, read_documents
+from lmforge.data.corpus import read_documents
+from lmforge.data.formats import CorpusError
 from lmforge.data.shards import load_shard, sorted_unique
 from lmforge.params_file import resolve_params
 from pipeline.gate import decide

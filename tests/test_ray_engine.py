@@ -26,11 +26,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from infra.s3 import s3_client
-from lmforge.data.corpus import CorpusError, open_corpus
+from lmforge.data.corpus import open_corpus
+from lmforge.data.formats import CorpusError
 from lmforge.data.ray_engine import SINGLE_MACHINE, RayEngine
+from lmforge.data.validation_report import write_report
 from lmforge.params_file import resolve_params
 from pipeline.preprocess import preprocess
-from pipeline.validate import validate_corpus, write_report
+from pipeline.validate import validate_corpus
 
 from .conftest import POEM_LINES, chat_records, free_port, stop_group, write_jsonl
 

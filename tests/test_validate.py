@@ -12,11 +12,13 @@ import pytest
 import yaml
 
 from lmforge.config import ConfigError
-from lmforge.data.corpus import CorpusError, Document, open_corpus
+from lmforge.data.corpus import open_corpus
 from lmforge.data.documents import SNIPPET_CHARS, DocumentFilter, FactFinder, kept_text
 from lmforge.data.engines import kept_documents
+from lmforge.data.formats import CorpusError, Document
+from lmforge.data.validation_report import format_failure, format_summary, write_report
 from lmforge.params_file import load_params, resolve_params
-from pipeline.validate import format_failure, format_summary, main, validate_corpus, write_report
+from pipeline.validate import main, validate_corpus
 
 from .conftest import POEM_LINES
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from lmforge.config import IngestConfig, ValidationConfig
 from lmforge.data.chat import LONE_SURROGATE, canonical, conversation_text, parse_conversation
-from lmforge.data.corpus import Document
+from lmforge.data.formats import Document
 
 # What a reader cannot see or a tokenizer should not learn: U+FFFD (what undecodable bytes became), the
 # C0 controls other than \t \n \r, DEL and the C1 controls, lone surrogates (JSON "\ud800" escapes) and

@@ -16,8 +16,9 @@ from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
 from lmforge.config import Params
-from lmforge.data.corpus import Corpus, Document, read_file_documents
+from lmforge.data.corpus import Corpus
 from lmforge.data.documents import DocumentFacts, DocumentFilter, FactFinder, KeepPlan, kept_text
+from lmforge.data.formats import Document, read_file_documents
 
 
 class DataEngine(AbstractContextManager, Protocol):

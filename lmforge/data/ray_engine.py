@@ -36,8 +36,9 @@ import numpy as np
 import pyarrow as pa
 
 from lmforge.config import ConfigError, DataConfig, IngestConfig, Params, ValidationConfig
-from lmforge.data.corpus import Corpus, CorpusError, CorpusFile, read_file_documents
+from lmforge.data.corpus import Corpus
 from lmforge.data.documents import DocumentFacts, FactFinder, KeepPlan, kept_text
+from lmforge.data.formats import CorpusError, CorpusFile, read_file_documents
 
 # Ray's single-machine mode (what it uses on macOS): node address 127.0.0.1, so GCS, raylet, workers
 # and the object manager listen on loopback only. Read by Ray at import, so it is set before.
@@ -311,7 +312,7 @@ class _DocumentBatch:
 
 
 def _measure(batch: pa.Table, cfg: ValidationConfig, ingest: IngestConfig) -> pa.Table:
-    from lmforge.data.corpus import Document
+    from lmforge.data.formats import Document
 
     find, rows = _fact_finder(cfg.model_dump_json(), ingest.model_dump_json()), []
     for row in batch.to_pylist():
