@@ -132,7 +132,9 @@ def driver_parts(b: Bench) -> dict[str, float]:
     from lmforge.data.engines import LocalEngine
     from lmforge.data.formats import read_file_documents
     from lmforge.data.ray_engine import _DocumentBatch, _measure, facts_from_table
-    from pipeline.preprocess import ShardWriter, keep_plan, split_by_hash, tokenizer_sample, train_tokenizer
+    from lmforge.data.shards import ShardWriter
+    from lmforge.data.tokenizer import train_tokenizer
+    from pipeline.preprocess import keep_plan, split_by_hash, tokenizer_sample
 
     params, corpus, local = b.params, open_corpus(b.ws.data), LocalEngine()
     cfg = params.preprocess

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from array import array
 from collections import Counter
@@ -43,14 +42,14 @@ from lmforge.data.corpus import Corpus, open_corpus
 from lmforge.data.documents import DocumentFilter, KeepPlan
 from lmforge.data.engines import DataEngine, data_engine
 from lmforge.data.formats import CorpusError
+from lmforge.data.shards import ShardWriter
+from lmforge.data.tokenizer import load_base_tokenizer, train_tokenizer
 from lmforge.params_file import load_params
 from lmforge.runs.contracts import HELD_OUT, SPLITS, Manifest, ValidationReport, read_held_out
-from lmforge.serving.chat_template import PLAIN_CHAT_TEMPLATE, ChatError, end_of_turn_ids, resolve_template
+from lmforge.serving.chat_template import ChatError, end_of_turn_ids, resolve_template
 from lmforge.workspace import Workspace
 from pipeline.base_model import resolve_base
 from pipeline.stage import run_stage
-
-EOS_TOKEN = "<|endoftext|>"
 
 
 def split_by_hash(digests: list[bytes], val_fraction: float, test_fraction: float) -> list[str]:
@@ -71,96 +70,6 @@ def split_by_hash(digests: list[bytes], val_fraction: float, test_fraction: floa
             candidates = [i for i, s in enumerate(splits) if s == donor]
             splits[min(candidates, key=lambda i: abs(position[i] - target))] = name
     return splits
-
-
-def train_tokenizer(texts: Iterator[str], vocab_size: int, min_frequency: int, length: int | None = None):
-    """A GPT-2 style byte-level BPE, so any input byte can be encoded and nothing is ever <unk>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=[EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=sys.stderr.isatty(),
-    )
-    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        eos_token=EOS_TOKEN,
-        bos_token=EOS_TOKEN,
-        unk_token=EOS_TOKEN,
-        pad_token=EOS_TOKEN,
-    )
-    fast.chat_template = PLAIN_CHAT_TEMPLATE  # /v1/chat/completions works out of the box
-    return fast
-
-
-def load_base_tokenizer(base_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"model.base: no usable tokenizer in {base_dir} ({exc})") from None
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"model.base: the tokenizer in {base_dir} has no EOS token, which packing needs")
-    return tokenizer
-
-
-class ShardWriter:
-    """Appends token arrays to <split>_NNN.bin files of at most shard_tokens each.
-
-    With masks (conversations), each array is one whole conversation, never cut across shards, and its
-    loss mask goes to <split>_NNN.mask.bin and its first token's offset to <split>_NNN.starts.bin."""
-
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int, masks: bool = False):
-        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
-        self.shards: list[dict] = []
-        self._fh = None
-        self.tokens = 0
-        self.masks = masks
-        self._mask_fh, self._starts = None, array("I")
-
-    def write_conversation(self, ids: np.ndarray, mask: np.ndarray) -> None:
-        if self._fh is None or self.shards[-1]["tokens"] + len(ids) > self.shard_tokens:
-            self._open_next()
-        self._starts.append(self.shards[-1]["tokens"])
-        mask.astype(np.uint8).tofile(self._mask_fh)
-        self.write(ids)
-
-    def write(self, ids: np.ndarray) -> None:
-        while len(ids):
-            if self._fh is None or self.shards[-1]["tokens"] == self.shard_tokens:
-                self._open_next()
-            room = self.shard_tokens - self.shards[-1]["tokens"]
-            chunk, ids = ids[:room], ids[room:]
-            chunk.astype(self.dtype, copy=False).tofile(self._fh)
-            self.shards[-1]["tokens"] += len(chunk)
-            self.tokens += len(chunk)
-
-    def _open_next(self) -> None:
-        self.close()
-        name = f"{self.split}_{len(self.shards):03d}"
-        self._fh = (self.out_dir / f"{name}.bin").open("wb")
-        self.shards.append({"file": f"{name}.bin", "tokens": 0})
-        if self.masks:
-            self._mask_fh = (self.out_dir / f"{name}.mask.bin").open("wb")
-            self.shards[-1] |= {"mask": f"{name}.mask.bin", "starts": f"{name}.starts.bin"}
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-        if self._mask_fh is not None:
-            self._mask_fh.close()
-            self._mask_fh = None
-            (self.out_dir / self.shards[-1]["starts"]).write_bytes(self._starts.tobytes())
-            self._starts = array("I")
 
 
 def keep_plan(corpus: Corpus, params: Params, engine: DataEngine) -> tuple[KeepPlan, list[bytes], list[int]]:

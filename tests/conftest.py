@@ -319,7 +319,7 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 def chatml_tokenizer(path: Path, texts: list[str], vocab_size: int = 400):
     """A byte-level BPE trained on texts, with <|im_start|> and <|im_end|> and the ChatML template: a
     tokenizer shaped like a chat model's."""
-    from pipeline.preprocess import train_tokenizer
+    from lmforge.data.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(iter(texts), vocab_size, 1)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

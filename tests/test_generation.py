@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.data.tokenizer import train_tokenizer
 from lmforge.serving.engine import Engine
 from lmforge.serving.rows import Request, Row
 from lmforge.serving.sampling import Completion, Delta, SamplingParams
 from lmforge.training.model import build_model
-from pipeline.preprocess import train_tokenizer
 
 WORDS = "the a model data shard token train loss step value river stone light quick brown fox".split()
 

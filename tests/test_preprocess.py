@@ -11,9 +11,10 @@ from lmforge.data.contamination import contamination, ngram_hashes
 from lmforge.data.corpus import read_documents
 from lmforge.data.formats import CorpusError
 from lmforge.data.shards import load_shard, sorted_unique
+from lmforge.data.tokenizer import EOS_TOKEN
 from lmforge.params_file import resolve_params
 from pipeline.gate import decide
-from pipeline.preprocess import EOS_TOKEN, SPLITS, preprocess, split_by_hash
+from pipeline.preprocess import SPLITS, preprocess, split_by_hash
 
 WORDS = "the a model data shard token train loss step value river stone light quick brown fox jumps over lazy dog".split()
 

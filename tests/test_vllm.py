@@ -283,11 +283,12 @@ def test_a_lora_fine_tune_is_served_as_an_adapter_equal_to_the_merged_model(tmp_
     import torch
     import transformers
 
+    from lmforge.data.tokenizer import train_tokenizer
     from lmforge.params_file import load_params, write_overrides
     from lmforge.workspace import Workspace
     from pipeline.evaluate import evaluate
     from pipeline.gate import decide
-    from pipeline.preprocess import preprocess, train_tokenizer
+    from pipeline.preprocess import preprocess
     from pipeline.train import train
 
     texts = [json.loads(line)["text"] for line in synthetic_corpus(tmp_path / "corpus").joinpath(
