@@ -331,14 +331,14 @@ def test_an_engine_whose_thread_dies_fails_what_it_holds_and_the_probes_turn_503
 
 
 def test_a_request_whose_client_hangs_up_leaves_the_batch(engine_parts, monkeypatch):
-    """The service's wait for a non-streaming answer (`_unless_abandoned`) sees the client's disconnect
+    """The service's wait for a non-streaming answer (`unless_abandoned`) sees the client's disconnect
     on the ASGI channel and cancels the work: the engine drops the request's rows before its next step,
     long before the tokens it asked for, and the next request is served."""
     import asyncio
 
     from starlette.requests import Request
 
-    import lmforge.serving.service as service
+    import lmforge.serving.streaming as streaming
     from lmforge.serving.models import Served, ServedModels
 
     _, tokenizer = engine_parts
@@ -348,7 +348,7 @@ def test_a_request_whose_client_hangs_up_leaves_the_batch(engine_parts, monkeypa
     models = ServedModels()
     models.switch(Served("tiny:1", {}, engine, "", []))
     lease = models.lease()
-    monkeypatch.setattr(service, "DISCONNECT_POLL_SECONDS", 0.002)
+    monkeypatch.setattr(streaming, "DISCONNECT_POLL_SECONDS", 0.002)
     gone = asyncio.Event()
 
     async def receive():  # an ASGI channel: the body was read; then the client disconnects
@@ -359,7 +359,7 @@ def test_a_request_whose_client_hangs_up_leaves_the_batch(engine_parts, monkeypa
     decoded = []
 
     async def complete(params: SamplingParams):
-        async for event in service._events(lease, engine.encode("the quick"), params, deltas=True):
+        async for event in streaming.engine_events(lease, engine.encode("the quick"), params, None):
             if isinstance(event, Delta):
                 decoded.append(event)
             if isinstance(event, Completion):
@@ -368,7 +368,7 @@ def test_a_request_whose_client_hangs_up_leaves_the_batch(engine_parts, monkeypa
     async def abandon():
         params = SamplingParams(max_new_tokens=60, temperature=0.8, ignore_eos=True)
         waiting = asyncio.create_task(
-            service._unless_abandoned(request, lambda: asyncio.gather(*(complete(params) for _ in range(8))))
+            streaming.unless_abandoned(request, lambda: asyncio.gather(*(complete(params) for _ in range(8))))
         )
         started = time.monotonic()
         while len(decoded) < 8:  # every row has decoded a token: the batch is running

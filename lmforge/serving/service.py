@@ -18,13 +18,12 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import bentoml
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AfterValidator, Field
 
@@ -43,6 +42,7 @@ from lmforge.serving.middleware import (
     overloaded_body,
 )
 from lmforge.serving.models import Lease, Served, ServedModels
+from lmforge.serving.openai_app import openai_api
 from lmforge.serving.protocol import (
     DEFAULT_TEMPERATURE,
     ChatMessage,
@@ -55,9 +55,9 @@ from lmforge.serving.protocol import (
 )
 from lmforge.serving.responses import ChatShape, CompletionShape, Job, sse, usage
 from lmforge.serving.sampling import Completion, SamplingParams
+from lmforge.serving.streaming import engine_events, unless_abandoned
 
 logger = logging.getLogger("bentoml.lmforge")  # BentoML shows its own loggers at INFO
-DISCONNECT_POLL_SECONDS = 0.05  # how soon a request whose client hung up leaves the batch
 INLINE_ENCODE_CHARS = 4096
 
 MODELS = ServedModels()  # what this worker serves; the middlewares read it too
@@ -69,84 +69,7 @@ def refused(reason: str) -> None:
         METRICS.refuse(MODELS.current.tag if MODELS.current else "", reason)
 
 
-# ---------------------------------------------------------------------------------------------
-# the OpenAI-compatible app, mounted at /v1
-
-openai_app = FastAPI(title="lmforge OpenAI-compatible API")
-
-
-@openai_app.exception_handler(RequestValidationError)
-async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return JSONResponse(error_body("the request body is not valid JSON"), status_code=400)
-    first = errors[0] if errors else {}
-    param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-    message = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}" for e in errors
-    )
-    return JSONResponse(error_body(message or "invalid request", param=param), status_code=400)
-
-
-@openai_app.exception_handler(EngineStopped)
-async def _engine_stopped(request: Request, exc: EngineStopped) -> JSONResponse:
-    return JSONResponse(error_body(str(exc), "engine_stopped"), status_code=503)
-
-
-@openai_app.exception_handler(GenerationError)
-async def _cannot_generate(request: Request, exc: GenerationError) -> JSONResponse:
-    return JSONResponse(error_body(str(exc)), status_code=400)
-
-
-async def _events(
-    lease: Lease, prompt_ids: list[int], params: SamplingParams, deltas: bool = True
-) -> AsyncIterator[Any]:
-    """The engine's events for one request, on this event loop; cancels the request if abandoned."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    served = lease.served
-    try:
-        request = served.engine.submit(
-            prompt_ids, params, lambda e: loop.call_soon_threadsafe(events.put_nowait, e), deltas
-        )
-    finally:
-        lease.queued()
-    if METRICS is not None:
-        METRICS.started(served)
-    done = None
-    try:
-        while True:
-            event = await events.get()
-            if isinstance(event, BaseException):
-                raise event
-            if isinstance(event, Completion):
-                done = event
-            yield event
-            if done is not None:
-                return
-    finally:
-        request.cancelled.set()
-        if METRICS is not None:
-            METRICS.finished(served, request, done)
-
-
-async def _unless_abandoned(request: Request, work: Callable[[], Awaitable[Any]]) -> Any:
-    """The result of work(), or None if the client disconnects first: the work is then cancelled, which
-    marks its requests cancelled, and the engine drops their rows before its next decode step. A client
-    already gone is never queued."""
-    if await request.is_disconnected():
-        return None
-    task = asyncio.ensure_future(work())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                return None
-    finally:
-        task.cancel()  # a no-op once done; cancels the work if this handler is cancelled itself
+openai_app = openai_api()  # mounted at /v1
 
 
 def load_served(stored, chat_template: str | None) -> Served:
@@ -210,7 +133,7 @@ class LMForge:
 
     @staticmethod
     async def _complete(lease: Lease, prompt_ids: list[int], params: SamplingParams) -> Completion:
-        async for event in _events(lease, prompt_ids, params, deltas=False):
+        async for event in engine_events(lease, prompt_ids, params, METRICS, deltas=False):
             if isinstance(event, Completion):
                 return event
         raise RuntimeError("the engine ended a request without a result")
@@ -226,7 +149,7 @@ class LMForge:
                 raise Overloaded
             try:
                 ids = await self._prepare(served, prompt, params)
-                done = await _unless_abandoned(
+                done = await unless_abandoned(
                     bentoml.Context().request, lambda: self._complete(lease, ids, params)
                 )
             except GenerationError as exc:
@@ -386,7 +309,7 @@ class LMForge:
         def decode_all():
             return asyncio.gather(*(self._complete(lease, job.prompt_ids, job.params) for job in jobs))
 
-        if (results := await _unless_abandoned(request, decode_all)) is None:
+        if (results := await unless_abandoned(request, decode_all)) is None:
             return JSONResponse(error_body("the client closed the request", "client_closed"), status_code=499)
         choices = [shape.choice(job, done) for job, done in zip(jobs, results, strict=True)]
         # a JSONResponse, not a dict: FastAPI's jsonable_encoder walks every logprob entry of a dict
@@ -400,7 +323,7 @@ class LMForge:
 
         async def pump(job: Job) -> None:
             try:
-                async for event in _events(lease, job.prompt_ids, job.params):
+                async for event in engine_events(lease, job.prompt_ids, job.params, METRICS):
                     await merged.put((job, event))
             except Exception as exc:  # noqa: BLE001 - reported in the stream, not as a dropped socket
                 await merged.put((job, exc))
