@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.harness import REPEATS, Bench, figure, interleaved, side
-from benchmarks.serve import PROMPTS, aggregate, http_complete, http_first_token, package_for_bench
+from benchmarks.http_clients import PROMPTS, aggregate, http_complete, http_first_token
+from benchmarks.serve import package_for_bench
 
 # float32 as the builtin engine; a batch as large as the largest client count; a small KV cache
 VLLM = {"dtype": "float32", "enforce_eager": True, "max_num_seqs": 64, "cpu_kvcache_space_gb": 2}

@@ -1,0 +1,1 @@
+"""The commands of `lmforge`, by what they act on; lmforge/cli.py registers them."""
