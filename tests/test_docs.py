@@ -55,3 +55,32 @@ def test_the_readme_is_a_front_page():
     linked = {href.partition("#")[0] for href in parsed(REPO / "README.md")[1]}
     missing = [p.name for p in PAGES[1:] if f"docs/{p.name}" not in linked]
     assert not missing, f"docs/ pages the README does not link: {missing}"
+
+
+def layout_table() -> dict[str, set[str]]:
+    """docs/layout.md's table of files: each package's files, as its rows name them (a row with no
+    package continues the one above)."""
+    files: dict[str, set[str]] = {}
+    package = None
+    for line in (REPO / "docs" / "layout.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or len(cells) < 3 or (cells[0] and set(cells[0]) <= {"-"}):
+            continue
+        package = cells[0].strip("`") or package
+        files.setdefault(package, set()).update(re.findall(r"`([\w.]+\.py)`", cells[1]))
+    return files
+
+
+def test_the_layout_page_names_every_module_and_its_job():
+    """A newcomer finds each file's one job on the layout page: every product module has a row."""
+    table = layout_table()
+    packages = ("lmforge", "pipeline", "infra", "flows", "benchmarks")
+    modules = sorted(
+        p for package in packages for p in (REPO / package).rglob("*.py") if p.name != "__init__.py"
+    )
+    missing = [
+        str(path.relative_to(REPO))
+        for path in modules
+        if path.name not in table.get(path.parent.relative_to(REPO).as_posix() + "/", set())
+    ]
+    assert not missing, f"docs/layout.md has no row for {missing}"
