@@ -69,10 +69,10 @@ def test_bento_carries_the_lineage_and_a_dockerfile(trained, bento):
     root = Path(stored.path)
     assert (root / "env" / "docker" / "Dockerfile").is_file()
     assert "Intended use and limits" in (root / "src" / "MODEL_CARD.md").read_text()
-    # exactly the serving package: nothing of the stages, the machinery or the CLI
+    # exactly the serving package and the one module below it: nothing of the stages, machinery or CLI
     shipped = {str(p.relative_to(root / "src")) for p in (root / "src").rglob("*.py")}
     package = {str(p.relative_to(REPO)) for p in (REPO / "lmforge" / "serving").glob("*.py")}
-    assert shipped == package | {"lmforge/__init__.py"}, shipped
+    assert shipped == package | {"lmforge/__init__.py", "lmforge/architecture.py"}, shipped
 
 
 @pytest.mark.parametrize(
