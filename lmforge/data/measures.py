@@ -19,12 +19,8 @@ from lmforge.data.documents import DocumentFacts, DocumentFilter, Verdict
 from lmforge.data.engines import DataEngine, data_engine
 
 EXAMPLES_PER_REASON = 3
-
-
 # quality, and conversation records that cannot be trained on: counted against max_dropped_fraction
 DROP_REASONS = ("nonprintable", "too_short", "too_long", *RECORD_PROBLEMS)
-
-
 DUPLICATE_REASONS = ("duplicate", "near_duplicate")  # counted against max_duplicate_ratio
 
 
