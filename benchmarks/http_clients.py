@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PROMPTS = [
     "The ", "Return the ", "This module provides", "If the ", "A new ", "Raise ", "The default ",

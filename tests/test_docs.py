@@ -58,16 +58,19 @@ def test_the_readme_is_a_front_page():
 
 
 def layout_table() -> dict[str, set[str]]:
-    """docs/layout.md's table of files: each package's files, as its rows name them (a row with no
-    package continues the one above)."""
+    """docs/layout.md's tables of files: each package's files, as its rows name them in code spans (a row
+    with no package continues the one above)."""
+    tokens = MarkdownIt("commonmark").enable("table").parse((REPO / "docs" / "layout.md").read_text())
     files: dict[str, set[str]] = {}
-    package = None
-    for line in (REPO / "docs" / "layout.md").read_text().splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if not line.startswith("| ") or len(cells) < 3 or (cells[0] and set(cells[0]) <= {"-"}):
-            continue
-        package = cells[0].strip("`") or package
-        files.setdefault(package, set()).update(re.findall(r"`([\w.]+\.py)`", cells[1]))
+    package, cells = None, []
+    for token in tokens:
+        if token.type == "tr_open":
+            cells = []
+        elif token.type == "inline" and token.level > 0:  # a cell: the code spans in it
+            cells.append([c.content for c in token.children or [] if c.type == "code_inline"])
+        elif token.type == "tr_close" and cells[1:] and cells[1]:  # a body row naming files
+            package = cells[0][0] if cells[0] else package
+            files.setdefault(package, set()).update(name for name in cells[1] if name.endswith(".py"))
     return files
 
 
